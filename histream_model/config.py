@@ -1,0 +1,372 @@
+"""Configuration: model architectures, HiStream sampling options, generation modes and presets.
+
+Every size in the library is derived from these frozen dataclasses and the requested resolution;
+nothing downstream hard-codes a token count, a cache length or a layer count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+# Per-channel statistics of the Wan2.1 VAE latent space (REFERENCE 4). The DiT works on
+# normalized latents; the VAE decoder un-normalizes with z * std + mean.
+WAN_LATENTS_MEAN = (
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+)
+WAN_LATENTS_STD = (
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
+)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Wan2.1 DiT architecture (the fields of Wan's WanModel config.json)."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (frames, height, width) per token
+    dim: int = 1536  # hidden size
+    ffn_dim: int = 8960  # feed-forward inner size
+    freq_dim: int = 256  # sinusoidal timestep embedding size
+    num_heads: int = 12  # attention heads; head_dim = dim / num_heads
+    num_layers: int = 30  # transformer blocks
+    in_dim: int = 16  # latent channels in (the VAE's z_dim)
+    out_dim: int = 16  # latent channels out (flow prediction)
+    text_dim: int = 4096  # text encoder hidden size (UMT5-XXL)
+    text_len: int = 512  # text tokens after zero padding
+    eps: float = 1e-6  # norm epsilon
+    rope_theta: float = 10000.0  # RoPE base before NTK scaling
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_dims(self) -> tuple[int, int, int]:
+        """Real channels per RoPE axis (frame, height, width): 128 -> (44, 42, 42)."""
+        hw = 2 * (self.head_dim // 6)
+        return (self.head_dim - 2 * hw, hw, hw)
+
+    @property
+    def patch_volume(self) -> int:
+        return math.prod(self.patch_size)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Wan2.1 causal 3D VAE architecture."""
+
+    base_dim: int = 96  # channels of the first encoder stage
+    z_dim: int = 16  # latent channels
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)  # channel multiplier per stage
+    num_res_blocks: int = 2  # residual blocks per encoder stage (decoder uses one more)
+    temporal_downsample: tuple[bool, ...] = (False, True, True)  # per downsampling stage
+    latents_mean: tuple[float, ...] = WAN_LATENTS_MEAN  # per-channel latent statistics
+    latents_std: tuple[float, ...] = WAN_LATENTS_STD
+
+    def __post_init__(self) -> None:
+        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"temporal_downsample has {len(self.temporal_downsample)} entries; "
+                f"dim_mult={self.dim_mult} needs {len(self.dim_mult) - 1}"
+            )
+        if not (len(self.latents_mean) == len(self.latents_std) == self.z_dim):
+            raise ValueError(f"latents_mean/std must have z_dim={self.z_dim} entries")
+
+    @property
+    def spatial_stride(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_stride(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Video frames -> latent frames for a causal VAE: 1 + 4k -> 1 + k."""
+        return 1 + (num_frames - 1) // self.temporal_stride
+
+    def video_frames(self, latent_frames: int) -> int:
+        """Latent frames -> decoded frames: T -> 1 + 4(T - 1)."""
+        return 1 + self.temporal_stride * (latent_frames - 1)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Which text encoder a preset uses."""
+
+    kind: str = "umt5"  # "umt5" (transformers, from operator weights) or "builtin" (no weights)
+    vocab_size: int = 4096  # builtin only: size of its hashed token table
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Per-resolution HD knobs (HiStream appendix A.2, CineScale)."""
+
+    ntk_factors: tuple[float, float, float] = (1.0, 1.0, 1.0)  # RoPE theta multiplier (f, h, w)
+
+
+@dataclass(frozen=True)
+class HiStreamOptions:
+    """Sampling and caching options shared by every mode (paper defaults where it gives them)."""
+
+    chunk_frames: int = 3  # M: latent frames generated per chunk
+    anchor_frames: int = 1  # AGSW attention-sink frames kept for the whole video
+    window_frames: int = 2  # AGSW most recent committed frames kept (M - 1)
+    timesteps: tuple[int, ...] = (1000, 750, 500, 250)  # 4-step list before the shift warp
+    fast_timesteps: tuple[int, ...] = (1000, 500)  # 2-step list (HiStream+ later chunks, naive)
+    shift: float = 7.0  # flow-matching timestep shift (5 in tuning, 7 at 1080p inference)
+    num_train_timesteps: int = 1000
+    low_res_factor: int = 2  # high-res latent = factor x low-res latent per side
+    low: Resolution = Resolution(ntk_factors=(1.0, 2.0, 2.0))  # the tuned resolution
+    high: Resolution = Resolution(ntk_factors=(1.0, 5.0, 5.0))  # the generated resolution
+    first_chunk_attn_scale: float = 2.0  # CineScale factor c on chunk 1's high-res passes
+    attn_reference_tokens: int | None = None  # N_ref; None = low-res tokens per latent frame
+
+    def __post_init__(self) -> None:
+        if self.chunk_frames < 1:
+            raise ValueError(f"chunk_frames={self.chunk_frames} must be >= 1")
+        if self.anchor_frames < 0 or self.window_frames < 0:
+            raise ValueError(
+                f"anchor_frames={self.anchor_frames} and window_frames={self.window_frames} "
+                "must be >= 0"
+            )
+        if self.low_res_factor < 1:
+            raise ValueError(f"low_res_factor={self.low_res_factor} must be >= 1")
+        if self.first_chunk_attn_scale <= 0:
+            raise ValueError(f"first_chunk_attn_scale={self.first_chunk_attn_scale} must be > 0")
+
+    def step_list(self, num_steps: int) -> tuple[int, ...]:
+        """The unwarped timesteps for a chunk denoised in `num_steps` steps."""
+        for steps in (self.timesteps, self.fast_timesteps):
+            if len(steps) == num_steps:
+                return steps
+        raise ValueError(
+            f"no step list with {num_steps} steps (have {len(self.timesteps)} and "
+            f"{len(self.fast_timesteps)})"
+        )
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A generation mode: the paper's method, its ablations, or the Self-Forcing baseline."""
+
+    name: str
+    dual_resolution: bool  # DRC: low-res structure steps + KV_low, committed from Down(x0)
+    sliding_window: bool  # AGSW (anchor + window) or full history
+    first_chunk_steps: tuple[int, int]  # (low, high) denoising steps on chunk 1
+    later_chunk_steps: tuple[int, int]  # (low, high) denoising steps on chunks 2..
+
+    def steps(self, chunk_index: int) -> tuple[int, int]:
+        return self.first_chunk_steps if chunk_index == 0 else self.later_chunk_steps
+
+
+MODES: dict[str, Mode] = {
+    m.name: m
+    for m in (
+        Mode("histream", True, True, (2, 2), (2, 2)),
+        Mode("histream+", True, True, (2, 2), (1, 1)),
+        Mode("no-drc", False, True, (0, 4), (0, 4)),
+        Mode("no-agsw", True, False, (2, 2), (2, 2)),
+        Mode("naive-2step", True, True, (1, 1), (1, 1)),
+        Mode("self-forcing", False, False, (0, 4), (0, 4)),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything needed to build and run a model family at a default size."""
+
+    name: str
+    dit: DiTConfig
+    vae: VAEConfig
+    text: TextEncoderConfig
+    options: HiStreamOptions
+    height: int  # default output height (pixels)
+    width: int  # default output width (pixels)
+    num_frames: int = 81  # default output frames (1 + 4k)
+    max_height: int = 0  # largest height the service accepts (0 = the default height)
+    max_width: int = 0
+    max_num_frames: int = 481  # longest video the service accepts
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.max_height:
+            object.__setattr__(self, "max_height", self.height)
+        if not self.max_width:
+            object.__setattr__(self, "max_width", self.width)
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixels per side must be a multiple of this (VAE stride x patch x low-res factor)."""
+        return self.vae.spatial_stride * self.dit.patch_size[1] * self.options.low_res_factor
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            name="wan2.1-1.3b",
+            dit=DiTConfig(),
+            vae=VAEConfig(),
+            text=TextEncoderConfig(kind="umt5"),
+            options=HiStreamOptions(),
+            height=1088,
+            width=1920,
+            description="Wan2.1-T2V-1.3B sizes; needs operator weights (--weights)",
+        ),
+        Preset(
+            name="tiny",
+            dit=DiTConfig(
+                dim=64,
+                ffn_dim=128,
+                freq_dim=32,
+                num_heads=2,
+                num_layers=2,
+                text_dim=32,
+                text_len=16,
+            ),
+            vae=VAEConfig(base_dim=8, dim_mult=(1, 1, 2, 2), num_res_blocks=1),
+            text=TextEncoderConfig(kind="builtin", vocab_size=1024),
+            options=HiStreamOptions(shift=5.0, low=Resolution(), high=Resolution((1.0, 2.0, 2.0))),
+            height=128,
+            width=192,
+            max_height=256,
+            max_width=384,
+            description="random-weight CPU default: a whole 81-frame video in seconds",
+        ),
+        Preset(
+            name="bench",
+            dit=DiTConfig(
+                dim=256,
+                ffn_dim=1024,
+                freq_dim=64,
+                num_heads=4,
+                num_layers=4,
+                text_dim=64,
+                text_len=32,
+            ),
+            vae=VAEConfig(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+            text=TextEncoderConfig(kind="builtin", vocab_size=4096),
+            options=HiStreamOptions(shift=5.0, low=Resolution(), high=Resolution((1.0, 2.0, 2.0))),
+            height=384,
+            width=640,
+            description="random-weight CPU benchmark: attention-dominated like 1080p",
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def get_mode(name: str) -> Mode:
+    if name not in MODES:
+        raise ValueError(f"unknown mode {name!r}; choose one of {list(MODES)}")
+    return MODES[name]
+
+
+@dataclass(frozen=True)
+class VideoShape:
+    """Derived sizes of one video at one preset; validated on construction."""
+
+    preset: Preset
+    mode: Mode
+    height: int
+    width: int
+    num_frames: int
+    latent_frames: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        check_video_shape(self.preset, self.mode, self.height, self.width, self.num_frames)
+        object.__setattr__(self, "latent_frames", self.preset.vae.latent_frames(self.num_frames))
+
+    @property
+    def num_chunks(self) -> int:
+        return self.latent_frames // self.preset.options.chunk_frames
+
+    @property
+    def high_latent_hw(self) -> tuple[int, int]:
+        s = self.preset.vae.spatial_stride
+        return (self.height // s, self.width // s)
+
+    @property
+    def low_latent_hw(self) -> tuple[int, int]:
+        h, w = self.high_latent_hw
+        f = self.preset.options.low_res_factor
+        return (h // f, w // f)
+
+    def tokens_per_frame(self, latent_hw: tuple[int, int]) -> int:
+        _, ph, pw = self.preset.dit.patch_size
+        return (latent_hw[0] // ph) * (latent_hw[1] // pw)
+
+    def with_frames(self, num_frames: int) -> VideoShape:
+        return replace(self, num_frames=num_frames)
+
+
+def check_video_shape(preset: Preset, mode: Mode, height: int, width: int, num_frames: int) -> None:
+    """Reject a size or length the model cannot produce, naming the value and what is allowed."""
+    _, ph, pw = preset.dit.patch_size
+    stride = preset.vae.spatial_stride
+    factor = preset.options.low_res_factor if mode.dual_resolution else 1
+    for name, value, patch in (("height", height, ph), ("width", width, pw)):
+        multiple = stride * patch * factor
+        if value <= 0 or value % multiple:
+            why = f"VAE stride {stride} x patch {patch}"
+            if factor > 1:
+                why += f" x low-res factor {factor} (mode {mode.name!r})"
+            raise ValueError(f"{name}={value} must be a positive multiple of {multiple} ({why})")
+    t = preset.vae.temporal_stride
+    if num_frames < 1 or (num_frames - 1) % t:
+        lo = 1 + t * max(0, (num_frames - 1) // t)
+        raise ValueError(
+            f"num_frames={num_frames} must be 1 + {t}k (the VAE's temporal stride); "
+            f"nearest valid values: {lo}, {lo + t}"
+        )
+    latent = preset.vae.latent_frames(num_frames)
+    m = preset.options.chunk_frames
+    if latent % m:
+        below = max(m, latent - latent % m)
+        valid = [preset.vae.video_frames(x) for x in (below, below + m)]
+        raise ValueError(
+            f"num_frames={num_frames} gives {latent} latent frames, not a whole number of "
+            f"{m}-frame chunks; nearest valid values: {valid[0]}, {valid[1]}"
+        )

@@ -1,0 +1,83 @@
+"""3D rotary position embedding (Wan2.1 layout) with absolute frame offsets and NTK scaling.
+
+The head dimension is split into a frame axis and two spatial axes (128 -> 44/42/42 real
+channels). Each axis rotates adjacent channel pairs by `position * theta_axis^(-2i/d_axis)`, where
+`theta_axis = rope_theta * ntk_factor_axis`: HiStream's HD tech scales theta for height and width
+at resolutions the model was not tuned at. Frame positions are absolute, so keys rotated before
+they enter the KV cache keep their place in the video however the cache is laid out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from histream_model.config import DiTConfig
+
+
+@dataclass(frozen=True)
+class RopeAxes:
+    """Inverse frequencies per axis (float64), fixed for one model and one resolution."""
+
+    frame: torch.Tensor  # [d_frame / 2]
+    height: torch.Tensor  # [d_height / 2]
+    width: torch.Tensor  # [d_width / 2]
+
+    @classmethod
+    def build(
+        cls, config: DiTConfig, ntk_factors: tuple[float, float, float] = (1, 1, 1)
+    ) -> RopeAxes:
+        axes = []
+        for dim, factor in zip(config.rope_dims, ntk_factors, strict=True):
+            theta = config.rope_theta * factor
+            exponent = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+            axes.append(1.0 / theta**exponent)
+        return cls(*axes)
+
+
+@dataclass(frozen=True)
+class RopeTable:
+    """cos/sin per token for one grid of tokens, ready to rotate q and k."""
+
+    cos: torch.Tensor  # [L, 1, head_dim / 2]
+    sin: torch.Tensor  # [L, 1, head_dim / 2]
+
+
+def rope_table(
+    axes: RopeAxes,
+    frame_start: int,
+    grid: tuple[int, int, int],
+    device: torch.device | str | None = None,
+) -> RopeTable:
+    """Rotation table for tokens (f, h, w), f in [frame_start, frame_start + F), row-major."""
+    f, h, w = grid
+    angles = [
+        torch.outer(torch.arange(frame_start, frame_start + f, dtype=torch.float64), axes.frame),
+        torch.outer(torch.arange(h, dtype=torch.float64), axes.height),
+        torch.outer(torch.arange(w, dtype=torch.float64), axes.width),
+    ]
+    full = torch.cat(
+        [
+            angles[0][:, None, None, :].expand(f, h, w, -1),
+            angles[1][None, :, None, :].expand(f, h, w, -1),
+            angles[2][None, None, :, :].expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, 1, -1)  # (L, 1, D/2)
+    # Angles in float64 (positions up to ~1e3 times frequencies near 1), the table in float32:
+    # the rotation itself then runs in the activations' precision class without a float64 pass.
+    return RopeTable(
+        cos=full.cos().to(device=device, dtype=torch.float32),
+        sin=full.sin().to(device=device, dtype=torch.float32),
+    )
+
+
+def apply_rope(x: torch.Tensor, table: RopeTable) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x [B, L, H, D] as complex numbers."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, L, H, D/2, 2)
+    real, imag = pairs.unbind(-1)
+    out = torch.stack(
+        (real * table.cos - imag * table.sin, real * table.sin + imag * table.cos), dim=-1
+    )
+    return out.flatten(-2).type_as(x)

@@ -1,0 +1,168 @@
+"""Algorithm 1: modes, determinism, AGSW vs full history, prompt changes, split state."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from histream_model import PRESETS, build_dit
+from histream_model.config import VideoShape, get_mode
+from histream_model.generator import (
+    HiStreamGenerator,
+    commit_high,
+    commit_low,
+    high_steps,
+    low_steps,
+    new_resolution_state,
+    plan_chunk,
+    upsample,
+)
+
+TINY = PRESETS["tiny"]
+H, W = 64, 96  # small: 4 x 6 low-res and 8 x 12 high-res latents
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_dit(TINY)
+
+
+def context(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, TINY.dit.text_len, TINY.dit.text_dim, generator=g)
+
+
+def run(model, mode="histream", preset=TINY, frames=33, seed=0, ctx=None):
+    gen = HiStreamGenerator(model, preset, mode)
+    return list(gen.generate(context() if ctx is None else ctx, H, W, frames, seed))
+
+
+def latents(chunks) -> torch.Tensor:
+    return torch.cat([c.latents for c in chunks], dim=2)
+
+
+# (low passes, high passes) per chunk, commits included: the paper's Algorithm 1 with
+# 2 + 2 steps (DRC), 4 high-res steps (no DRC), and HiStream+'s 1 + 1 after the first chunk.
+PAPER_PASSES = {
+    "histream": ((3, 3), (3, 3)),
+    "histream+": ((3, 3), (2, 2)),
+    "no-drc": ((0, 5), (0, 5)),
+    "no-agsw": ((3, 3), (3, 3)),
+    "naive-2step": ((2, 2), (2, 2)),
+    "self-forcing": ((0, 5), (0, 5)),
+}
+
+
+@pytest.mark.parametrize("mode", list(PAPER_PASSES))
+def test_passes_per_chunk_match_the_paper(model, mode):
+    chunks = run(model, mode)
+    first, later = PAPER_PASSES[mode]
+    assert (chunks[0].low_passes, chunks[0].high_passes) == first
+    for c in chunks[1:]:
+        assert (c.low_passes, c.high_passes) == later
+    low_steps_first = get_mode(mode).first_chunk_steps[0]
+    assert chunks[0].low_steps == low_steps_first
+    assert chunks[0].high_steps == first[1] - 1
+    assert torch.isfinite(latents(chunks)).all()
+
+
+def test_same_seed_same_latents_other_seed_differs(model):
+    a, b, c = latents(run(model)), latents(run(model)), latents(run(model, seed=1))
+    assert torch.equal(a, b)
+    assert (a - c).abs().mean() > 0.1
+
+
+def test_window_covering_the_video_equals_full_history(model):
+    wide = replace(TINY, options=replace(TINY.options, window_frames=30))
+    agsw = latents(run(model, "histream", wide, frames=33))
+    full = latents(run(model, "no-agsw", TINY, frames=33))
+    assert torch.equal(agsw, full)
+    # while the paper's window (anchor 1 + 2 recent) does change later chunks
+    narrow = latents(run(model, "histream", TINY, frames=33))
+    assert torch.equal(narrow[:, :, :6], full[:, :, :6])
+    assert (narrow[:, :, 6:] - full[:, :, 6:]).abs().max() > 1e-4
+
+
+def test_kv_bytes_constant_under_agsw_linear_in_full_history(model):
+    sizes = {}
+    for frames in (33, 57, 81):
+        for mode in ("histream", "no-agsw"):
+            chunks = run(model, mode, frames=frames)
+            assert len({tuple(c.kv_bytes.values()) for c in chunks}) == 1  # preallocated
+            sizes[mode, frames] = sum(chunks[0].kv_bytes.values())
+    assert sizes["histream", 33] == sizes["histream", 57] == sizes["histream", 81]
+    latent = {33: 9, 57: 15, 81: 21}
+    per_frame = {f: sizes["no-agsw", f] / latent[f] for f in latent}
+    assert per_frame[33] == per_frame[57] == per_frame[81]
+    # AGSW holds anchor 1 + window 2 + chunk 3 = 6 frames at each resolution
+    assert sizes["histream", 81] == per_frame[81] * 6
+
+
+def test_prompt_change_applies_from_the_next_chunk(model):
+    gen = HiStreamGenerator(model, TINY, "histream+")
+    state = gen.start(context(0), H, W, 33, seed=0)
+    changed = [gen.step(state)]
+    gen.set_prompt(state, context(1))
+    changed += [gen.step(state), gen.step(state)]
+    same = run(model, "histream+", ctx=context(0))
+    assert torch.equal(changed[0].latents, same[0].latents)
+    assert (changed[1].latents - same[1].latents).abs().mean() > 1e-3
+
+
+def test_split_state_steps_equal_the_in_process_generator(model):
+    """A caller holding KV_low and KV_high apart (as the stages do) gets the same latents."""
+    shape = VideoShape(TINY, get_mode("histream+"), H, W, 33)
+    options = TINY.options
+    low = new_resolution_state(model, shape, "low", context())
+    high = new_resolution_state(model, shape, "high", context())
+    outs = []
+    for i in range(shape.num_chunks):
+        plan = plan_chunk(shape, i)
+        x0_low = low_steps(model, low, plan, options, seed=0)
+        x = upsample(x0_low, plan, high.latent_hw, options, seed=0)
+        x0 = high_steps(model, high, plan, options, seed=0, x=x)
+        commit_high(model, high, plan, x0)
+        commit_low(model, low, plan, x0)
+        outs.append(x0)
+    assert torch.equal(torch.cat(outs, dim=2), latents(run(model, "histream+")))
+
+
+def test_plan_scales_attention_on_the_first_chunk_only():
+    shape = VideoShape(TINY, get_mode("histream+"), H, W, 33)
+    first, second = plan_chunk(shape, 0), plan_chunk(shape, 1)
+    n_ref = 2 * 3  # low-res tokens per frame: 4 x 6 latent / patch 2
+    import math
+
+    assert first.high_scale == pytest.approx(math.log(2 * n_ref) / math.log(n_ref) / math.sqrt(32))
+    assert second.high_scale is None
+    assert len(first.low_timesteps) == 2 and len(second.low_timesteps) == 1
+    assert first.low_timesteps[0] == 1000.0
+    with pytest.raises(ValueError, match="chunk index 3"):
+        plan_chunk(shape, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"height": 72}, "height=72 must be a positive multiple of 32"),
+        ({"width": 100}, "width=100 must be a positive multiple of 32"),
+        ({"num_frames": 80}, "num_frames=80 must be 1 \\+ 4k"),
+        ({"num_frames": 41}, "num_frames=41 gives 11 latent frames"),
+        ({"num_frames": 0}, "num_frames=0"),
+    ],
+)
+def test_bad_sizes_fail_before_model_work(model, kwargs, message):
+    gen = HiStreamGenerator(model, TINY, "histream")
+    args = {"height": H, "width": W, "num_frames": 33} | kwargs
+    with pytest.raises(ValueError, match=message):
+        gen.start(context(), **args)
+
+
+def test_no_drc_modes_accept_the_finer_size_multiple(model):
+    gen = HiStreamGenerator(model, TINY, "self-forcing")
+    state = gen.start(context(), 48, 80, 9)  # multiples of 16, not of 32
+    assert gen.step(state).latents.shape == (1, 16, 3, 6, 10)
+    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+        HiStreamGenerator(model, TINY, "fast")
