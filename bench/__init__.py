@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): measured tables written into BENCHMARKS.md."""

@@ -1,0 +1,105 @@
+"""`histream generate`: embedded default, operator weights, report, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services import cli
+from services.media import read_video
+
+
+def test_generate_tiny_default_writes_mp4_and_report(tmp_path, capsys):
+    out, report = tmp_path / "v.mp4", tmp_path / "r.json"
+    code = cli.main(
+        [
+            "generate",
+            "--prompt",
+            "a red fox in snow",
+            "--out",
+            str(out),
+            "--report",
+            str(report),
+            "--num-frames",
+            "33",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    assert read_video(out) == (33, 192, 128)
+    data = json.loads(report.read_text())
+    assert {k: data[k] for k in ("mode", "preset", "height", "width", "num_frames")} == {
+        "mode": "histream+",
+        "preset": "tiny",
+        "height": 128,
+        "width": 192,
+        "num_frames": 33,
+    }
+    assert [(c["index"], c["low_steps"], c["high_steps"]) for c in data["chunks"]] == [
+        (0, 2, 2),
+        (1, 1, 1),
+        (2, 1, 1),
+    ]
+    chunk = data["chunks"][0]
+    assert (
+        chunk["kv_bytes"]["low"] > 0 and chunk["kv_bytes"]["high"] == 4 * chunk["kv_bytes"]["low"]
+    )
+    assert data["denoise_seconds_per_frame"] == pytest.approx(
+        sum(c["seconds"] for c in data["chunks"]) / 33
+    )
+    assert data["decode_seconds"] > 0
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_generate_from_operator_weights_directory(tmp_path, tiny_pipeline_dir):
+    out = tmp_path / "w.mp4"
+    code = cli.main(
+        [
+            "generate",
+            "--prompt",
+            "a cat runs on the grass",
+            "--weights",
+            str(tiny_pipeline_dir),
+            "--height",
+            "64",
+            "--width",
+            "96",
+            "--num-frames",
+            "9",
+            "--mode",
+            "histream",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    assert read_video(out) == (9, 96, 64)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--prompt", "   "], "prompt is empty"),
+        (["--prompt", "x", "--height", "100"], "height=100"),
+        (["--prompt", "x", "--width", "0"], "width=0"),
+        (["--prompt", "x", "--num-frames", "80"], "num_frames=80"),
+        (["--prompt", "x", "--num-frames", "85"], "not a whole number of 3-frame chunks"),
+        (["--prompt", "x", "--mode", "turbo"], "unknown mode 'turbo'"),
+        (["--prompt", "x", "--preset", "giant"], "unknown preset 'giant'"),
+        (["--prompt", "x", "--weights", "/no/such/dir"], "'/no/such/dir' does not exist"),
+        (["--prompt", "x", "--preset", "wan2.1-1.3b"], "no built-in weights"),
+    ],
+)
+def test_bad_input_fails_before_model_work(tmp_path, capsys, monkeypatch, extra, message):
+    built = []
+    real = cli.load_components
+    monkeypatch.setattr(cli, "load_components", lambda *a, **k: built.append(1) or real(*a, **k))
+    out = tmp_path / "bad.mp4"
+    assert cli.main(["generate", "--out", str(out), "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not out.exists()
+    # only the missing-weights case may reach the loader, and it fails there before building
+    assert not built or "no built-in weights" in message
