@@ -69,7 +69,9 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x.float()).type_as(x)
 
 
-class SelfAttention(nn.Module):
+class Projections(nn.Module):
+    """q/k/v/o projections with RMS-normed queries and keys (both attentions of a block)."""
+
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         dim = config.dim
@@ -81,6 +83,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
 
+
+class SelfAttention(Projections):
     def keys_values(self, x: torch.Tensor, rope: RopeTable) -> tuple[torch.Tensor, torch.Tensor]:
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), rope)
         return k, self.v(x).unflatten(-1, (self.num_heads, -1))  # (B, L, H, D) each
@@ -96,18 +100,7 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(2))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, config: DiTConfig) -> None:
-        super().__init__()
-        dim = config.dim
-        self.num_heads = config.num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, config.eps)
-        self.norm_k = RMSNorm(dim, config.eps)
-
+class CrossAttention(Projections):
     def keys_values(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.norm_k(self.k(text)).unflatten(-1, (self.num_heads, -1))
         return k, self.v(text).unflatten(-1, (self.num_heads, -1))  # (B, Lt, H, D) each
