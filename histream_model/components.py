@@ -93,6 +93,74 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def _resolve_device(
+    device: torch.device | str | None, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    dev = torch.device(device) if device is not None else default_device()
+    return dev, dtype or default_dtype(dev)
+
+
+def _require_builtin(preset: Preset) -> None:
+    if preset.text.kind != "builtin":
+        raise WeightsError(
+            f"preset {preset.name!r} has no built-in weights; pass a weights directory"
+        )
+
+
+def dit_for(
+    preset: Preset,
+    weights: WeightPaths | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> WanDiT:
+    """The DiT from weights, or the preset's deterministic random one."""
+    dev, dt = _resolve_device(device, dtype)
+    if weights is not None:
+        return load_dit(weights.dit, device=dev, dtype=dt)
+    _require_builtin(preset)
+    return build_dit(preset, device=dev, dtype=dt)
+
+
+def vae_for(
+    preset: Preset,
+    weights: WeightPaths | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> WanVAE:
+    """The VAE from weights, or the preset's deterministic random one."""
+    dev, dt = _resolve_device(device, dtype)
+    if weights is not None:
+        return load_vae(weights.vae, device=dev, dtype=dt)
+    _require_builtin(preset)
+    torch.manual_seed(0)
+    return build_vae(preset.vae, device=dev, dtype=dt)
+
+
+def text_encoder_for(
+    preset: Preset,
+    weights: WeightPaths | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> TextEncoder:
+    """UMT5 when the weights have one, else the preset's built-in encoder.
+
+    `preset.dit` must already describe the DiT in use (its text_dim / text_len).
+    """
+    dev, dt = _resolve_device(device, dtype)
+    if weights is not None and weights.text_encoder is not None:
+        config, root = TextEncoderConfig(kind="umt5"), weights.text_encoder
+    elif preset.text.kind == "builtin":
+        config, root = preset.text, None
+    else:
+        raise WeightsError(
+            f"preset {preset.name!r} needs a UMT5 text encoder: pass a weights directory with "
+            "text_encoder/ + tokenizer/"
+        )
+    return build_text_encoder(
+        config, preset.dit.text_dim, preset.dit.text_len, root, device=dev, dtype=dt
+    )
+
+
 def load_components(
     preset: Preset | str,
     weights: WeightPaths | None = None,
@@ -101,35 +169,8 @@ def load_components(
 ) -> Components:
     """Load real weights when given, else build the preset's random-weight models."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
-    if weights is None:
-        if preset.text.kind != "builtin":
-            raise WeightsError(
-                f"preset {preset.name!r} has no built-in weights; pass a weights directory"
-            )
-        dit = build_dit(preset, device=device, dtype=dtype)
-        torch.manual_seed(0)
-        vae = build_vae(preset.vae, device=device, dtype=dtype)
-    else:
-        dit = load_dit(weights.dit, device=device, dtype=dtype)
-        vae = load_vae(weights.vae, device=device, dtype=dtype)
-    if weights is not None and weights.text_encoder is not None:
-        text_config = TextEncoderConfig(kind="umt5")
-    elif preset.text.kind == "builtin":
-        text_config = preset.text
-    else:
-        raise WeightsError(
-            f"preset {preset.name!r} needs a UMT5 text encoder: pass a weights directory with "
-            "text_encoder/ + tokenizer/"
-        )
-    text = build_text_encoder(
-        text_config,
-        dit.config.text_dim,
-        dit.config.text_len,
-        weights_dir=weights.text_encoder if weights else None,
-        device=device,
-        dtype=dtype,
-    )
+    dit = dit_for(preset, weights, device, dtype)
+    vae = vae_for(preset, weights, device, dtype)
     preset = replace(preset, dit=dit.config, vae=vae.config)
+    text = text_encoder_for(preset, weights, device, dtype)
     return Components(preset=preset, dit=dit, vae=vae, text=text)

@@ -6,7 +6,7 @@ For chunk i (M latent frames at absolute frames [iM, (i+1)M)):
 2. `upsample`     Up(x0) to the high-res latent and re-noise to the first high-res timestep;
 3. `high_steps`   high-res refinement steps against KV_high (lines 13-16, 26-29);
 4. `commit_high`  t = 0 pass on the clean x0 writing KV_high (line 17);
-5. `commit_low`   t = 0 pass on Down(x0) writing KV_low: dual-resolution caching (line 18).
+5. `commit_low`   t = 0 pass on `downsample(x0)` writing KV_low: dual-resolution caching (line 18).
 The caches slide their anchor-guided window as they commit (lines 19-25; see kv_cache.py).
 
 Modes without dual-resolution caching skip 1, 2 and 5 and start `high_steps` from noise.
@@ -222,9 +222,14 @@ def commit_high(model: WanDiT, high: ResolutionState, plan: ChunkPlan, x0: torch
     _commit(model, high, plan, x0, plan.high_scale)
 
 
-def commit_low(model: WanDiT, low: ResolutionState, plan: ChunkPlan, x0_high: torch.Tensor) -> None:
-    """Dual-resolution caching: write KV_low from Down(x0) of the final high-res output."""
-    _commit(model, low, plan, downsample(x0_high, low.latent_hw), None)
+def commit_low(model: WanDiT, low: ResolutionState, plan: ChunkPlan, x0_down: torch.Tensor) -> None:
+    """Dual-resolution caching: write KV_low from Down(x0), the downsampled final output."""
+    if tuple(x0_down.shape[-2:]) != low.latent_hw:
+        raise ValueError(
+            f"commit_low needs Down(x0) at the low-res latent size {low.latent_hw}, "
+            f"got {tuple(x0_down.shape[-2:])}"
+        )
+    _commit(model, low, plan, x0_down, None)
 
 
 @dataclass
@@ -311,7 +316,7 @@ class HiStreamGenerator:
             x = upsample(x0_low, plan, state.high.latent_hw, options, seed)
             x0 = high_steps(model, state.high, plan, options, seed, x, batch)
             commit_high(model, state.high, plan, x0)
-            commit_low(model, state.low, plan, x0)
+            commit_low(model, state.low, plan, downsample(x0, state.low.latent_hw))
         else:
             x0 = high_steps(model, state.high, plan, options, seed, None, batch)
             commit_high(model, state.high, plan, x0)

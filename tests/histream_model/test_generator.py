@@ -13,6 +13,7 @@ from histream_model.generator import (
     HiStreamGenerator,
     commit_high,
     commit_low,
+    downsample,
     high_steps,
     low_steps,
     new_resolution_state,
@@ -124,7 +125,7 @@ def test_split_state_steps_equal_the_in_process_generator(model):
         x = upsample(x0_low, plan, high.latent_hw, options, seed=0)
         x0 = high_steps(model, high, plan, options, seed=0, x=x)
         commit_high(model, high, plan, x0)
-        commit_low(model, low, plan, x0)
+        commit_low(model, low, plan, downsample(x0, low.latent_hw))
         outs.append(x0)
     assert torch.equal(torch.cat(outs, dim=2), latents(run(model, "histream+")))
 
