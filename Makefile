@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 PROMPT ?= a red fox running through fresh snow at sunrise, cinematic
 
-.PHONY: install run test lint format bench clean
+PROTOS := $(wildcard protos/histream/v1/*.proto)
+STUBS := $(PROTOS:.proto=_pb2.py)
+
+.PHONY: install protos run test lint format bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,12 +21,18 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-run: $(STAMP)
+# gRPC/protobuf stubs, generated next to their .proto (never committed).
+protos/histream/v1/%_pb2.py: protos/histream/v1/%.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. $<
+
+protos: $(STUBS)
+
+run: $(STAMP) protos
 	$(VENV)/bin/histream generate --preset tiny --prompt "$(PROMPT)" \
 		--out outputs/video.mp4 --report outputs/report.json
 	@echo "video: $(CURDIR)/outputs/video.mp4 (report: $(CURDIR)/outputs/report.json)"
 
-test: $(STAMP)
+test: $(STAMP) protos
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
@@ -35,8 +44,8 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: $(STAMP)
+bench: $(STAMP) protos
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache *.egg-info $(STUBS) $(STUBS:_pb2.py=_pb2_grpc.py) $(STUBS:.py=.pyi)

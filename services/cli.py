@@ -41,6 +41,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output MP4 path")
     gen.add_argument("--report", help="write a JSON timing report here")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    srv = sub.add_parser("serve", help="run the service on a local Ray until Ctrl-C")
+    _add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    srv.add_argument("--http-port", type=int, default=8000)
+    srv.add_argument("--grpc-port", type=int, default=9000)
+    srv.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
+    store = srv.add_argument_group("storage (default: a local directory)")
+    store.add_argument("--storage", help="local directory (default: outputs/storage)")
+    store.add_argument("--s3-endpoint", help="S3-compatible endpoint host:port (uses S3)")
+    store.add_argument("--s3-bucket", default=None)
+    store.add_argument("--s3-access-key", default=None)
+    store.add_argument("--s3-secret-key", default=None)
+    store.add_argument("--s3-secure", action="store_true", help="HTTPS to the S3 endpoint")
+
+    cli = sub.add_parser("submit", help="generate one video through a running server's HTTP API")
+    cli.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    cli.add_argument("--prompt", required=True)
+    cli.add_argument("--size", help="WIDTHxHEIGHT (default: the served preset's)")
+    cli.add_argument("--seconds", help="whole seconds (default: the preset's 81 frames)")
+    cli.add_argument("--mode", help=f"one of {list(MODES)}")
+    cli.add_argument("--seed", type=int)
+    cli.add_argument("--out", required=True, help="where to write the MP4")
+    cli.add_argument("--wait-ready", type=float, default=0, help="seconds to wait for /healthz")
+    cli.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the video")
     return parser
 
 
@@ -97,15 +122,70 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def settings_from_args(args: argparse.Namespace):
+    """ServeSettings from the environment (HISTREAM_*) overridden by the command line."""
+    from services.settings import ServeSettings
+    from services.storage import StorageSettings
+
+    overrides = {
+        "local_dir": args.storage,
+        "endpoint": args.s3_endpoint,
+        "bucket": args.s3_bucket,
+        "access_key": args.s3_access_key,
+        "secret_key": args.s3_secret_key,
+        "secure": True if args.s3_secure else None,
+    }
+    storage = StorageSettings(**{k: v for k, v in overrides.items() if v is not None})
+    fields = {
+        "preset": args.preset,
+        "weights": args.weights,
+        "dit": args.dit,
+        "vae": args.vae,
+        "text_encoder": args.text_encoder,
+        "device": args.device,
+        "dtype": args.dtype,
+        "http_host": args.host,
+        "http_port": args.http_port,
+        "grpc_port": args.grpc_port,
+    }
+    return ServeSettings(storage=storage, **{k: v for k, v in fields.items() if v is not None})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from services.server import serve_forever
+
+    settings = settings_from_args(args)
+    settings.weight_paths()  # a missing weights path fails here, before Ray starts
+    serve_forever(settings, ray_address=args.ray_address)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from services.client import submit_video
+
+    path = submit_video(
+        args.url,
+        args.prompt,
+        args.out,
+        size=args.size,
+        seconds=args.seconds,
+        mode=args.mode,
+        seed=args.seed,
+        wait_ready_s=args.wait_ready,
+        timeout_s=args.timeout,
+    )
+    print(f"video: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"generate": cmd_generate, "serve": cmd_serve, "submit": cmd_submit}
     try:
-        if args.command == "generate":
-            return cmd_generate(args)
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"histream {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,74 @@
+"""Service errors with one code each, mapped to HTTP statuses and gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServiceError(Exception):
+    """An error a client is told about: a stable code and a message naming the problem."""
+
+    code = "internal_error"
+    http_status = 500
+    grpc_status = grpc.StatusCode.INTERNAL
+    error_type = "server_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict:
+        """The OpenAI-style error body."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def __reduce__(self):  # survive pickling across Ray processes with the message intact
+        return (type(self), (self.message, self.param))
+
+
+class InvalidArgument(ServiceError):
+    code = "invalid_value"
+    http_status = 400
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+    error_type = "invalid_request_error"
+
+
+class NotFound(ServiceError):
+    code = "not_found"
+    http_status = 404
+    grpc_status = grpc.StatusCode.NOT_FOUND
+    error_type = "invalid_request_error"
+
+
+class AtCapacity(ServiceError):
+    """A replica holds as many sessions as its memory budget allows."""
+
+    code = "at_capacity"
+    http_status = 503
+    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class SessionNotHeld(ServiceError):
+    """A stage was asked about a session whose caches it does not hold."""
+
+    code = "session_not_held"
+    http_status = 409
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def unwrap(err: BaseException) -> BaseException:
+    """The original exception inside Ray's wrappers (RayTaskError keeps it as `.cause`)."""
+    seen = 0
+    while seen < 8 and not isinstance(err, ServiceError):
+        inner = getattr(err, "cause", None) or err.__cause__
+        if inner is None or inner is err:
+            break
+        err, seen = inner, seen + 1
+    return err

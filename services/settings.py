@@ -1,0 +1,104 @@
+"""Service settings: from the environment (HISTREAM_*), a serve config, or the CLI."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from histream_model.components import WeightPaths, resolve_weights
+from histream_model.config import PRESETS, Preset, get_preset
+from services.storage import StorageSettings
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StageScaling(BaseModel):
+    """Replicas and resources of one deployment (Serve autoscaling_config + actor options)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    max_ongoing_requests: int = Field(16, ge=1)
+    num_cpus: float = Field(0.25, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+    def deployment_options(self) -> dict:
+        autoscaling = {
+            "min_replicas": self.min_replicas,
+            "max_replicas": max(self.max_replicas, self.min_replicas),
+            "target_ongoing_requests": self.target_ongoing_requests,
+        }
+        if self.initial_replicas is not None:
+            autoscaling["initial_replicas"] = self.initial_replicas
+        return {
+            "autoscaling_config": autoscaling,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+
+
+class ServeSettings(BaseSettings):
+    """Everything `histream serve` and the Serve application read."""
+
+    model_config = SettingsConfigDict(env_prefix="HISTREAM_", env_nested_delimiter="__")
+
+    preset: str = "tiny"  # model family and sizes; "wan2.1-1.3b" needs weights
+    model_name: str | None = None  # the `model` clients ask for; default: the preset name
+    weights: str | None = None  # operator weights directory (see README)
+    dit: str | None = None
+    vae: str | None = None
+    text_encoder: str | None = None
+    device: str | None = None  # default: cuda if available
+    dtype: str | None = None  # float32 | bfloat16 | float16; default by device
+    tenant: str = "default"  # object prefix for this deployment's tenant
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(9000, ge=1, le=65535)
+    torch_threads: int | None = Field(None, ge=1)  # per replica; None: torch's default
+    max_sessions_per_replica: int = Field(8, ge=1)  # stage admission limit (cache memory)
+    max_running_jobs: int = Field(4, ge=1)  # video jobs a gateway replica drives at once
+    session_idle_timeout_s: float = Field(300.0, gt=0)  # stages free sessions unused this long
+    queue_timeout_s: float = Field(600.0, gt=0)  # a job waiting for capacity fails after this
+    video_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # expires_at of finished videos
+    max_prompt_chars: int = Field(2000, ge=1)
+    fps: int = Field(16, ge=1, le=120)  # Wan2.1's frame rate
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    gateway: StageScaling = Field(default_factory=StageScaling)
+    structure: StageScaling = Field(default_factory=StageScaling)
+    refine: StageScaling = Field(default_factory=StageScaling)
+    decode: StageScaling = Field(default_factory=StageScaling)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; choose one of {sorted(PRESETS)}")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str | None) -> str | None:
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"unknown dtype {value!r}; choose one of {sorted(DTYPES)}")
+        return value
+
+    @property
+    def served_model(self) -> str:
+        return self.model_name or self.preset
+
+    def get_preset(self) -> Preset:
+        return get_preset(self.preset)
+
+    def weight_paths(self) -> WeightPaths | None:
+        if self.weights is None and self.dit is None:
+            return None
+        return resolve_weights(self.weights, self.dit, self.vae, self.text_encoder)
+
+    def torch_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.dtype] if self.dtype else None
+
+    def apply_threads(self) -> None:
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)

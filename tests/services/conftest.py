@@ -1,0 +1,108 @@
+"""Shared fixtures of the service tests: storage backends (local and a real S3 endpoint)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from moto.server import ThreadedMotoServer
+
+from services.settings import ServeSettings, StageScaling
+from services.storage import LocalStorage, S3Storage, Storage, StorageSettings
+
+ACCESS_KEY, SECRET_KEY = "test-access-key", "test-secret-key-do-not-log"
+# Every byte value, so no backend gets away with text-mode or encoding mistakes.
+BINARY = bytes(range(256)) * 3
+VIDEO = b"\x00\x00\x00\x18ftypisom" + BINARY
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """'host:port' of an in-process moto S3 server on a free port."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line a request
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield f"{host}:{port}"
+        finally:
+            server.stop()
+
+
+def make_s3(endpoint: str, bucket: str | None = None, **kwargs: object) -> S3Storage:
+    # A fresh bucket per test: moto's state lives as long as the server.
+    bucket = bucket or f"test-{uuid.uuid4().hex[:16]}"
+    return S3Storage(endpoint, bucket, ACCESS_KEY, SECRET_KEY, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    if request.param == "local":
+        return LocalStorage(tmp_path / "root")
+    return make_s3(request.getfixturevalue("s3_endpoint"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Service:
+    """The running service: one local Ray, two applications of the tiny preset."""
+
+    url: str  # app "histream": S3 storage (moto), content handed out as presigned URLs
+    local_url: str  # app "local" under /local: a local storage directory
+    grpc_target: str
+    s3: S3Storage  # the bucket the first app writes to
+    local: LocalStorage
+    settings: ServeSettings
+
+
+@pytest.fixture(scope="session")
+def service(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    from services import server
+
+    bucket = f"svc-{uuid.uuid4().hex[:12]}"
+    s3 = make_s3(s3_endpoint, bucket=bucket)
+    stage = StageScaling(num_cpus=0)
+    common = {
+        "preset": "tiny",
+        "http_port": free_port(),
+        "grpc_port": free_port(),
+        "max_sessions_per_replica": 4,
+        "queue_timeout_s": 60,
+        **{name: stage for name in ("gateway", "structure", "refine", "decode")},
+    }
+    s3_settings = ServeSettings(
+        storage=StorageSettings(
+            endpoint=s3_endpoint, bucket=bucket, access_key=ACCESS_KEY, secret_key=SECRET_KEY
+        ),
+        **common,
+    )
+    local_dir = tmp_path_factory.mktemp("local-storage")
+    local_settings = ServeSettings(storage=StorageSettings(local_dir=str(local_dir)), **common)
+    server.start(s3_settings, num_cpus=4)
+    server.start(local_settings, app_name="local", route_prefix="/local")
+    base = f"http://127.0.0.1:{common['http_port']}"
+    try:
+        yield Service(
+            url=base,
+            local_url=f"{base}/local",
+            grpc_target=f"127.0.0.1:{common['grpc_port']}",
+            s3=s3,
+            local=LocalStorage(local_dir),
+            settings=s3_settings,
+        )
+    finally:
+        server.stop()

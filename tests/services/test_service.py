@@ -1,0 +1,417 @@
+"""The distributed service on a local Ray (tiny preset): the OpenAI Videos API, the pipeline's
+latents against the in-process generator, streaming sessions over WebSocket and gRPC, storage,
+and bad input over HTTP and gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import warnings
+
+import grpc
+import httpx
+import openai
+import pytest
+import torch
+from ray import serve
+from websockets.sync.client import connect
+
+from histream_model.components import load_components
+from histream_model.config import VideoShape, get_mode, get_preset
+from histream_model.generator import HiStreamGenerator
+from protos.histream.v1 import api_pb2, api_pb2_grpc
+from services.media import decode_frames, read_video
+from services.pipeline import SessionDriver, SessionPlan, StageHandles
+from services.tensors import digest, from_proto, to_proto
+
+PROMPT = "a red fox running through fresh snow"
+OTHER = "a blue whale under the northern lights"
+W, H = 192, 128
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def wait_video(api: openai.OpenAI, video_id: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        while True:
+            video = api.videos.retrieve(video_id)
+            if video.status in ("completed", "failed") or time.monotonic() > deadline:
+                return video
+            time.sleep(0.2)
+
+
+def stage(name: str, app: str = "histream"):
+    return serve.get_deployment_handle(name, app_name=app)
+
+
+def stage_calls() -> dict:
+    return {
+        name: stage(name).stats.remote().result()["calls"]
+        for name in ("StructureStage", "RefineStage", "DecodePool")
+    }
+
+
+def held_sessions() -> int:
+    return sum(
+        stage(name).stats.remote().result()["sessions"]
+        for name in ("StructureStage", "RefineStage", "DecodePool")
+    )
+
+
+def wait_until(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+_COMPONENTS = {}
+
+
+def in_process(mode: str, frames: int, seed: int = 0, prompt_at: int | None = None):
+    """Latents per chunk from the in-process generator; optionally OTHER from chunk `prompt_at`."""
+    if "c" not in _COMPONENTS:
+        _COMPONENTS["c"] = load_components("tiny", device="cpu")
+    c = _COMPONENTS["c"]
+    gen = HiStreamGenerator(c.dit, c.preset, mode)
+    state = gen.start(c.text.encode([PROMPT]), H, W, frames, seed)
+    out = []
+    while not state.done:
+        if prompt_at is not None and state.next_chunk == prompt_at:
+            gen.set_prompt(state, c.text.encode([OTHER]))
+        out.append(gen.step(state).latents)
+    return out
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    text = httpx.get(f"{url}/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + labels + " ") or line.startswith(f"{name}{labels} "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name}{labels} not in /metrics")
+
+
+# -- the video API ------------------------------------------------------------------------------
+
+
+def test_openai_client_end_to_end_with_presigned_s3_content(service, tmp_path):
+    api = client(service.url)
+    video = api.videos.create(
+        prompt=PROMPT, seconds="2", size=f"{W}x{H}", extra_body={"seed": 7, "mode": "histream"}
+    )
+    assert (video.status, video.object, video.model) == ("queued", "video", "tiny")
+    done = wait_video(api, video.id)
+    assert done.status == "completed", done.error
+    assert done.progress == 100 and done.seconds == "2" and done.size == "192x128"
+    assert done.completed_at >= done.created_at and done.expires_at > done.completed_at
+
+    # objects and manifest in the S3 bucket; the manifest describes the stored MP4 exactly
+    prefix = f"tenants/default/videos/{video.id}/"
+    keys = service.s3.list(prefix)
+    assert keys == [prefix + "manifest.json", prefix + "record.json", prefix + "video.mp4"]
+    manifest = json.loads(service.s3.get(prefix + "manifest.json"))
+    mp4 = service.s3.get(prefix + "video.mp4")
+    [entry] = manifest["objects"]
+    assert entry["size"] == len(mp4) and manifest["num_frames"] == 33 and manifest["seed"] == 7
+
+    # the content endpoint hands out a presigned URL that downloads the MP4 over plain HTTP
+    raw = httpx.get(f"{service.url}/v1/videos/{video.id}/content")
+    assert raw.status_code == 307 and "X-Amz-Signature=" in raw.headers["location"]
+    assert httpx.get(raw.headers["location"]).content == mp4
+
+    # and the official client follows it
+    path = tmp_path / "v.mp4"
+    api.videos.download_content(video.id).write_to_file(path)
+    assert read_video(path) == (33, W, H)  # 2 s at 16 fps -> 33 frames (1 + 4k, whole chunks)
+
+
+def test_local_storage_app_serves_content_itself(service, tmp_path):
+    api = client(service.local_url)
+    video = api.videos.create(prompt=PROMPT, size="128x96")
+    done = wait_video(api, video.id)
+    assert done.status == "completed", done.error
+    path = tmp_path / "local.mp4"
+    api.videos.download_content(video.id).write_to_file(path)
+    assert read_video(path) == (81, 128, 96)
+    stored = service.local.list(f"tenants/default/videos/{video.id}/")
+    assert [k.rsplit("/", 1)[1] for k in stored] == ["manifest.json", "record.json", "video.mp4"]
+
+
+def test_list_and_delete_videos(service):
+    api = client(service.url)
+    first = api.videos.create(prompt=PROMPT, seconds="1")
+    second = api.videos.create(prompt=OTHER, seconds="1")
+    assert wait_video(api, first.id).status == "completed"
+    listed = httpx.get(f"{service.url}/v1/videos", params={"limit": 100}).json()
+    ids = [v["id"] for v in listed["data"]]
+    assert first.id in ids and second.id in ids and listed["object"] == "list"
+    created = [v["created_at"] for v in listed["data"]]
+    assert created == sorted(created, reverse=True)  # newest first by default
+
+    deleted = httpx.delete(f"{service.url}/v1/videos/{second.id}").json()  # maybe still running
+    assert deleted == {"id": second.id, "object": "video.deleted", "deleted": True}
+    assert httpx.get(f"{service.url}/v1/videos/{second.id}").status_code == 404
+    assert wait_until(lambda: service.s3.list(f"tenants/default/videos/{second.id}/") == [])
+    time.sleep(1.0)  # a cancelled job must not write anything afterwards
+    assert service.s3.list(f"tenants/default/videos/{second.id}/") == []
+    assert wait_until(lambda: held_sessions() == 0)
+
+
+# -- the pipeline against the in-process generator ----------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["histream", "histream+"])
+def test_distributed_latents_equal_in_process_bit_exact(service, mode):
+    preset = get_preset("tiny")
+    shape = VideoShape(preset, get_mode(mode), H, W, 33)
+    handles = StageHandles(stage("StructureStage"), stage("RefineStage"), stage("DecodePool"))
+    plan = SessionPlan(f"test-{mode.replace('+', 'p')}", "video", "default", shape, 5, PROMPT, 16)
+
+    async def run() -> list[torch.Tensor]:
+        driver = SessionDriver(handles, plan)
+        await driver.open()
+        try:
+            return [from_proto(c.latents) async for c in driver.chunks()]
+        finally:
+            await driver.close()
+
+    distributed = asyncio.run(run())
+    expected = in_process(mode, 33, seed=5)
+    assert len(distributed) == len(expected) == 3
+    for got, want in zip(distributed, expected, strict=True):
+        assert torch.equal(got, want)
+    assert wait_until(lambda: held_sessions() == 0)
+
+
+# -- streaming sessions ---------------------------------------------------------------------------
+
+
+def ws_events(ws, until: str = "session.ended"):
+    """Yield (json message, bytes or None) pairs until a message of type `until`."""
+    while True:
+        message = json.loads(ws.recv(timeout=60))
+        data = ws.recv(timeout=60) if message["type"] in ("init", "chunk") else None
+        yield message, data
+        if message["type"] == until or message["type"] == "error":
+            return
+
+
+def test_websocket_session_streams_chunks_and_applies_a_new_prompt(service, tmp_path):
+    start = {"type": "start", "prompt": PROMPT, "size": f"{W}x{H}", "num_frames": 117, "seed": 3,
+             "mode": "histream+"}  # fmt: skip
+    chunks, accepted = [], None
+    with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
+        ws.send(json.dumps(start))
+        events = ws_events(ws)
+        started, _ = next(events)
+        assert started["type"] == "session.started" and started["num_chunks"] == 10
+        init_msg, init = next(events)
+        assert init_msg["type"] == "init" and len(init) == init_msg["bytes"]
+        for message, data in events:
+            if message["type"] == "chunk":
+                chunks.append((message, data))
+                if len(chunks) == 1:
+                    ws.send(json.dumps({"type": "prompt", "prompt": OTHER}))
+            elif message["type"] == "prompt.accepted":
+                accepted = message
+            elif message["type"] == "error":
+                pytest.fail(message["message"])
+    assert [m["index"] for m, _ in chunks] == list(range(10))
+    assert [m["first_frame"] for m, _ in chunks] == [0] + [9 + 12 * i for i in range(9)]
+    assert accepted is not None and 1 <= accepted["from_chunk"] < 10
+    k = accepted["from_chunk"]
+    assert [m["prompt_version"] for m, _ in chunks] == [0] * k + [1] * (10 - k)
+
+    # the stream decodes to the whole video
+    mp4 = tmp_path / "stream.mp4"
+    mp4.write_bytes(init + b"".join(d for _, d in chunks))
+    assert read_video(mp4) == (117, W, H)
+
+    # chunks before k were generated under the first prompt, from k on under the new one
+    expected = in_process("histream+", 117, seed=3, prompt_at=k)
+    assert [m["latents_sha256"] for m, _ in chunks] == [digest(to_proto(x)) for x in expected]
+    unchanged = in_process("histream+", 117, seed=3)
+    assert digest(to_proto(unchanged[k])) != chunks[k][0]["latents_sha256"]
+
+    # the session's HLS playlist and segments are in storage, ended
+    sid = started["session_id"]
+    playlist = service.s3.get(f"tenants/default/sessions/{sid}/playlist.m3u8").decode()
+    assert playlist.count("#EXTINF") == 10 and "#EXT-X-ENDLIST" in playlist
+    assert service.s3.exists(f"tenants/default/sessions/{sid}/seg-00010.m4s")
+
+
+def test_websocket_disconnect_frees_the_session(service):
+    start = {"type": "start", "prompt": PROMPT, "size": f"{W}x{H}", "num_frames": 201}
+    with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
+        ws.send(json.dumps(start))
+        for message, _ in ws_events(ws, until="chunk"):
+            if message["type"] == "session.started":
+                assert metric(service.url, "histream_active_sessions", '{kind="session"}') == 1
+                assert metric(service.url, "histream_cache_bytes") > 0
+    # the client went away mid-stream: caches freed everywhere, no active session left
+    assert wait_until(
+        lambda: metric(service.url, "histream_active_sessions", '{kind="session"}') == 0
+    )
+    assert metric(service.url, "histream_cache_bytes") == 0
+    assert wait_until(lambda: held_sessions() == 0)
+
+
+def grpc_stub(service):
+    channel = grpc.insecure_channel(service.grpc_target)
+    return api_pb2_grpc.HiStreamStub(channel), (("application", "histream"),)
+
+
+def test_grpc_session_streams_chunks_and_updates_the_prompt(service, tmp_path):
+    stub, md = grpc_stub(service)
+    request = api_pb2.StreamSessionRequest(prompt=PROMPT, size=f"{W}x{H}", num_frames=117, seed=11)
+    events: list = []
+    update = None
+    for event in stub.StreamSession(request, metadata=md, timeout=120):
+        events.append(event)
+        if event.WhichOneof("event") == "chunk" and update is None:
+            session_id = events[0].started.session_id
+            update = stub.UpdateSessionPrompt(
+                api_pb2.UpdateSessionPromptRequest(session_id=session_id, prompt=OTHER), metadata=md
+            )
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[:2] == ["started", "init"] and kinds[-1] == "ended"
+    chunks = [e.chunk for e in events if e.WhichOneof("event") == "chunk"]
+    assert [c.index for c in chunks] == list(range(10))
+    k = update.from_chunk
+    applied = [e.prompt_updated for e in events if e.WhichOneof("event") == "prompt_updated"]
+    assert [(p.prompt_version, p.from_chunk) for p in applied] == [(1, k)]
+    expected = in_process("histream+", 117, seed=11, prompt_at=k)
+    assert [c.latents_sha256 for c in chunks] == [digest(to_proto(x)) for x in expected]
+    mp4 = tmp_path / "grpc.mp4"
+    mp4.write_bytes(events[1].init.data + b"".join(c.data for c in chunks))
+    frames = decode_frames(mp4)
+    assert frames.shape == (117, H, W, 3)
+
+
+def test_grpc_cancel_frees_the_session(service):
+    stub, md = grpc_stub(service)
+    call = stub.StreamSession(
+        api_pb2.StreamSessionRequest(prompt=PROMPT, num_frames=201), metadata=md, timeout=120
+    )
+    for event in call:
+        if event.WhichOneof("event") == "chunk":
+            break
+    call.cancel()
+    assert wait_until(lambda: held_sessions() == 0)
+    assert wait_until(
+        lambda: metric(service.url, "histream_active_sessions", '{kind="session"}') == 0
+    )
+
+
+def test_grpc_video_lifecycle(service):
+    stub, md = grpc_stub(service)
+    video = stub.CreateVideo(api_pb2.CreateVideoRequest(prompt=PROMPT, seconds="1"), metadata=md)
+    assert video.status == "queued" and video.num_frames == 21
+    deadline = time.monotonic() + 60
+    while video.status not in ("completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        video = stub.GetVideo(api_pb2.GetVideoRequest(id=video.id), metadata=md)
+    assert video.status == "completed"
+    listed = stub.ListVideos(api_pb2.ListVideosRequest(limit=100, order="asc"), metadata=md)
+    assert video.id in [v.id for v in listed.data]
+    gone = stub.DeleteVideo(api_pb2.DeleteVideoRequest(id=video.id), metadata=md)
+    assert gone.deleted and gone.object == "video.deleted"
+
+
+# -- health, metrics, bad input -----------------------------------------------------------------
+
+
+def test_health_and_metrics(service):
+    assert httpx.get(f"{service.url}/healthz").json() == {
+        "status": "ok",
+        "model": "tiny",
+        "preset": "tiny",
+    }
+    text = httpx.get(f"{service.url}/metrics").text
+    for name in ("histream_requests_total", "histream_chunk_seconds_bucket",
+                 "histream_active_sessions", "histream_cache_bytes"):  # fmt: skip
+        assert name in text
+
+
+BAD_VIDEOS = [
+    ({"prompt": ""}, "prompt", "non-empty"),
+    ({"prompt": "x" * 2001}, "prompt", "the limit is 2000"),
+    ({"prompt": PROMPT, "size": "100x128"}, "size", "width=100 must be a positive multiple of 32"),
+    ({"prompt": PROMPT, "size": "512x512"}, "size", "above this model's maximum 384x256"),
+    ({"prompt": PROMPT, "size": "big"}, "size", "must look like 'WIDTHxHEIGHT'"),
+    ({"prompt": PROMPT, "seconds": "0"}, "seconds", "seconds=0 must be in [1, 29]"),
+    ({"prompt": PROMPT, "seconds": "30"}, "seconds", "seconds=30 must be in [1, 29]"),
+    ({"prompt": PROMPT, "seconds": "two"}, "seconds", "whole number"),
+    ({"prompt": PROMPT, "mode": "turbo"}, "mode", "mode 'turbo' is unknown"),
+    ({"prompt": PROMPT, "model": "sora-2"}, "model", "model 'sora-2' is not served here"),
+    ({"prompt": PROMPT, "seed": -1}, "seed", "seed=-1 must be in"),
+]
+
+
+@pytest.mark.parametrize(("body", "param", "message"), BAD_VIDEOS)
+def test_bad_video_requests_over_http(service, body, param, message):
+    before = stage_calls()
+    response = httpx.post(f"{service.url}/v1/videos", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert stage_calls() == before  # nothing reached a stage
+
+
+def test_bad_video_request_through_the_openai_client(service):
+    with pytest.raises(openai.BadRequestError, match="width=200"):
+        client(service.url).videos.create(prompt=PROMPT, size="200x128")
+
+
+@pytest.mark.parametrize(("body", "param", "message"), BAD_VIDEOS)
+def test_bad_video_requests_over_grpc(service, body, param, message):
+    stub, md = grpc_stub(service)
+    fields = {k: v if k == "seed" else str(v) for k, v in body.items()}
+    before = stage_calls()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateVideo(api_pb2.CreateVideoRequest(**fields), metadata=md)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+    assert stage_calls() == before
+
+
+def test_unknown_ids_are_not_found(service):
+    assert httpx.get(f"{service.url}/v1/videos/video_nope").status_code == 404
+    assert httpx.get(f"{service.url}/v1/videos/video_nope/content").status_code == 404
+    assert httpx.delete(f"{service.url}/v1/videos/video_nope").status_code == 404
+    stub, md = grpc_stub(service)
+    for rpc, request in (
+        (stub.GetVideo, api_pb2.GetVideoRequest(id="video_nope")),
+        (stub.DeleteVideo, api_pb2.DeleteVideoRequest(id="video_nope")),
+        (stub.UpdateSessionPrompt, api_pb2.UpdateSessionPromptRequest(session_id="s", prompt="x")),
+        (stub.CloseSession, api_pb2.CloseSessionRequest(session_id="sess_nope")),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            rpc(request, metadata=md)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_bad_session_starts(service):
+    before = stage_calls()
+    with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
+        ws.send(json.dumps({"type": "start", "prompt": PROMPT, "num_frames": 80}))
+        error = json.loads(ws.recv(timeout=30))
+    assert error["type"] == "error" and "num_frames=80 must be one of 9, 21" in error["message"]
+    stub, md = grpc_stub(service)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.StreamSession(api_pb2.StreamSessionRequest(prompt=""), metadata=md))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert stage_calls() == before

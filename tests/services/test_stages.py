@@ -1,0 +1,181 @@
+"""The stage classes in this process (no Ray): admission, unknown sessions, idle reaping, and a
+structure + refine pair computing what the in-process generator computes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from histream_model.components import load_components
+from histream_model.generator import HiStreamGenerator
+from protos.histream.v1 import stages_pb2
+from services.errors import AtCapacity, InvalidArgument, SessionNotHeld
+from services.media import read_video
+from services.settings import ServeSettings
+from services.stages import DecodeStage, RefineStage, SessionTable, StructureStage
+from services.storage import StorageSettings
+from services.tensors import from_proto
+
+W, H = 96, 64
+
+
+class Pinned:
+    """What `handle.options(session_id=...)` gives RefineStage: calls into a local stage."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def options(self, **_: object) -> Pinned:
+        return self
+
+    def __getattr__(self, name: str):
+        method = getattr(self.target, name)
+
+        class Remote:
+            @staticmethod
+            def remote(*args):
+                return method(*args)
+
+        return Remote
+
+
+def spec(session_id: str, mode: str = "histream+", frames: int = 21, seed: int = 4):
+    return stages_pb2.SessionSpec(
+        session_id=session_id, tenant="default", preset="tiny", mode=mode,
+        height=H, width=W, num_frames=frames, seed=seed,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def settings(tmp_path) -> ServeSettings:
+    return ServeSettings(
+        preset="tiny",
+        max_sessions_per_replica=2,
+        storage=StorageSettings(local_dir=str(tmp_path / "store")),
+    )
+
+
+def test_structure_and_refine_compute_the_generators_latents(settings):
+    structure = StructureStage(settings)
+    refine = RefineStage(settings, Pinned(structure))
+
+    async def run() -> list[torch.Tensor]:
+        context = (
+            await structure.EncodePrompt(stages_pb2.EncodePromptRequest(prompt="a fox"))
+        ).context
+        opened = stages_pb2.OpenSessionRequest(spec=spec("s1"), context=context)
+        low = await structure.OpenSession(opened)
+        high = await refine.OpenSession(opened)
+        assert high.kv_bytes == 4 * low.kv_bytes and low.num_chunks == 2
+        out = []
+        for i in range(2):
+            x_low = await structure.LowSteps(
+                stages_pb2.ChunkRequest(session_id="s1", chunk_index=i)
+            )
+            x0 = await refine.Refine(
+                stages_pb2.ChunkLatents(session_id="s1", chunk_index=i, latents=x_low.latents)
+            )
+            out.append(from_proto(x0.latents))
+        return out
+
+    got = asyncio.run(run())
+    c = load_components("tiny", device="cpu")
+    gen = HiStreamGenerator(c.dit, c.preset, "histream+")
+    want = [r.latents for r in gen.generate(c.text.encode(["a fox"]), H, W, 21, seed=4)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert structure.calls["CommitLow"] == 2  # the refine stage drove every low-res commit
+
+
+def test_admission_limit_and_unknown_sessions(settings):
+    structure = StructureStage(settings)
+
+    async def run() -> None:
+        context = (await structure.EncodePrompt(stages_pb2.EncodePromptRequest(prompt="x"))).context
+        for sid in ("a", "b"):
+            await structure.OpenSession(
+                stages_pb2.OpenSessionRequest(spec=spec(sid), context=context)
+            )
+        with pytest.raises(AtCapacity, match="holds 2 sessions, its limit"):
+            await structure.OpenSession(
+                stages_pb2.OpenSessionRequest(spec=spec("c"), context=context)
+            )
+        with pytest.raises(InvalidArgument, match="already open"):
+            await structure.OpenSession(
+                stages_pb2.OpenSessionRequest(spec=spec("a"), context=context)
+            )
+        with pytest.raises(SessionNotHeld, match="does not hold session 'zzz'"):
+            await structure.LowSteps(stages_pb2.ChunkRequest(session_id="zzz", chunk_index=0))
+        with pytest.raises(InvalidArgument, match="height=72 must be"):
+            bad = spec("d")
+            bad.height, bad.mode = 72, "histream"
+            await structure.OpenSession(stages_pb2.OpenSessionRequest(spec=bad, context=context))
+        freed = await structure.CloseSession(stages_pb2.ReleaseRequest(session_id="a"))
+        assert freed.kv_bytes > 0 and structure.stats()["sessions"] == 1
+
+    asyncio.run(run())
+
+
+def test_idle_sessions_are_reaped():
+    now = [0.0]
+    table: SessionTable[str] = SessionTable("test stage", capacity=4, clock=lambda: now[0])
+    table.add("old", "x")
+    now[0] = 5.0
+    table.add("new", "y")
+    now[0] = 12.0
+    table.get("new")  # use keeps it alive
+    assert table.idle(10.0) == ["old"]
+    now[0] = 30.0
+    assert sorted(table.idle(10.0)) == ["new", "old"]
+
+
+def test_decode_stage_reaps_an_abandoned_stream(settings):
+    settings = settings.model_copy(update={"session_idle_timeout_s": 0.01})
+    decode = DecodeStage(settings)
+
+    async def run() -> None:
+        await decode.OpenStream(
+            stages_pb2.OpenStreamRequest(
+                session_id="s", object_id="s", kind="video", width=W, height=H, fps=16
+            )
+        )
+        assert decode.stats()["sessions"] == 1
+        await asyncio.sleep(0.05)
+        assert decode.reap() == ["s"]
+        assert decode.stats()["sessions"] == 0
+
+    asyncio.run(run())
+
+
+def test_decode_stage_writes_a_video_with_its_manifest(settings, tmp_path):
+    decode = DecodeStage(settings)
+    c = load_components("tiny", device="cpu")
+    gen = HiStreamGenerator(c.dit, c.preset, "histream")
+    chunks = list(gen.generate(c.text.encode(["a fox"]), H, W, 21, seed=0))
+
+    async def run() -> str:
+        from services.tensors import to_proto
+
+        await decode.OpenStream(
+            stages_pb2.OpenStreamRequest(
+                session_id="r1", object_id="video_1", kind="video", width=W, height=H, fps=16
+            )
+        )
+        for chunk in chunks:
+            seg = await decode.DecodeChunk(
+                stages_pb2.ChunkLatents(
+                    session_id="r1", chunk_index=chunk.index, latents=to_proto(chunk.latents)
+                )
+            )
+            assert seg.num_frames == (9 if chunk.index == 0 else 12)
+        done = await decode.FinishStream(
+            stages_pb2.FinishStreamRequest(session_id="r1", manifest_json='{"seed": 0}')
+        )
+        return done.manifest_json
+
+    manifest = asyncio.run(run())
+    assert '"num_frames": 21' in manifest and '"seed": 0' in manifest
+    path = tmp_path / "store" / "tenants/default/videos/video_1/video.mp4"
+    assert read_video(path) == (21, W, H)
+    assert decode.stats()["sessions"] == 0
