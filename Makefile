@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 PROMPT ?= a red fox running through fresh snow at sunrise, cinematic
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 9000
 
 PROTOS := $(wildcard protos/histream/v1/*.proto)
 STUBS := $(PROTOS:.proto=_pb2.py)
@@ -27,10 +29,15 @@ protos/histream/v1/%_pb2.py: protos/histream/v1/%.proto $(STAMP)
 
 protos: $(STUBS)
 
+# Starts the service (local Ray + Serve), submits one prompt through the HTTP API, waits with a
+# progress bar, writes the MP4 locally and stops the service.
 run: $(STAMP) protos
-	$(VENV)/bin/histream generate --preset tiny --prompt "$(PROMPT)" \
-		--out outputs/video.mp4 --report outputs/report.json
-	@echo "video: $(CURDIR)/outputs/video.mp4 (report: $(CURDIR)/outputs/report.json)"
+	@mkdir -p outputs; $(VENV)/bin/histream serve --preset tiny --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
+		--storage outputs/storage > outputs/serve.log 2>&1 & server=$$!; \
+	trap 'kill -INT $$server 2>/dev/null; wait $$server' EXIT; \
+	$(VENV)/bin/histream submit --url http://127.0.0.1:$(HTTP_PORT) --wait-ready 180 \
+		--prompt "$(PROMPT)" --out outputs/video.mp4 \
+		|| { echo "--- outputs/serve.log ---"; tail -30 outputs/serve.log; exit 1; }
 
 test: $(STAMP) protos
 	$(PY) -m ruff check .

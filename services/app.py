@@ -23,6 +23,8 @@ from services.settings import ServeSettings
 from services.stages import DecodeStage, RefineStage, StructureStage
 
 APP_NAME = "histream"
+GATEWAY, STRUCTURE, REFINE, DECODE = "Gateway", "StructureStage", "RefineStage", "DecodePool"
+DEPLOYMENTS = (GATEWAY, STRUCTURE, REFINE, DECODE)  # the names serve configs refer to
 GRPC_SERVICERS = ["protos.histream.v1.api_pb2_grpc.add_HiStreamServicer_to_server"]
 SESSION_ROUTER = RequestRouterConfig(
     request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
@@ -34,23 +36,23 @@ def build_app(settings: ServeSettings | None = None) -> Application:
     settings = settings or ServeSettings()
     structure = serve.deployment(
         StructureStage,
-        name="StructureStage",
+        name=STRUCTURE,
         request_router_config=SESSION_ROUTER,
         **settings.structure.deployment_options(),
     ).bind(settings)
     refine = serve.deployment(
         RefineStage,
-        name="RefineStage",
+        name=REFINE,
         request_router_config=SESSION_ROUTER,
         **settings.refine.deployment_options(),
     ).bind(settings, structure)
     decode = serve.deployment(
         DecodeStage,
-        name="DecodePool",
+        name=DECODE,
         request_router_config=SESSION_ROUTER,
         **settings.decode.deployment_options(),
     ).bind(settings)
-    gateway = serve.deployment(Gateway, name="Gateway", **settings.gateway.deployment_options())
+    gateway = serve.deployment(Gateway, name=GATEWAY, **settings.gateway.deployment_options())
     return gateway.bind(settings, structure, refine, decode)
 
 

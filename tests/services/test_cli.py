@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -103,3 +107,29 @@ def test_bad_input_fails_before_model_work(tmp_path, capsys, monkeypatch, extra,
     assert not out.exists()
     # only the missing-weights case may reach the loader, and it fails there before building
     assert not built or "no built-in weights" in message
+
+
+def test_serve_then_submit_then_ctrl_c_shuts_down_cleanly(tmp_path):
+    """What `make run` does: `histream serve`, one video through the HTTP API, Ctrl-C."""
+    from tests.services.conftest import free_port
+
+    http, grpc_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "serve", "--http-port", str(http),
+         "--grpc-port", str(grpc_port), "--storage", str(tmp_path / "store")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        out = tmp_path / "v.mp4"
+        code = cli.main(
+            ["submit", "--url", f"http://127.0.0.1:{http}", "--wait-ready", "180",
+             "--prompt", "a red fox", "--seconds", "1", "--out", str(out)]
+        )  # fmt: skip
+        assert code == 0
+        assert read_video(out) == (21, 192, 128)
+    finally:
+        server.send_signal(signal.SIGINT)
+        log, _ = server.communicate(timeout=120)
+    assert server.returncode == 0, log[-2000:]
+    assert "shutting down" in log

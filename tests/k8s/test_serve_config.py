@@ -1,0 +1,50 @@
+"""k8s/serve-config.yaml stays valid for Ray Serve and in step with the code."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import yaml
+from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
+
+from services.app import APP_NAME, DEPLOYMENTS, GRPC_SERVICERS
+from services.settings import ServeSettings
+
+CONFIG = Path(__file__).resolve().parents[2] / "k8s" / "serve-config.yaml"
+
+
+def load() -> dict:
+    return yaml.safe_load(CONFIG.read_text())
+
+
+def test_config_validates_against_the_serve_schema():
+    schema = ServeDeploySchema.model_validate(load())
+    [app] = schema.applications
+    assert app.name == APP_NAME and app.route_prefix == "/"
+    assert tuple(d.name for d in app.deployments) == DEPLOYMENTS
+    assert schema.grpc_options.grpc_servicer_functions == GRPC_SERVICERS
+
+
+def test_import_path_builds_the_application_from_the_args():
+    [app] = load()["applications"]
+    module, name = app["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), name)
+    assert isinstance(builder(app["args"]), Application)
+    settings = ServeSettings(**app["args"])
+    assert settings.preset == "wan2.1-1.3b" and settings.dtype == "bfloat16"
+
+
+def test_grpc_servicer_function_is_importable():
+    for path in GRPC_SERVICERS:
+        module, _, name = path.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), name))
+
+
+def test_gpu_stages_ask_for_gpus_and_scale_on_their_own():
+    deployments = {d["name"]: d for d in load()["applications"][0]["deployments"]}
+    for name in DEPLOYMENTS[1:]:
+        assert deployments[name]["ray_actor_options"]["num_gpus"] == 1
+        assert deployments[name]["autoscaling_config"]["max_replicas"] >= 2
+    assert deployments["Gateway"]["ray_actor_options"].get("num_gpus", 0) == 0
