@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -182,14 +183,19 @@ def check_num_frames(num_frames: int | str | None, preset: Preset) -> int:
     return value
 
 
-def resolve_video(
-    body: VideoCreate, preset: Preset, served_model: str, fps: int, max_prompt_chars: int
+def _resolve(
+    body: VideoCreate | SessionStart,
+    preset: Preset,
+    served_model: str,
+    max_prompt_chars: int,
+    length: Callable[[], tuple[int, str]],
 ) -> Resolved:
+    """Check the fields both request kinds share; `length` gives (num_frames, seconds)."""
     prompt = check_prompt_field(body.prompt, max_prompt_chars)
     model = check_model(body.model, served_model)
     mode = check_mode(body.mode)
     width, height = check_size(body.size, preset, mode)
-    frames, seconds = check_seconds(body.seconds, fps, preset)
+    frames, seconds = length()
     return Resolved(
         prompt=prompt,
         model=model,
@@ -202,21 +208,20 @@ def resolve_video(
     )
 
 
+def resolve_video(
+    body: VideoCreate, preset: Preset, served_model: str, fps: int, max_prompt_chars: int
+) -> Resolved:
+    def length() -> tuple[int, str]:
+        return check_seconds(body.seconds, fps, preset)
+
+    return _resolve(body, preset, served_model, max_prompt_chars, length)
+
+
 def resolve_session(
     body: SessionStart, preset: Preset, served_model: str, fps: int, max_prompt_chars: int
 ) -> Resolved:
-    prompt = check_prompt_field(body.prompt, max_prompt_chars)
-    model = check_model(body.model, served_model)
-    mode = check_mode(body.mode)
-    width, height = check_size(body.size, preset, mode)
-    frames = check_num_frames(body.num_frames, preset)
-    return Resolved(
-        prompt=prompt,
-        model=model,
-        mode=mode,
-        width=width,
-        height=height,
-        num_frames=frames,
-        seed=check_seed(body.seed),
-        seconds=str(math.ceil((frames - 1) / fps)),
-    )
+    def length() -> tuple[int, str]:
+        frames = check_num_frames(body.num_frames, preset)
+        return frames, str(math.ceil((frames - 1) / fps))
+
+    return _resolve(body, preset, served_model, max_prompt_chars, length)
