@@ -1,45 +1,58 @@
-"""`python -m bench`: run the benchmarks and rewrite their tables in BENCHMARKS.md."""
+"""`python -m bench`: run the benchmarks and rewrite their tables in BENCHMARKS.md.
+
+Each section is written between its `<!-- bench:NAME -->` markers with the command, the machine
+and the date; sections not run keep their previous tables.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Callable
 
-from bench import latency
-from bench.report import stamp, table, write_section
+from bench import breakdown, memory, real_flops, table2
+from bench.report import stamp, write_section
+
+Section = Callable[[argparse.Namespace], str]
 
 
-def latency_section(presets: list[str], modes: list[str], repeats: int) -> str:
-    parts = []
-    for preset in presets:
-        samples = latency.measure(preset, modes, repeats)
-        base = latency.median(samples[modes[0]]) if "self-forcing" not in modes else (
-            latency.median(samples["self-forcing"])
-        )
-        rows = []
-        for mode in modes:
-            med = latency.median(samples[mode])
-            rows.append(
-                [mode, f"{med:.4f}", f"{min(samples[mode]):.4f}", f"{max(samples[mode]):.4f}",
-                 f"{base / med:.2f}x"]
-            )
-        parts.append(
-            f"**{preset}** preset, 81 frames, {repeats} repeats, modes interleaved:\n\n"
-            + table(["mode", "median s/frame", "min", "max", "speedup vs self-forcing"], rows)
-        )
-    return "\n\n".join(parts)
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# Section name (its BENCHMARKS.md marker) -> what produces its body. The serving rows (issue 4,
+# item 5) go here as a "serving" entry when the serving benchmarks exist; BENCHMARKS.md already
+# has its markers.
+SECTIONS: dict[str, Section] = {
+    "table2": lambda a: table2.section(a.preset, a.repeats, a.frames, _log),
+    "real-flops": lambda a: real_flops.section(),
+    "memory": lambda a: memory.section(_log),
+    "breakdown": lambda a: breakdown.section(a.preset, a.breakdown_repeats, a.frames, _log),
+}
+
+MODEL_ONLY = {"real-flops"}  # sections computed by the FLOP model, not measured
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("--presets", nargs="+", default=["tiny", "bench"])
-    parser.add_argument("--modes", nargs="+", default=["self-forcing", "histream+"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--preset", default="bench", help="preset of the measured sections")
+    parser.add_argument("--frames", type=int, default=81, help="video frames (81 = 21 latent)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of table2")
+    parser.add_argument("--breakdown-repeats", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
     args = parser.parse_args(argv)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    body = latency_section(args.presets, args.modes, args.repeats)
-    write_section("latency", stamp(command.strip()) + "\n\n" + body)
-    print(body)
+    for name in args.sections:
+        _log(f"[bench] {name} ...")
+        started = time.perf_counter()
+        body = SECTIONS[name](args)
+        _log(f"[bench] {name} done in {time.perf_counter() - started:.0f} s")
+        print(body + "\n", flush=True)
+        if not args.no_write:
+            measured = name not in MODEL_ONLY
+            write_section(name, stamp(command.strip(), measured) + "\n\n" + body)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Per-frame denoising latency per mode, modes interleaved over repeats (median).
+"""Per-frame denoising latency per mode, modes interleaved chunk by chunk over repeats (median).
 
 Per-frame latency = the video's denoising time (all chunks' steps and cache commits, no VAE)
 divided by its frame count, as in the paper's tables.
@@ -7,36 +7,64 @@ divided by its frame count, as in the paper's tables.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 
-from histream_model.components import load_components
-from histream_model.config import get_preset
+from histream_model.components import Components, load_components
 from histream_model.generator import HiStreamGenerator
 
+PROMPT = "a red fox running through fresh snow"
 
-def denoise_seconds(generator: HiStreamGenerator, context: torch.Tensor, num_frames: int) -> float:
-    preset = generator.preset
-    chunks = list(generator.generate(context, preset.height, preset.width, num_frames, seed=0))
-    return sum(c.seconds for c in chunks)
+Log = Callable[[str], None]
+
+
+def load(preset_name: str) -> tuple[Components, torch.Tensor]:
+    """The preset's random-weight models on the CPU and the benchmark prompt's text context."""
+    components = load_components(preset_name, device="cpu")
+    return components, components.text.encode([PROMPT])
 
 
 def measure(
-    preset_name: str, modes: Sequence[str], repeats: int, num_frames: int | None = None
+    preset_name: str,
+    modes: Sequence[str],
+    repeats: int,
+    num_frames: int | None = None,
+    log: Log | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds per frame for each mode, one sample per repeat, modes interleaved."""
-    components = load_components(preset_name, device="cpu")
-    preset = get_preset(preset_name)
+    """Seconds per frame for each mode, one sample per repeat.
+
+    Within a repeat every mode runs a session of its own and the sessions advance chunk by chunk
+    in turn (mode 1 chunk 1, mode 2 chunk 1, ..., mode 1 chunk 2, ...), so a slow spell of the
+    machine lands on every mode alike instead of on whichever video was running.
+    """
+    components, context = load(preset_name)
+    preset = components.preset
     frames = num_frames or preset.num_frames
-    context = components.text.encode(["a red fox running through fresh snow"])
-    generators = {m: HiStreamGenerator(components.dit, components.preset, m) for m in modes}
+    generators = {m: HiStreamGenerator(components.dit, preset, m) for m in modes}
     for generator in generators.values():  # warm-up: first-call allocations and kernel choice
-        generator.generate(context, preset.height, preset.width, frames).__next__()
+        generator.step(generator.start(context, preset.height, preset.width, frames))
     samples: dict[str, list[float]] = {m: [] for m in modes}
-    for _ in range(repeats):
-        for mode, generator in generators.items():
-            samples[mode].append(denoise_seconds(generator, context, frames) / frames)
+    for repeat in range(repeats):
+        started = time.perf_counter()
+        states = {
+            m: g.start(context, preset.height, preset.width, frames, seed=0)
+            for m, g in generators.items()
+        }
+        seconds = dict.fromkeys(modes, 0.0)
+        while not all(state.done for state in states.values()):
+            for mode, generator in generators.items():
+                if not states[mode].done:
+                    seconds[mode] += generator.step(states[mode]).seconds
+        for mode in modes:
+            samples[mode].append(seconds[mode] / frames)
+        if log:
+            took = time.perf_counter() - started
+            per_mode = ", ".join(f"{m} {seconds[m] / frames:.4f}" for m in modes)
+            log(
+                f"  {preset_name} repeat {repeat + 1}/{repeats} ({took:.0f} s), s/frame: {per_mode}"
+            )
     return samples
 
 

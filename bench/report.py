@@ -29,8 +29,10 @@ def machine() -> str:
     )
 
 
-def stamp(command: str) -> str:
+def stamp(command: str, measured: bool = True) -> str:
     today = _dt.date.today().isoformat()
+    if not measured:
+        return f"Computed {today} with `{command}` (FLOP model; nothing measured)."
     return f"Measured {today} on {machine()} with `{command}`."
 
 

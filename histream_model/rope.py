@@ -38,10 +38,9 @@ class RopeAxes:
 
 @dataclass(frozen=True)
 class RopeTable:
-    """cos/sin per token for one grid of tokens, ready to rotate q and k."""
+    """Unit complex rotations per token for one grid of tokens, ready to rotate q and k."""
 
-    cos: torch.Tensor  # [L, 1, head_dim / 2]
-    sin: torch.Tensor  # [L, 1, head_dim / 2]
+    rotations: torch.Tensor  # complex64 [L, 1, head_dim / 2]: cos + i sin of each angle
 
 
 def rope_table(
@@ -65,19 +64,17 @@ def rope_table(
         ],
         dim=-1,
     ).reshape(f * h * w, 1, -1)  # (L, 1, D/2)
-    # Angles in float64 (positions up to ~1e3 times frequencies near 1), the table in float32:
-    # the rotation itself then runs in the activations' precision class without a float64 pass.
-    return RopeTable(
-        cos=full.cos().to(device=device, dtype=torch.float32),
-        sin=full.sin().to(device=device, dtype=torch.float32),
-    )
+    # Angles in float64 (positions up to ~1e3 times frequencies near 1), the table in complex64
+    # (float32 parts): the rotation itself then runs in float32 without a float64 pass.
+    rotations = torch.polar(torch.ones_like(full), full).to(torch.complex64)
+    return RopeTable(rotations=rotations.to(device))
 
 
 def apply_rope(x: torch.Tensor, table: RopeTable) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x [B, L, H, D] as complex numbers."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, L, H, D/2, 2)
-    real, imag = pairs.unbind(-1)
-    out = torch.stack(
-        (real * table.cos - imag * table.sin, real * table.sin + imag * table.cos), dim=-1
-    )
-    return out.flatten(-2).type_as(x)
+    """Rotate adjacent channel pairs of x [B, L, H, D] as complex numbers.
+
+    One complex multiply instead of real/imaginary arithmetic on strided halves: the same
+    float32 products, without the four temporaries and the re-interleaving copy.
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, L, H, D/2)
+    return torch.view_as_real(pairs * table.rotations).flatten(-2).type_as(x)

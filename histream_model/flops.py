@@ -1,0 +1,228 @@
+"""Analytic FLOP and memory model of HiStream inference: pure arithmetic over the configs.
+
+FLOPs count multiply-adds as 2 and cover matrix products only (linear layers, the patch
+embedding, attention scores and weighted sums); norms, RoPE, modulation and the re-noising
+arithmetic are elementwise and left out. For one forward pass of Lq query tokens attending Lk
+self-attention keys (the chunk's attended cache prefix, itself included) and Lt text tokens, per
+block of hidden size d and feed-forward size f:
+
+    self-attention projections q, k, v, o   8 Lq d^2
+    self-attention scores + weighted sum    4 Lq Lk d
+    cross-attention projections q, o        4 Lq d^2   (text K/V: once per prompt, see below)
+    cross-attention                         4 Lq Lt d
+    feed-forward                            4 Lq d f
+
+plus the patch embedding 2 Lq (C p) d, the timestep embedding (one row per pass) and the head
+2 Lq d (C p), with C latent channels and p the patch volume. A t = 0 commit pass (`kv_only`)
+runs every block but the last in full, only the last block's k and v projections (4 Lq d^2),
+and no head. The text K/V (text embedding + k, v projections of every layer) are computed once
+per prompt and resolution, not per pass.
+
+Key lengths come from the same `CacheLayout` the generator allocates; passes per chunk from the
+mode (low-res steps, high-res steps, then a commit at each resolution the mode caches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from histream_model.config import DiTConfig, Preset, VideoShape, get_mode
+from histream_model.kv_cache import CacheLayout
+
+RESOLUTIONS = ("low", "high")
+
+
+# -- one forward pass --------------------------------------------------------------------------
+
+
+def pass_terms(
+    config: DiTConfig,
+    query_tokens: int,
+    key_tokens: int,
+    text_tokens: int | None = None,
+    kv_only: bool = False,
+) -> dict[str, int]:
+    """FLOPs of one forward pass by term (keys as in the module docstring), batch 1."""
+    d, f, lq = config.dim, config.ffn_dim, query_tokens
+    lt = config.text_len if text_tokens is None else text_tokens
+    channels = config.in_dim * config.patch_volume
+    full_blocks = config.num_layers - 1 if kv_only else config.num_layers
+    return {
+        "self_proj": full_blocks * 8 * lq * d * d + (4 * lq * d * d if kv_only else 0),
+        "self_attn": full_blocks * 4 * lq * key_tokens * d,
+        "cross_proj": full_blocks * 4 * lq * d * d,
+        "cross_attn": full_blocks * 4 * lq * lt * d,
+        "ffn": full_blocks * 4 * lq * d * f,
+        "embed": 2 * lq * channels * d + 2 * (config.freq_dim * d + d * d + 6 * d * d),
+        "head": 0 if kv_only else 2 * lq * d * config.out_dim * config.patch_volume,
+    }
+
+
+def pass_flops(
+    config: DiTConfig,
+    query_tokens: int,
+    key_tokens: int,
+    text_tokens: int | None = None,
+    kv_only: bool = False,
+) -> int:
+    """FLOPs of one forward pass (batch 1); `text_tokens` defaults to the config's text_len."""
+    return sum(pass_terms(config, query_tokens, key_tokens, text_tokens, kv_only).values())
+
+
+def text_kv_flops(config: DiTConfig, text_tokens: int | None = None) -> int:
+    """FLOPs of one prompt's cross-attention K/V at one resolution (text embedding included)."""
+    d, lt = config.dim, config.text_len if text_tokens is None else text_tokens
+    embedding = 2 * lt * (config.text_dim * d + d * d)
+    return embedding + config.num_layers * 4 * lt * d * d
+
+
+# -- passes of a chunk and of a video ----------------------------------------------------------
+
+
+def tokens_per_frame(shape: VideoShape, resolution: str) -> int:
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
+    hw = shape.low_latent_hw if resolution == "low" else shape.high_latent_hw
+    return shape.tokens_per_frame(hw)
+
+
+def cache_layout(shape: VideoShape, resolution: str) -> CacheLayout:
+    """The layout the generator allocates for this resolution (AGSW or full history)."""
+    tokens = tokens_per_frame(shape, resolution)
+    if shape.mode.sliding_window:
+        return CacheLayout.sliding_window(shape.preset.options, tokens)
+    return CacheLayout.full_history(shape.latent_frames, tokens)
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """One forward pass of a chunk, in the order the generator runs them."""
+
+    resolution: str  # "low" or "high"
+    kind: str  # "denoise" (a denoising step) or "commit" (the t = 0 kv_only pass)
+    query_tokens: int  # the chunk's tokens at this resolution
+    key_tokens: int  # self-attention keys: the attended cache prefix, the chunk included
+    terms: dict[str, int]  # FLOPs by term (see pass_terms)
+
+    @property
+    def flops(self) -> int:
+        return sum(self.terms.values())
+
+
+def chunk_passes(shape: VideoShape, chunk_index: int) -> list[PassCost]:
+    """Low-res steps, high-res steps, commit_high, then commit_low (DRC modes)."""
+    if not 0 <= chunk_index < shape.num_chunks:
+        raise ValueError(f"chunk index {chunk_index} outside [0, {shape.num_chunks})")
+    config, m = shape.preset.dit, shape.preset.options.chunk_frames
+    low, high = shape.mode.steps(chunk_index)
+    end = (chunk_index + 1) * m
+    kinds = [("low", "denoise")] * low + [("high", "denoise")] * high + [("high", "commit")]
+    if shape.mode.dual_resolution:
+        kinds.append(("low", "commit"))
+    passes = []
+    for resolution, kind in kinds:
+        layout = cache_layout(shape, resolution)
+        lq = m * layout.tokens_per_frame
+        lk = layout.context_frames(end) * layout.tokens_per_frame
+        terms = pass_terms(config, lq, lk, kv_only=kind == "commit")
+        passes.append(PassCost(resolution, kind, lq, lk, terms))
+    return passes
+
+
+def chunk_flops(shape: VideoShape, chunk_index: int) -> dict[tuple[str, str], int]:
+    """FLOPs of one chunk by (resolution, kind); kinds the mode does not run are absent."""
+    out: dict[tuple[str, str], int] = {}
+    for p in chunk_passes(shape, chunk_index):
+        out[p.resolution, p.kind] = out.get((p.resolution, p.kind), 0) + p.flops
+    return out
+
+
+@dataclass(frozen=True)
+class VideoFlops:
+    """A whole video's denoising FLOPs (every chunk's steps and commits), batch 1."""
+
+    shape: VideoShape
+    chunks: tuple[tuple[PassCost, ...], ...]  # per chunk, its passes in order
+    text_kv: int  # once per prompt: both resolutions' text K/V (not in `total`)
+
+    @property
+    def total(self) -> int:
+        return sum(p.flops for chunk in self.chunks for p in chunk)
+
+    @property
+    def per_frame(self) -> float:
+        """Per output video frame, as the paper's per-frame latency."""
+        return self.total / self.shape.num_frames
+
+    def by_kind(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for chunk in self.chunks:
+            for p in chunk:
+                out[p.resolution, p.kind] = out.get((p.resolution, p.kind), 0) + p.flops
+        return out
+
+    def by_term(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for chunk in self.chunks:
+            for p in chunk:
+                for term, value in p.terms.items():
+                    out[term] = out.get(term, 0) + value
+        return out
+
+
+def video_flops(preset: Preset, mode: str, height: int, width: int, num_frames: int) -> VideoFlops:
+    """The FLOP model of one video at a preset, mode and size (validated like a request)."""
+    shape = VideoShape(preset, get_mode(mode), height, width, num_frames)
+    chunks = tuple(tuple(chunk_passes(shape, i)) for i in range(shape.num_chunks))
+    resolutions = 2 if shape.mode.dual_resolution else 1
+    return VideoFlops(shape=shape, chunks=chunks, text_kv=resolutions * text_kv_flops(preset.dit))
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+def kv_bytes(
+    config: DiTConfig, layout: CacheLayout, batch: int = 1, bytes_per_element: int = 4
+) -> int:
+    """Bytes of one preallocated self-attention cache (keys and values, every layer)."""
+    return 2 * config.num_layers * batch * layout.capacity_tokens * config.dim * bytes_per_element
+
+
+def text_kv_bytes(config: DiTConfig, batch: int = 1, bytes_per_element: int = 4) -> int:
+    """Bytes of one prompt's cross-attention K/V at one resolution."""
+    return 2 * config.num_layers * batch * config.text_len * config.dim * bytes_per_element
+
+
+def session_bytes(
+    preset: Preset,
+    mode: str,
+    height: int,
+    width: int,
+    num_frames: int,
+    bytes_per_element: int = 4,
+    batch: int = 1,
+) -> dict[str, int]:
+    """What one session holds between chunks: {"kv_low", "kv_high", "text_kv"} in bytes.
+
+    The text K/V is held once per resolution state (each stage keeps its own copy).
+    """
+    shape = VideoShape(preset, get_mode(mode), height, width, num_frames)
+    config = preset.dit
+    out = {"kv_low": 0, "kv_high": 0, "text_kv": 0}
+    for resolution in RESOLUTIONS if shape.mode.dual_resolution else ("high",):
+        layout = cache_layout(shape, resolution)
+        out[f"kv_{resolution}"] = kv_bytes(config, layout, batch, bytes_per_element)
+        out["text_kv"] += text_kv_bytes(config, batch, bytes_per_element)
+    return out
+
+
+def dit_parameters(config: DiTConfig) -> int:
+    """Parameters of the DiT (weights and biases), e.g. 1,418,996,800 for Wan2.1-T2V-1.3B."""
+    d, f, out = config.dim, config.ffn_dim, config.out_dim * config.patch_volume
+    patch = config.in_dim * config.patch_volume * d + d
+    text = config.text_dim * d + d + d * d + d
+    time = config.freq_dim * d + d + d * d + d + d * 6 * d + 6 * d
+    attention = 4 * (d * d + d) + 2 * d  # q, k, v, o + norm_q, norm_k
+    block = 2 * attention + 2 * d + (d * f + f + f * d + d) + 6 * d  # + norm3, ffn, modulation
+    head = d * out + out + 2 * d
+    return patch + text + time + config.num_layers * block + head
