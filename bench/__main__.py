@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import breakdown, memory, real_flops, table2
+from bench import breakdown, memory, real_flops, serving, table2
 from bench.report import stamp, write_section
 
 Section = Callable[[argparse.Namespace], str]
@@ -21,14 +21,15 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-# Section name (its BENCHMARKS.md marker) -> what produces its body. The serving rows (issue 4,
-# item 5) go here as a "serving" entry when the serving benchmarks exist; BENCHMARKS.md already
-# has its markers.
+# Section name (its BENCHMARKS.md marker) -> what produces its body.
 SECTIONS: dict[str, Section] = {
-    "table2": lambda a: table2.section(a.preset, a.repeats, a.frames, _log),
+    "table2": lambda a: "\n\n".join(
+        table2.section(p, a.repeats, a.frames, _log) for p in a.table2_presets
+    ),
     "real-flops": lambda a: real_flops.section(),
     "memory": lambda a: memory.section(_log),
     "breakdown": lambda a: breakdown.section(a.preset, a.breakdown_repeats, a.frames, _log),
+    "serving": lambda a: serving.section(a.preset, a.serving_repeats, a.frames, _log),
 }
 
 MODEL_ONLY = {"real-flops"}  # sections computed by the FLOP model, not measured
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=81, help="video frames (81 = 21 latent)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of table2")
     parser.add_argument("--breakdown-repeats", type=int, default=1)
+    parser.add_argument("--serving-repeats", type=int, default=3)
+    parser.add_argument(
+        "--table2-presets", nargs="+", default=["bench", "tiny"], help="presets of table2"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
     args = parser.parse_args(argv)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])

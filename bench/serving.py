@@ -1,0 +1,206 @@
+"""Serving overhead: the distributed pipeline against the in-process generator, one run.
+
+Three measurements, repeated with the paths interleaved (medians):
+- denoising per chunk: the stage RPCs of a chunk through Serve handles (low-res steps on the
+  structure stage, high-res steps + both commits on the refine stage, latents serialized both
+  ways) against `HiStreamGenerator.step` in this process;
+- end to end per chunk: a WebSocket streaming session (gateway -> stages -> decode pool ->
+  fMP4 segment to the client) against denoise + VAE decode + fMP4 encode in this process;
+- time to first chunk of a streaming session: from the start message to the first segment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+from ray import serve
+from websockets.sync.client import connect
+
+from histream_model.components import load_components
+from histream_model.generator import HiStreamGenerator
+from protos.histream.v1 import stages_pb2
+from services import server
+from services.app import REFINE, STRUCTURE
+from services.media import FragmentedMp4Encoder
+from services.settings import ServeSettings, StageScaling
+from services.storage import StorageSettings
+
+PROMPT = "a red fox running through fresh snow"
+
+
+@dataclass
+class Samples:
+    inproc_denoise: list[float] = field(default_factory=list)  # s per chunk
+    service_denoise: list[float] = field(default_factory=list)
+    inproc_e2e: list[float] = field(default_factory=list)  # s per chunk
+    service_e2e: list[float] = field(default_factory=list)
+    inproc_first: list[float] = field(default_factory=list)  # s to the first segment
+    service_first: list[float] = field(default_factory=list)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def in_process(components, mode: str, frames: int) -> tuple[list[float], float, float]:
+    """(denoise s per chunk, end-to-end s per chunk, s to the first segment)."""
+    preset = components.preset
+    started = time.perf_counter()
+    context = components.text.encode([PROMPT])
+    gen = HiStreamGenerator(components.dit, preset, mode)
+    state = gen.start(context, preset.height, preset.width, frames, seed=0)
+    vae_state = components.vae.new_decode_state()
+    encoder = FragmentedMp4Encoder(preset.width, preset.height, fps=16)
+    encoder.init_segment()
+    denoise, first = [], 0.0
+    while not state.done:
+        chunk = gen.step(state)
+        denoise.append(chunk.seconds)
+        video, vae_state = components.vae.decode_chunk(chunk.latents, vae_state)
+        encoder.encode_segment(video[0].transpose(0, 1))
+        if not first:
+            first = time.perf_counter() - started
+    encoder.close()
+    total = time.perf_counter() - started
+    return denoise, total / len(denoise), first
+
+
+def service_denoise(preset, mode: str, frames: int, context: stages_pb2.Tensor, tag: str) -> list:
+    """Wall time per chunk of the stage RPCs (no decode), through Serve handles."""
+    structure = serve.get_deployment_handle(STRUCTURE, app_name=server.APP_NAME)
+    refine = serve.get_deployment_handle(REFINE, app_name=server.APP_NAME)
+    sid = f"bench-{tag}"
+    spec = stages_pb2.SessionSpec(
+        session_id=sid, tenant="default", preset=preset.name, mode=mode,
+        height=preset.height, width=preset.width, num_frames=frames, seed=0,
+    )  # fmt: skip
+
+    async def run() -> list[float]:
+        s, r = structure.options(session_id=sid), refine.options(session_id=sid)
+        opened = stages_pb2.OpenSessionRequest(spec=spec, context=context)
+        await asyncio.gather(s.OpenSession.remote(opened), r.OpenSession.remote(opened))
+        times = []
+        try:
+            for i in range(preset.vae.latent_frames(frames) // preset.options.chunk_frames):
+                t0 = time.perf_counter()
+                low = await s.LowSteps.remote(
+                    stages_pb2.ChunkRequest(session_id=sid, chunk_index=i)
+                )
+                await r.Refine.remote(
+                    stages_pb2.ChunkLatents(session_id=sid, chunk_index=i, latents=low.latents)
+                )
+                times.append(time.perf_counter() - t0)
+        finally:
+            release = stages_pb2.ReleaseRequest(session_id=sid)
+            await asyncio.gather(s.CloseSession.remote(release), r.CloseSession.remote(release))
+        return times
+
+    return asyncio.run(run())
+
+
+def service_session(port: int, preset, mode: str, frames: int) -> tuple[float, float]:
+    """(end-to-end s per chunk, s to the first segment) of a WebSocket session."""
+    start = {"type": "start", "prompt": PROMPT, "mode": mode, "num_frames": frames}
+    chunks, first = 0, 0.0
+    t0 = time.perf_counter()
+    with connect(f"ws://127.0.0.1:{port}/v1/sessions", max_size=None) as ws:
+        ws.send(json.dumps(start))
+        while True:
+            message = json.loads(ws.recv(timeout=600))
+            if message["type"] in ("init", "chunk"):
+                ws.recv(timeout=600)
+            if message["type"] == "chunk":
+                chunks += 1
+                first = first or time.perf_counter() - t0
+            if message["type"] in ("session.ended", "error"):
+                break
+    return (time.perf_counter() - t0) / max(chunks, 1), first
+
+
+def measure(
+    preset_name: str = "bench",
+    mode: str = "histream+",
+    repeats: int = 3,
+    frames: int = 81,
+    log=print,
+) -> tuple[Samples, ServeSettings]:
+    threads = torch.get_num_threads()
+    stage = StageScaling(num_cpus=0)
+    settings = ServeSettings(
+        preset=preset_name, torch_threads=threads, http_port=_free_port(), grpc_port=_free_port(),
+        storage=StorageSettings(local_dir=tempfile.mkdtemp(prefix="histream-bench-")),
+        gateway=stage, structure=stage, refine=stage, decode=stage,
+    )  # fmt: skip
+    components = load_components(preset_name, device="cpu")
+    server.start(settings, num_cpus=4)
+    samples = Samples()
+    try:
+        context = _context(components)
+        # warm-up: first calls allocate and pick kernels on both sides
+        in_process(components, mode, 9)
+        service_denoise(components.preset, mode, 9, context, "warmup")
+        service_session(settings.http_port, components.preset, mode, 9)
+        for r in range(repeats):
+            denoise, e2e, first = in_process(components, mode, frames)
+            samples.inproc_denoise += denoise
+            samples.inproc_e2e.append(e2e)
+            samples.inproc_first.append(first)
+            samples.service_denoise += service_denoise(
+                components.preset, mode, frames, context, str(r)
+            )
+            e2e, first = service_session(settings.http_port, components.preset, mode, frames)
+            samples.service_e2e.append(e2e)
+            samples.service_first.append(first)
+            log(f"[serving] repeat {r + 1}/{repeats} done")
+    finally:
+        server.stop()
+    return samples, settings
+
+
+def _context(components) -> stages_pb2.Tensor:
+    from services.tensors import to_proto
+
+    return to_proto(components.text.encode([PROMPT]).float())
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def section(preset_name: str, repeats: int, frames: int, log) -> str:
+    """The serving table: the distributed pipeline over the in-process generator."""
+    samples, settings = measure(preset_name, "histream+", repeats, frames, log)
+    m = median
+    rows = [
+        ("denoising per chunk (stage RPCs vs `step`)", samples.inproc_denoise,
+         samples.service_denoise),
+        ("end to end per chunk (WebSocket session vs denoise + decode + encode)",
+         samples.inproc_e2e, samples.service_e2e),
+        ("time to first chunk of a session", samples.inproc_first, samples.service_first),
+    ]  # fmt: skip
+    lines = [
+        "| measurement | in-process s (median) | service s (median) | service / in-process |",
+        "|---|---|---|---|",
+    ]
+    for name, inproc, service in rows:
+        lines.append(
+            f"| {name} | {m(inproc):.3f} | {m(service):.3f} | {m(service) / m(inproc):.2f}x |"
+        )
+    chunks = len(samples.inproc_denoise) // max(repeats, 1)
+    return (
+        f"**{preset_name}** preset, `histream+`, {frames} frames ({chunks} chunks), {repeats} "
+        f"repeats, service and in-process interleaved in one process. The service is one local "
+        f"Ray with one replica per deployment, {settings.torch_threads} torch threads per replica "
+        "(as in-process), on the same 2 cores: the decode pool's work overlaps the denoisers' "
+        "there, which a real deployment runs on separate GPUs.\n\n" + "\n".join(lines)
+    )
