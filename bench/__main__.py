@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=81, help="video frames (81 = 21 latent)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of table2")
     parser.add_argument("--breakdown-repeats", type=int, default=1)
-    parser.add_argument("--serving-repeats", type=int, default=3)
+    parser.add_argument("--serving-repeats", type=int, default=5)
     parser.add_argument(
         "--table2-presets", nargs="+", default=["bench", "tiny"], help="presets of table2"
     )

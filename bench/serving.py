@@ -36,9 +36,11 @@ PROMPT = "a red fox running through fresh snow"
 
 @dataclass
 class Samples:
-    inproc_denoise: list[float] = field(default_factory=list)  # s per chunk
+    """One value per repeat; the two paths of a repeat ran back to back."""
+
+    inproc_denoise: list[float] = field(default_factory=list)  # median s per chunk
     service_denoise: list[float] = field(default_factory=list)
-    inproc_e2e: list[float] = field(default_factory=list)  # s per chunk
+    inproc_e2e: list[float] = field(default_factory=list)  # s per chunk over the video
     service_e2e: list[float] = field(default_factory=list)
     inproc_first: list[float] = field(default_factory=list)  # s to the first segment
     service_first: list[float] = field(default_factory=list)
@@ -152,11 +154,11 @@ def measure(
         service_session(settings.http_port, components.preset, mode, 9)
         for r in range(repeats):
             denoise, e2e, first = in_process(components, mode, frames)
-            samples.inproc_denoise += denoise
+            samples.inproc_denoise.append(median(denoise))
             samples.inproc_e2e.append(e2e)
             samples.inproc_first.append(first)
-            samples.service_denoise += service_denoise(
-                components.preset, mode, frames, context, str(r)
+            samples.service_denoise.append(
+                median(service_denoise(components.preset, mode, frames, context, str(r)))
             )
             e2e, first = service_session(settings.http_port, components.preset, mode, frames)
             samples.service_e2e.append(e2e)
@@ -180,7 +182,6 @@ def median(values: list[float]) -> float:
 def section(preset_name: str, repeats: int, frames: int, log) -> str:
     """The serving table: the distributed pipeline over the in-process generator."""
     samples, settings = measure(preset_name, "histream+", repeats, frames, log)
-    m = median
     rows = [
         ("denoising per chunk (stage RPCs vs `step`)", samples.inproc_denoise,
          samples.service_denoise),
@@ -189,18 +190,20 @@ def section(preset_name: str, repeats: int, frames: int, log) -> str:
         ("time to first chunk of a session", samples.inproc_first, samples.service_first),
     ]  # fmt: skip
     lines = [
-        "| measurement | in-process s (median) | service s (median) | service / in-process |",
+        "| measurement | in-process s | service s | service / in-process: median (range) |",
         "|---|---|---|---|",
     ]
     for name, inproc, service in rows:
+        ratios = [s / i for s, i in zip(service, inproc, strict=True)]
         lines.append(
-            f"| {name} | {m(inproc):.3f} | {m(service):.3f} | {m(service) / m(inproc):.2f}x |"
+            f"| {name} | {median(inproc):.3f} | {median(service):.3f} | "
+            f"{median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |"
         )
-    chunks = len(samples.inproc_denoise) // max(repeats, 1)
     return (
-        f"**{preset_name}** preset, `histream+`, {frames} frames ({chunks} chunks), {repeats} "
-        f"repeats, service and in-process interleaved in one process. The service is one local "
-        f"Ray with one replica per deployment, {settings.torch_threads} torch threads per replica "
-        "(as in-process), on the same 2 cores: the decode pool's work overlaps the denoisers' "
-        "there, which a real deployment runs on separate GPUs.\n\n" + "\n".join(lines)
+        f"**{preset_name}** preset, `histream+`, {frames} frames, {repeats} repeats; in each "
+        "repeat the in-process path and the service ran back to back and their ratio is taken "
+        "(seconds are medians over repeats). The service is one local Ray with one replica per "
+        f"deployment and {settings.torch_threads} torch threads per replica (as in-process), on "
+        "the same 2 cores: the decode pool's work overlaps the denoisers' there, where a real "
+        "deployment runs them on separate GPUs.\n\n" + "\n".join(lines)
     )
