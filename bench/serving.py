@@ -144,7 +144,7 @@ def measure(
         gateway=stage, structure=stage, refine=stage, decode=stage,
     )  # fmt: skip
     components = load_components(preset_name, device="cpu")
-    server.start(settings, num_cpus=4)
+    server.start(settings, num_cpus=4, log_to_driver=False)
     samples = Samples()
     try:
         context = _context(components)

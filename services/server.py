@@ -23,6 +23,7 @@ def start(
     num_cpus: int | None = None,
     app_name: str = APP_NAME,
     route_prefix: str = "/",
+    log_to_driver: bool = True,
 ) -> None:
     """Start (or join) Ray, start Serve's HTTP and gRPC proxies, deploy the application.
 
@@ -37,6 +38,7 @@ def start(
             num_cpus=num_cpus,
             include_dashboard=False,
             logging_level=logging.WARNING,
+            log_to_driver=log_to_driver,  # replica logs stay in Ray's session log files either way
         )
         serve.start(
             http_options=HTTPOptions(host=settings.http_host, port=settings.http_port),

@@ -92,7 +92,7 @@ def service(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     )
     local_dir = tmp_path_factory.mktemp("local-storage")
     local_settings = ServeSettings(storage=StorageSettings(local_dir=str(local_dir)), **common)
-    server.start(s3_settings, num_cpus=4)
+    server.start(s3_settings, num_cpus=4, log_to_driver=False)
     server.start(local_settings, app_name="local", route_prefix="/local")
     base = f"http://127.0.0.1:{common['http_port']}"
     try:
