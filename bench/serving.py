@@ -46,14 +46,6 @@ class Samples:
     service_first: list[float] = field(default_factory=list)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def in_process(components, mode: str, frames: int) -> tuple[list[float], float, float]:
     """(denoise s per chunk, end-to-end s per chunk, s to the first segment)."""
     preset = components.preset
@@ -139,10 +131,16 @@ def measure(
     threads = torch.get_num_threads()
     stage = StageScaling(num_cpus=0)
     settings = ServeSettings(
-        preset=preset_name, torch_threads=threads, http_port=_free_port(), grpc_port=_free_port(),
+        preset=preset_name,
+        torch_threads=threads,
+        http_port=server.free_port(),
+        grpc_port=server.free_port(),
         storage=StorageSettings(local_dir=tempfile.mkdtemp(prefix="histream-bench-")),
-        gateway=stage, structure=stage, refine=stage, decode=stage,
-    )  # fmt: skip
+        gateway=stage,
+        structure=stage,
+        refine=stage,
+        decode=stage,
+    )
     components = load_components(preset_name, device="cpu")
     server.start(settings, num_cpus=4, log_to_driver=False)
     samples = Samples()

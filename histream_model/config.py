@@ -7,7 +7,7 @@ nothing downstream hard-codes a token count, a cache length or a layer count.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 # Per-channel statistics of the Wan2.1 VAE latent space (REFERENCE 4). The DiT works on
 # normalized latents; the VAE decoder un-normalizes with z * std + mean.
@@ -231,11 +231,6 @@ class Preset:
         if not self.max_width:
             object.__setattr__(self, "max_width", self.width)
 
-    @property
-    def size_multiple(self) -> int:
-        """Pixels per side must be a multiple of this (VAE stride x patch x low-res factor)."""
-        return self.vae.spatial_stride * self.dit.patch_size[1] * self.options.low_res_factor
-
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -337,9 +332,6 @@ class VideoShape:
     def tokens_per_frame(self, latent_hw: tuple[int, int]) -> int:
         _, ph, pw = self.preset.dit.patch_size
         return (latent_hw[0] // ph) * (latent_hw[1] // pw)
-
-    def with_frames(self, num_frames: int) -> VideoShape:
-        return replace(self, num_frames=num_frames)
 
 
 def check_video_shape(preset: Preset, mode: Mode, height: int, width: int, num_frames: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 
 import ray
@@ -78,3 +79,10 @@ def serve_forever(settings: ServeSettings, ray_address: str | None = None) -> No
     stopping.wait()
     print("shutting down...", flush=True)
     stop()
+
+
+def free_port() -> int:
+    """A TCP port free on this machine right now (for tests and benchmarks)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

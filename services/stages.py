@@ -25,7 +25,7 @@ import torch
 from ray import serve
 
 from histream_model.components import dit_for, text_encoder_for, vae_for
-from histream_model.config import VideoShape, get_mode
+from histream_model.config import VideoShape
 from histream_model.generator import (
     ResolutionState,
     commit_high,
@@ -42,6 +42,7 @@ from histream_model.vae import VAEDecodeState
 from protos.histream.v1 import stages_pb2
 from services.errors import AtCapacity, InvalidArgument, SessionNotHeld
 from services.media import FragmentedMp4Encoder
+from services.pipeline import shape_for
 from services.publish import Layout, SessionWriter, publish_video
 from services.settings import ServeSettings
 from services.storage import open_storage
@@ -160,13 +161,6 @@ class _SessionStage(Generic[T]):
         self.sessions.pop(session_id)
 
 
-def shape_of(spec: stages_pb2.SessionSpec, preset) -> VideoShape:
-    try:
-        return VideoShape(preset, get_mode(spec.mode), spec.height, spec.width, spec.num_frames)
-    except ValueError as err:
-        raise InvalidArgument(str(err)) from None
-
-
 @dataclass
 class DenoiseSession:
     """One stage's share of a session: its shape, seed and one resolution's state."""
@@ -200,7 +194,7 @@ class _DenoiseStage(_SessionStage[DenoiseSession]):
         self, request: stages_pb2.OpenSessionRequest
     ) -> stages_pb2.OpenSessionResponse:
         spec = request.spec
-        shape = shape_of(spec, self.preset)
+        shape = shape_for(self.preset, spec.mode, spec.height, spec.width, spec.num_frames)
         context = from_proto(request.context)
 
         def build() -> ResolutionState:

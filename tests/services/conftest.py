@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 from moto.server import ThreadedMotoServer
 
+from services.server import free_port
 from services.settings import ServeSettings, StageScaling
 from services.storage import LocalStorage, S3Storage, Storage, StorageSettings
 
@@ -49,12 +49,6 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     if request.param == "local":
         return LocalStorage(tmp_path / "root")
     return make_s3(request.getfixturevalue("s3_endpoint"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
