@@ -25,6 +25,23 @@ from histream_model.weights.common import WeightsError, require_path
 from histream_model.weights.dit import load_dit
 from histream_model.weights.vae import ORIGINAL_FILE_NAME, load_vae
 
+# The compute dtypes a model can be loaded in, by the names settings, the CLI and the stage
+# protocol use (the torch names without the "torch." prefix).
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def dtype_named(name: str | None) -> torch.dtype | None:
+    """The torch dtype of a name in DTYPES (None stays None: the device's default)."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
 
 @dataclass(frozen=True)
 class WeightPaths:

@@ -6,6 +6,7 @@ nothing downstream hard-codes a token count, a cache length or a layer count.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
@@ -133,8 +134,15 @@ class TextEncoderConfig:
     vocab_size: int = 4096  # builtin only: size of its hashed token table
 
 
+class Resolution(enum.StrEnum):
+    """The two resolutions of dual-resolution caching; each has its own cache and latent size."""
+
+    LOW = "low"  # the tuned resolution: structure steps and KV_low
+    HIGH = "high"  # the generated resolution: refinement steps and KV_high
+
+
 @dataclass(frozen=True)
-class Resolution:
+class ResolutionOptions:
     """Per-resolution HD knobs (HiStream appendix A.2, CineScale)."""
 
     ntk_factors: tuple[float, float, float] = (1.0, 1.0, 1.0)  # RoPE theta multiplier (f, h, w)
@@ -152,8 +160,8 @@ class HiStreamOptions:
     shift: float = 7.0  # flow-matching timestep shift (5 in tuning, 7 at 1080p inference)
     num_train_timesteps: int = 1000
     low_res_factor: int = 2  # high-res latent = factor x low-res latent per side
-    low: Resolution = Resolution(ntk_factors=(1.0, 2.0, 2.0))  # the tuned resolution
-    high: Resolution = Resolution(ntk_factors=(1.0, 5.0, 5.0))  # the generated resolution
+    low: ResolutionOptions = ResolutionOptions(ntk_factors=(1.0, 2.0, 2.0))  # the tuned one
+    high: ResolutionOptions = ResolutionOptions(ntk_factors=(1.0, 5.0, 5.0))  # the generated one
     first_chunk_attn_scale: float = 2.0  # CineScale factor c on chunk 1's high-res passes
     attn_reference_tokens: int | None = None  # N_ref; None = low-res tokens per latent frame
 
@@ -169,6 +177,10 @@ class HiStreamOptions:
             raise ValueError(f"low_res_factor={self.low_res_factor} must be >= 1")
         if self.first_chunk_attn_scale <= 0:
             raise ValueError(f"first_chunk_attn_scale={self.first_chunk_attn_scale} must be > 0")
+
+    def at(self, resolution: Resolution) -> ResolutionOptions:
+        """The HD knobs of one resolution."""
+        return self.low if resolution == Resolution.LOW else self.high
 
     def step_list(self, num_steps: int) -> tuple[int, ...]:
         """The unwarped timesteps for a chunk denoised in `num_steps` steps."""
@@ -190,6 +202,12 @@ class Mode:
     sliding_window: bool  # AGSW (anchor + window) or full history
     first_chunk_steps: tuple[int, int]  # (low, high) denoising steps on chunk 1
     later_chunk_steps: tuple[int, int]  # (low, high) denoising steps on chunks 2..
+    schedule: str = "histream"  # which schedule family plans its chunks (histream_model.schedules)
+
+    @property
+    def resolutions(self) -> tuple[Resolution, ...]:
+        """The resolutions whose caches a session of this mode holds."""
+        return (Resolution.LOW, Resolution.HIGH) if self.dual_resolution else (Resolution.HIGH,)
 
     def steps(self, chunk_index: int) -> tuple[int, int]:
         return self.first_chunk_steps if chunk_index == 0 else self.later_chunk_steps
@@ -220,6 +238,7 @@ class Preset:
     height: int  # default output height (pixels)
     width: int  # default output width (pixels)
     num_frames: int = 81  # default output frames (1 + 4k)
+    fps: int = 16  # frame rate the model family was trained at (Wan2.1: 16)
     max_height: int = 0  # largest height the service accepts (0 = the default height)
     max_width: int = 0
     max_num_frames: int = 481  # longest video the service accepts
@@ -258,7 +277,9 @@ PRESETS: dict[str, Preset] = {
             ),
             vae=VAEConfig(base_dim=8, dim_mult=(1, 1, 2, 2), num_res_blocks=1),
             text=TextEncoderConfig(kind="builtin", vocab_size=1024),
-            options=HiStreamOptions(shift=5.0, low=Resolution(), high=Resolution((1.0, 2.0, 2.0))),
+            options=HiStreamOptions(
+                shift=5.0, low=ResolutionOptions(), high=ResolutionOptions((1.0, 2.0, 2.0))
+            ),
             height=128,
             width=192,
             max_height=256,
@@ -278,7 +299,9 @@ PRESETS: dict[str, Preset] = {
             ),
             vae=VAEConfig(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
             text=TextEncoderConfig(kind="builtin", vocab_size=4096),
-            options=HiStreamOptions(shift=5.0, low=Resolution(), high=Resolution((1.0, 2.0, 2.0))),
+            options=HiStreamOptions(
+                shift=5.0, low=ResolutionOptions(), high=ResolutionOptions((1.0, 2.0, 2.0))
+            ),
             height=384,
             width=640,
             description="random-weight CPU benchmark: attention-dominated like 1080p",
@@ -328,6 +351,9 @@ class VideoShape:
         h, w = self.high_latent_hw
         f = self.preset.options.low_res_factor
         return (h // f, w // f)
+
+    def latent_hw(self, resolution: Resolution) -> tuple[int, int]:
+        return self.low_latent_hw if resolution == Resolution.LOW else self.high_latent_hw
 
     def tokens_per_frame(self, latent_hw: tuple[int, int]) -> int:
         _, ph, pw = self.preset.dit.patch_size

@@ -19,18 +19,16 @@ and no head. The text K/V (text embedding + k, v projections of every layer) are
 per prompt and resolution, not per pass.
 
 Key lengths come from the same `CacheLayout` the generator allocates; passes per chunk from the
-mode (low-res steps, high-res steps, then a commit at each resolution the mode caches).
+chunk's plan (`histream_model.schedules`), the one the generator and the stages run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from histream_model.config import DiTConfig, Preset, VideoShape, get_mode
+from histream_model.config import DiTConfig, Preset, Resolution, VideoShape, get_mode
 from histream_model.kv_cache import CacheLayout
-
-RESOLUTIONS = ("low", "high")
-
+from histream_model.schedules import PassKind, plan_chunk
 
 # -- one forward pass --------------------------------------------------------------------------
 
@@ -79,27 +77,30 @@ def text_kv_flops(config: DiTConfig, text_tokens: int | None = None) -> int:
 # -- passes of a chunk and of a video ----------------------------------------------------------
 
 
-def tokens_per_frame(shape: VideoShape, resolution: str) -> int:
-    if resolution not in RESOLUTIONS:
-        raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
-    hw = shape.low_latent_hw if resolution == "low" else shape.high_latent_hw
-    return shape.tokens_per_frame(hw)
+def _resolution(resolution: Resolution | str) -> Resolution:
+    try:
+        return Resolution(resolution)
+    except ValueError:
+        raise ValueError(
+            f"resolution must be one of {[r.value for r in Resolution]}, got {resolution!r}"
+        ) from None
 
 
-def cache_layout(shape: VideoShape, resolution: str) -> CacheLayout:
+def tokens_per_frame(shape: VideoShape, resolution: Resolution | str) -> int:
+    return shape.tokens_per_frame(shape.latent_hw(_resolution(resolution)))
+
+
+def cache_layout(shape: VideoShape, resolution: Resolution | str) -> CacheLayout:
     """The layout the generator allocates for this resolution (AGSW or full history)."""
-    tokens = tokens_per_frame(shape, resolution)
-    if shape.mode.sliding_window:
-        return CacheLayout.sliding_window(shape.preset.options, tokens)
-    return CacheLayout.full_history(shape.latent_frames, tokens)
+    return CacheLayout.for_shape(shape, _resolution(resolution))
 
 
 @dataclass(frozen=True)
 class PassCost:
     """One forward pass of a chunk, in the order the generator runs them."""
 
-    resolution: str  # "low" or "high"
-    kind: str  # "denoise" (a denoising step) or "commit" (the t = 0 kv_only pass)
+    resolution: Resolution
+    kind: PassKind  # a denoising step, or the t = 0 kv_only commit pass
     query_tokens: int  # the chunk's tokens at this resolution
     key_tokens: int  # self-attention keys: the attended cache prefix, the chunk included
     terms: dict[str, int]  # FLOPs by term (see pass_terms)
@@ -110,21 +111,16 @@ class PassCost:
 
 
 def chunk_passes(shape: VideoShape, chunk_index: int) -> list[PassCost]:
-    """Low-res steps, high-res steps, commit_high, then commit_low (DRC modes)."""
-    if not 0 <= chunk_index < shape.num_chunks:
-        raise ValueError(f"chunk index {chunk_index} outside [0, {shape.num_chunks})")
-    config, m = shape.preset.dit, shape.preset.options.chunk_frames
-    low, high = shape.mode.steps(chunk_index)
-    end = (chunk_index + 1) * m
-    kinds = [("low", "denoise")] * low + [("high", "denoise")] * high + [("high", "commit")]
-    if shape.mode.dual_resolution:
-        kinds.append(("low", "commit"))
+    """The chunk's passes as its schedule plans them (e.g. low steps, high steps, commits)."""
+    plan = plan_chunk(shape, chunk_index)
+    config = shape.preset.dit
+    end = plan.frame_start + plan.num_frames
     passes = []
-    for resolution, kind in kinds:
+    for resolution, kind in plan.passes():
         layout = cache_layout(shape, resolution)
-        lq = m * layout.tokens_per_frame
+        lq = plan.num_frames * layout.tokens_per_frame
         lk = layout.context_frames(end) * layout.tokens_per_frame
-        terms = pass_terms(config, lq, lk, kv_only=kind == "commit")
+        terms = pass_terms(config, lq, lk, kv_only=kind == PassKind.COMMIT)
         passes.append(PassCost(resolution, kind, lq, lk, terms))
     return passes
 
@@ -209,7 +205,7 @@ def session_bytes(
     shape = VideoShape(preset, get_mode(mode), height, width, num_frames)
     config = preset.dit
     out = {"kv_low": 0, "kv_high": 0, "text_kv": 0}
-    for resolution in RESOLUTIONS if shape.mode.dual_resolution else ("high",):
+    for resolution in shape.mode.resolutions:
         layout = cache_layout(shape, resolution)
         out[f"kv_{resolution}"] = kv_bytes(config, layout, batch, bytes_per_element)
         out["text_kv"] += text_kv_bytes(config, batch, bytes_per_element)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from histream_model.config import DiTConfig, HiStreamOptions
+from histream_model.config import DiTConfig, HiStreamOptions, Resolution, VideoShape
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,14 @@ class CacheLayout:
             tokens_per_frame=tokens_per_frame,
             wraps=False,
         )
+
+    @classmethod
+    def for_shape(cls, shape: VideoShape, resolution: Resolution) -> CacheLayout:
+        """The layout a session of `shape` holds at `resolution`: AGSW or full history."""
+        tokens = shape.tokens_per_frame(shape.latent_hw(resolution))
+        if shape.mode.sliding_window:
+            return cls.sliding_window(shape.preset.options, tokens)
+        return cls.full_history(shape.latent_frames, tokens)
 
     @property
     def capacity_frames(self) -> int:

@@ -430,6 +430,13 @@ class WanVAE(nn.Module):
         )
         return out, new_state
 
+    def decode_frames(self, z: Tensor, state: VAEDecodeState) -> tuple[Tensor, VAEDecodeState]:
+        """`decode_chunk` of one stream's latents (any dtype or device) as float32 CPU frames
+        (F, 3, H, W) in [-1, 1], the layout video encoders take, and the new state."""
+        weight = self.conv2.weight
+        frames, state = self.decode_chunk(z.to(device=weight.device, dtype=weight.dtype), state)
+        return frames[0].transpose(0, 1).float().cpu(), state  # (F, 3, H, W)
+
     def decode(self, z: Tensor) -> Tensor:
         """Normalized latents (B, z, T, h, w) -> frames (B, 3, 1 + 4(T - 1), 8h, 8w) in [-1, 1]."""
         frames, _ = self.decode_chunk(z, self.new_decode_state())

@@ -8,18 +8,9 @@ import pytest
 import torch
 
 from histream_model import PRESETS, build_dit
-from histream_model.config import VideoShape, get_mode
-from histream_model.generator import (
-    HiStreamGenerator,
-    commit_high,
-    commit_low,
-    downsample,
-    high_steps,
-    low_steps,
-    new_resolution_state,
-    plan_chunk,
-    upsample,
-)
+from histream_model.config import Resolution, VideoShape, get_mode
+from histream_model.generator import HiStreamGenerator
+from histream_model.schedules import handoff, new_resolution_state, plan_chunk, run_phase
 
 TINY = PRESETS["tiny"]
 H, W = 64, 96  # small: 4 x 6 low-res and 8 x 12 high-res latents
@@ -113,7 +104,9 @@ def test_prompt_change_applies_from_the_next_chunk(model):
 
 
 def test_split_state_steps_equal_the_in_process_generator(model):
-    """A caller holding KV_low and KV_high apart (as the stages do) gets the same latents."""
+    """A caller holding KV_low and KV_high apart (as the stages do), running each phase on the
+    state of its resolution and handing the latents over in their wire form, gets the same
+    latents."""
     shape = VideoShape(TINY, get_mode("histream+"), H, W, 33)
     options = TINY.options
     low = new_resolution_state(model, shape, "low", context())
@@ -121,13 +114,17 @@ def test_split_state_steps_equal_the_in_process_generator(model):
     outs = []
     for i in range(shape.num_chunks):
         plan = plan_chunk(shape, i)
-        x0_low = low_steps(model, low, plan, options, seed=0)
-        x = upsample(x0_low, plan, high.latent_hw, options, seed=0)
-        x0 = high_steps(model, high, plan, options, seed=0, x=x)
-        commit_high(model, high, plan, x0)
-        commit_low(model, low, plan, downsample(x0, low.latent_hw))
+        structure, refine, commit_low = plan.phases
+        x0_low = run_phase(model, low, plan, structure, options, seed=0)
+        x0 = run_phase(model, high, plan, refine, options, seed=0, received=x0_low)
+        down = handoff(shape, commit_low, x0)
+        assert down.shape[-2:] == low.latent_hw  # Down(x0) travels, not x0
+        run_phase(model, low, plan, commit_low, options, seed=0, received=down)
         outs.append(x0)
     assert torch.equal(torch.cat(outs, dim=2), latents(run(model, "histream+")))
+    assert (low.commit_passes, high.commit_passes) == (3, 3)
+    with pytest.raises(ValueError, match="a high phase cannot run on low state"):
+        run_phase(model, low, plan, refine, options, seed=0, received=x0_low)
 
 
 def test_plan_scales_attention_on_the_first_chunk_only():
@@ -136,10 +133,12 @@ def test_plan_scales_attention_on_the_first_chunk_only():
     n_ref = 2 * 3  # low-res tokens per frame: 4 x 6 latent / patch 2
     import math
 
-    assert first.high_scale == pytest.approx(math.log(2 * n_ref) / math.log(n_ref) / math.sqrt(32))
-    assert second.high_scale is None
-    assert len(first.low_timesteps) == 2 and len(second.low_timesteps) == 1
-    assert first.low_timesteps[0] == 1000.0
+    high_scale = [p.scale for p in first.phases if p.resolution == Resolution.HIGH]
+    assert high_scale == [pytest.approx(math.log(2 * n_ref) / math.log(n_ref) / math.sqrt(32))]
+    assert all(p.scale is None for p in second.phases)
+    assert all(p.scale is None for p in first.phases if p.resolution == Resolution.LOW)
+    assert len(first.timesteps("low")) == 2 and len(second.timesteps("low")) == 1
+    assert first.timesteps("low")[0] == 1000.0
     with pytest.raises(ValueError, match="chunk index 3"):
         plan_chunk(shape, 3)
 

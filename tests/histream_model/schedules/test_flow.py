@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from histream_model.schedule import FlowSchedule, chunk_noise, noise_seed
+from histream_model.schedules.flow import FlowSchedule, chunk_noise, noise_seed
 
 
 def test_warped_self_forcing_steps():

@@ -1,0 +1,210 @@
+"""Running a chunk plan: each phase against one resolution's state; the chunk as its phases.
+
+Each phase reads only the state of its own resolution (its cache, text K/V and RoPE
+frequencies), so a caller can hold the low-res state in one process and the high-res state in
+another (the distributed stages do) and compute the same latents as `run_chunk` does in one.
+Between phases the latent travels in its smaller form: `handoff` downsamples on the sender's
+side, `phase_input` upsamples on the receiver's. Noise is a pure function of (seed, chunk, draw),
+so no generator state travels either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from histream_model.config import HiStreamOptions, Resolution, VideoShape
+from histream_model.dit import TextKV, WanDiT
+from histream_model.kv_cache import CacheLayout, KVCache
+from histream_model.rope import RopeAxes
+from histream_model.schedules.flow import FlowSchedule, chunk_noise
+from histream_model.schedules.plan import ChunkPlan, Entry, Phase
+
+# Wraps each part of a phase ("input", "denoise", "commit") for callers that time them.
+Timer = Callable[[str], AbstractContextManager]
+
+
+def _untimed(_: str) -> AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+@dataclass
+class ResolutionState:
+    """One resolution's share of a session: its cache, text K/V and RoPE frequencies."""
+
+    resolution: Resolution
+    channels: int  # latent channels (the DiT's in_dim)
+    latent_hw: tuple[int, int]  # latent height/width at this resolution
+    rope: RopeAxes  # NTK-scaled frequencies for this resolution
+    cache: KVCache  # this resolution's self-attention cache (KV_low or KV_high)
+    text: TextKV  # cross-attention K/V of the current prompt
+    denoise_passes: int = 0  # forward passes run so far, for reports
+    commit_passes: int = 0
+
+    @property
+    def batch(self) -> int:
+        return self.text.k[0].shape[0]
+
+
+def new_resolution_state(
+    model: WanDiT,
+    shape: VideoShape,
+    resolution: Resolution | str,
+    context: torch.Tensor,
+    batch: int = 1,
+) -> ResolutionState:
+    """Fresh state for one resolution: an empty cache sized from the config, the text K/V."""
+    try:
+        resolution = Resolution(resolution)
+    except ValueError:
+        raise ValueError(f"resolution must be 'low' or 'high', got {resolution!r}") from None
+    layout = CacheLayout.for_shape(shape, resolution)
+    weight = model.patch_embedding.weight
+    return ResolutionState(
+        resolution=resolution,
+        channels=model.config.in_dim,
+        latent_hw=shape.latent_hw(resolution),
+        rope=RopeAxes.build(model.config, shape.preset.options.at(resolution).ntk_factors),
+        cache=KVCache(layout, model.config, batch=batch, device=weight.device, dtype=weight.dtype),
+        text=model.text_kv(context.to(weight.device)),
+    )
+
+
+def _flow(options: HiStreamOptions) -> FlowSchedule:
+    return FlowSchedule(options.shift, options.num_train_timesteps)
+
+
+def downsample(x0_high: torch.Tensor, low_hw: tuple[int, int]) -> torch.Tensor:
+    """Down(x0): area-average the clean high-res latent to the low-res grid."""
+    return F.interpolate(x0_high, size=(x0_high.shape[2], *low_hw), mode="area")
+
+
+def upsample(x0_low: torch.Tensor, high_hw: tuple[int, int]) -> torch.Tensor:
+    """Up(x0): trilinear interpolation of the low-res latent to the high-res grid."""
+    size = (x0_low.shape[2], *high_hw)
+    return F.interpolate(x0_low, size=size, mode="trilinear", align_corners=False)
+
+
+def handoff(shape: VideoShape, phase: Phase, result: torch.Tensor) -> torch.Tensor:
+    """What the previous phase's result travels as, to `phase`: downsampled before it leaves."""
+    if phase.entry == Entry.DOWNSAMPLE:
+        return downsample(result, shape.latent_hw(phase.resolution))
+    return result
+
+
+def phase_input(
+    state: ResolutionState,
+    plan: ChunkPlan,
+    phase: Phase,
+    options: HiStreamOptions,
+    seed: int,
+    received: torch.Tensor | None,
+) -> torch.Tensor:
+    """The phase's input latent from what it received (see `handoff`) or from noise."""
+    device = state.cache.k.device
+    if phase.entry == Entry.NOISE:
+        shape = (state.batch, state.channels, plan.num_frames, *state.latent_hw)
+        return chunk_noise(seed, plan.index, phase.first_draw, shape, device)
+    if received is None:
+        raise ValueError(f"a {phase.resolution} phase entered by {phase.entry} needs the latents")
+    x = received.to(device=device)
+    if phase.entry == Entry.DOWNSAMPLE:
+        if tuple(x.shape[-2:]) != state.latent_hw:
+            raise ValueError(
+                f"a {phase.resolution} cache write needs Down(x0) at the latent size "
+                f"{state.latent_hw}, got {tuple(x.shape[-2:])}"
+            )
+        return x
+    up = upsample(x, state.latent_hw)
+    eps = chunk_noise(seed, plan.index, phase.first_draw, up.shape, device)
+    return _flow(options).renoise(up, eps, phase.timesteps[0])
+
+
+@torch.no_grad()
+def _denoise(
+    model: WanDiT,
+    state: ResolutionState,
+    plan: ChunkPlan,
+    phase: Phase,
+    options: HiStreamOptions,
+    seed: int,
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """The phase's steps: predict x0, re-noise it with fresh noise to the next timestep."""
+    flow = _flow(options)
+    slots = state.cache.slots(plan.frame_start, plan.num_frames)
+    rope = model.chunk_rope(state.rope, slots, state.latent_hw)
+    x0 = x
+    for j, t in enumerate(phase.timesteps):
+        t_batch = torch.full((x.shape[0],), t, device=x.device)
+        v = model.forward_chunk(x, t_batch, state.text, state.cache, slots, rope, phase.scale)
+        assert v is not None
+        state.denoise_passes += 1
+        x0 = flow.x0_from_flow(x, v, t)
+        if j + 1 < len(phase.timesteps):
+            eps = chunk_noise(seed, plan.index, phase.first_draw + j + 1, x.shape, x.device)
+            x = flow.renoise(x0, eps, phase.timesteps[j + 1])
+    return x0
+
+
+@torch.no_grad()
+def _commit(
+    model: WanDiT, state: ResolutionState, plan: ChunkPlan, phase: Phase, x0: torch.Tensor
+) -> None:
+    """The t = 0 pass writing the chunk's clean keys/values; the window slides."""
+    slots = state.cache.slots(plan.frame_start, plan.num_frames)
+    rope = model.chunk_rope(state.rope, slots, state.latent_hw)
+    t0 = torch.zeros((x0.shape[0],), device=x0.device)
+    model.forward_chunk(x0, t0, state.text, state.cache, slots, rope, phase.scale, kv_only=True)
+    state.cache.commit(slots)
+    state.commit_passes += 1
+
+
+def run_phase(
+    model: WanDiT,
+    state: ResolutionState,
+    plan: ChunkPlan,
+    phase: Phase,
+    options: HiStreamOptions,
+    seed: int,
+    received: torch.Tensor | None = None,
+    timer: Timer = _untimed,
+) -> torch.Tensor:
+    """Run one phase against its resolution's state; returns its result (see plan.py)."""
+    if state.resolution != phase.resolution:
+        raise ValueError(f"a {phase.resolution} phase cannot run on {state.resolution} state")
+    with timer("input"):
+        x = phase_input(state, plan, phase, options, seed, received)
+    if phase.timesteps:
+        with timer("denoise"):
+            x = _denoise(model, state, plan, phase, options, seed, x)
+    if phase.commit:
+        with timer("commit"):
+            _commit(model, state, plan, phase, x)
+    return x
+
+
+def run_chunk(
+    model: WanDiT,
+    states: Mapping[Resolution, ResolutionState],
+    shape: VideoShape,
+    plan: ChunkPlan,
+    seed: int,
+) -> torch.Tensor:
+    """Every phase of the chunk in order, in this process; returns the chunk's clean latents."""
+    latents = received = None
+    for i, phase in enumerate(plan.phases):
+        result = run_phase(
+            model, states[phase.resolution], plan, phase, shape.preset.options, seed, received
+        )
+        if i == plan.output:
+            latents = result
+        if i + 1 < len(plan.phases):
+            received = handoff(shape, plan.phases[i + 1], result)
+    assert latents is not None
+    return latents
