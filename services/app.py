@@ -18,13 +18,13 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from services.gateway import Gateway
+from services.gateway.deployment import Gateway
+from services.protocol import StageName
 from services.settings import ServeSettings
 from services.stages import DecodeStage, RefineStage, StructureStage
 
 APP_NAME = "histream"
-GATEWAY, STRUCTURE, REFINE, DECODE = "Gateway", "StructureStage", "RefineStage", "DecodePool"
-DEPLOYMENTS = (GATEWAY, STRUCTURE, REFINE, DECODE)  # the names serve configs refer to
+DEPLOYMENTS = tuple(str(name) for name in StageName)  # the names serve configs refer to
 GRPC_SERVICERS = ["protos.histream.v1.api_pb2_grpc.add_HiStreamServicer_to_server"]
 SESSION_ROUTER = RequestRouterConfig(
     request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
@@ -32,27 +32,25 @@ SESSION_ROUTER = RequestRouterConfig(
 )
 
 
+def _stage(cls: type, name: StageName, settings: ServeSettings):
+    scaling = {
+        StageName.STRUCTURE: settings.structure,
+        StageName.REFINE: settings.refine,
+        StageName.DECODE: settings.decode,
+    }[name]
+    return serve.deployment(
+        cls, name=str(name), request_router_config=SESSION_ROUTER, **scaling.deployment_options()
+    )
+
+
 def build_app(settings: ServeSettings | None = None) -> Application:
     settings = settings or ServeSettings()
-    structure = serve.deployment(
-        StructureStage,
-        name=STRUCTURE,
-        request_router_config=SESSION_ROUTER,
-        **settings.structure.deployment_options(),
-    ).bind(settings)
-    refine = serve.deployment(
-        RefineStage,
-        name=REFINE,
-        request_router_config=SESSION_ROUTER,
-        **settings.refine.deployment_options(),
-    ).bind(settings, structure)
-    decode = serve.deployment(
-        DecodeStage,
-        name=DECODE,
-        request_router_config=SESSION_ROUTER,
-        **settings.decode.deployment_options(),
-    ).bind(settings)
-    gateway = serve.deployment(Gateway, name=GATEWAY, **settings.gateway.deployment_options())
+    structure = _stage(StructureStage, StageName.STRUCTURE, settings).bind(settings)
+    refine = _stage(RefineStage, StageName.REFINE, settings).bind(settings, structure)
+    decode = _stage(DecodeStage, StageName.DECODE, settings).bind(settings)
+    gateway = serve.deployment(
+        Gateway, name=str(StageName.GATEWAY), **settings.gateway.deployment_options()
+    )
     return gateway.bind(settings, structure, refine, decode)
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import TypeVar
+
 import grpc
+
+T = TypeVar("T")
 
 
 class ServiceError(Exception):
@@ -61,6 +66,18 @@ class SessionNotHeld(ServiceError):
     code = "session_not_held"
     http_status = 409
     grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def remote_result(response: Awaitable[T]) -> T:
+    """Await a stage call (a Serve deployment response), re-raising the service error it
+    carried as itself rather than inside Ray's wrappers."""
+    try:
+        return await response
+    except Exception as err:
+        cause = unwrap(err)
+        if cause is not err and isinstance(cause, ServiceError):
+            raise cause from None
+        raise
 
 
 def unwrap(err: BaseException) -> BaseException:

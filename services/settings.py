@@ -6,11 +6,9 @@ import torch
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from histream_model.components import WeightPaths, resolve_weights
+from histream_model.components import DTYPES, WeightPaths, dtype_named, resolve_weights
 from histream_model.config import PRESETS, Preset, get_preset
 from services.storage import StorageSettings
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class StageScaling(BaseModel):
@@ -63,7 +61,7 @@ class ServeSettings(BaseSettings):
     queue_timeout_s: float = Field(600.0, gt=0)  # a job waiting for capacity fails after this
     video_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # expires_at of finished videos
     max_prompt_chars: int = Field(2000, ge=1)
-    fps: int = Field(16, ge=1, le=120)  # Wan2.1's frame rate
+    fps: int | None = Field(None, ge=1, le=120)  # output frame rate; None: the preset's (16)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     gateway: StageScaling = Field(default_factory=StageScaling)
     structure: StageScaling = Field(default_factory=StageScaling)
@@ -91,13 +89,17 @@ class ServeSettings(BaseSettings):
     def get_preset(self) -> Preset:
         return get_preset(self.preset)
 
+    @property
+    def frame_rate(self) -> int:
+        return self.fps or self.get_preset().fps
+
     def weight_paths(self) -> WeightPaths | None:
         if self.weights is None and self.dit is None:
             return None
         return resolve_weights(self.weights, self.dit, self.vae, self.text_encoder)
 
     def torch_dtype(self) -> torch.dtype | None:
-        return DTYPES[self.dtype] if self.dtype else None
+        return dtype_named(self.dtype)
 
     def apply_threads(self) -> None:
         if self.torch_threads:

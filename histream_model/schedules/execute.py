@@ -4,8 +4,8 @@ Each phase reads only the state of its own resolution (its cache, text K/V and R
 frequencies), so a caller can hold the low-res state in one process and the high-res state in
 another (the distributed stages do) and compute the same latents as `run_chunk` does in one.
 Between phases the latent travels in its smaller form: `handoff` downsamples on the sender's
-side, `phase_input` upsamples on the receiver's. Noise is a pure function of (seed, chunk, draw),
-so no generator state travels either.
+side, `phase_input` upsamples on the receiver's (and downsamples what arrives undownsampled).
+Noise is a pure function of (seed, chunk, draw), so no generator state travels either.
 """
 
 from __future__ import annotations
@@ -113,13 +113,9 @@ def phase_input(
     if received is None:
         raise ValueError(f"a {phase.resolution} phase entered by {phase.entry} needs the latents")
     x = received.to(device=device)
-    if phase.entry == Entry.DOWNSAMPLE:
-        if tuple(x.shape[-2:]) != state.latent_hw:
-            raise ValueError(
-                f"a {phase.resolution} cache write needs Down(x0) at the latent size "
-                f"{state.latent_hw}, got {tuple(x.shape[-2:])}"
-            )
-        return x
+    if phase.entry == Entry.DOWNSAMPLE:  # usually already done by the sender (`handoff`)
+        same = tuple(x.shape[-2:]) == state.latent_hw
+        return x if same else downsample(x, state.latent_hw)
     up = upsample(x, state.latent_hw)
     eps = chunk_noise(seed, plan.index, phase.first_draw, up.shape, device)
     return _flow(options).renoise(up, eps, phase.timesteps[0])

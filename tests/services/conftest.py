@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from moto.server import ThreadedMotoServer
 
-from services.server import free_port
+from services.local.server import free_port
 from services.settings import ServeSettings, StageScaling
 from services.storage import LocalStorage, S3Storage, Storage, StorageSettings
 
@@ -65,7 +65,7 @@ class Service:
 
 @pytest.fixture(scope="session")
 def service(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    from services import server
+    from services.local import server
 
     bucket = f"svc-{uuid.uuid4().hex[:12]}"
     s3 = make_s3(s3_endpoint, bucket=bucket)

@@ -22,8 +22,8 @@ from histream_model.config import VideoShape, get_mode, get_preset
 from histream_model.generator import HiStreamGenerator
 from protos.histream.v1 import api_pb2, api_pb2_grpc
 from services.media import decode_frames, read_video
-from services.pipeline import SessionDriver, SessionPlan, StageHandles
-from services.tensors import digest, from_proto, to_proto
+from services.protocol import StreamKind, digest, from_proto, to_proto
+from services.sessions import SessionDriver, SessionPlan, StageHandles
 
 PROMPT = "a red fox running through fresh snow"
 OTHER = "a blue whale under the northern lights"
@@ -177,7 +177,9 @@ def test_distributed_latents_equal_in_process_bit_exact(service, mode):
     preset = get_preset("tiny")
     shape = VideoShape(preset, get_mode(mode), H, W, 33)
     handles = StageHandles(stage("StructureStage"), stage("RefineStage"), stage("DecodePool"))
-    plan = SessionPlan(f"test-{mode.replace('+', 'p')}", "video", "default", shape, 5, PROMPT, 16)
+    plan = SessionPlan(
+        f"test-{mode.replace('+', 'p')}", StreamKind.VIDEO, "default", shape, 5, PROMPT, 16
+    )
 
     async def run() -> list[torch.Tensor]:
         driver = SessionDriver(handles, plan)

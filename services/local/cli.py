@@ -6,13 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from histream_model.components import Components, WeightPaths, load_components, resolve_weights
+from histream_model.components import (
+    DTYPES,
+    Components,
+    WeightPaths,
+    dtype_named,
+    load_components,
+    resolve_weights,
+)
 from histream_model.config import MODES, PRESETS, VideoShape, get_mode, get_preset
 from histream_model.text import check_prompt
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -80,12 +83,12 @@ def components_from_args(args: argparse.Namespace, weights: WeightPaths | None) 
         args.preset,
         weights,
         device=args.device,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
+        dtype=dtype_named(args.dtype),
     )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from services.generate import generate_video
+    from services.local.generate import generate_video
 
     # Everything a user can get wrong is checked before any model is built or loaded.
     preset = get_preset(args.preset)
@@ -152,7 +155,7 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from services.server import serve_forever
+    from services.local.server import serve_forever
 
     settings = settings_from_args(args)
     settings.weight_paths()  # a missing weights path fails here, before Ray starts
@@ -161,7 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from services.client import submit_video
+    from services.local.client import submit_video
 
     path = submit_video(
         args.url,

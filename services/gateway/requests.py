@@ -79,12 +79,9 @@ def check_prompt_field(prompt: str | None, max_chars: int) -> str:
     return text
 
 
-def check_model(model: str | None, served: str) -> str:
-    if model in (None, "", served):
-        return served
-    raise InvalidArgument(
-        f"model {model!r} is not served here; this server serves {served!r}", "model"
-    )
+def model_ids(served: str) -> list[str]:
+    """What `model` may name (GET /v1/models): the served model, or one of its modes."""
+    return [served, *(m for m in MODES if m != served)]
 
 
 def check_mode(mode: str | None) -> str:
@@ -92,6 +89,23 @@ def check_mode(mode: str | None) -> str:
     if name not in MODES:
         raise InvalidArgument(f"mode {name!r} is unknown; choose one of {list(MODES)}", "mode")
     return name
+
+
+def check_model(model: str | None, mode: str | None, served: str) -> tuple[str, str]:
+    """(model, mode): `model` is the served model (the mode from `mode`) or a mode's id."""
+    if model in (None, "", served):
+        return served, check_mode(mode)
+    if model in MODES:
+        if mode not in (None, "", model):
+            raise InvalidArgument(
+                f"mode {mode!r} contradicts model {model!r}, which names mode {model!r}", "mode"
+            )
+        return model, model
+    raise InvalidArgument(
+        f"model {model!r} is not served here; this server serves {served!r}, or one of its "
+        f"modes as the model: {model_ids(served)[1:]}",
+        "model",
+    )
 
 
 def check_seed(seed: int | str | None) -> int:
@@ -192,8 +206,7 @@ def _resolve(
 ) -> Resolved:
     """Check the fields both request kinds share; `length` gives (num_frames, seconds)."""
     prompt = check_prompt_field(body.prompt, max_prompt_chars)
-    model = check_model(body.model, served_model)
-    mode = check_mode(body.mode)
+    model, mode = check_model(body.model, body.mode, served_model)
     width, height = check_size(body.size, preset, mode)
     frames, seconds = length()
     return Resolved(

@@ -8,15 +8,15 @@ import json
 
 import pytest
 
-from services.publish import (
+from services.storage import (
     HlsPlaylist,
     Layout,
     SessionWriter,
+    Storage,
     delete_video,
     publish_video,
     read_manifest,
 )
-from services.storage import Storage
 from tests.services.conftest import VIDEO
 
 

@@ -4,6 +4,7 @@ structure + refine pair computing what the in-process generator computes."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -13,32 +14,13 @@ from histream_model.generator import HiStreamGenerator
 from protos.histream.v1 import stages_pb2
 from services.errors import AtCapacity, InvalidArgument, SessionNotHeld
 from services.media import read_video
+from services.protocol import StreamKind, from_proto, to_proto
 from services.settings import ServeSettings
 from services.stages import DecodeStage, RefineStage, SessionTable, StructureStage
 from services.storage import StorageSettings
-from services.tensors import from_proto
+from tests.services.fakes import LocalHandle
 
 W, H = 96, 64
-
-
-class Pinned:
-    """What `handle.options(session_id=...)` gives RefineStage: calls into a local stage."""
-
-    def __init__(self, target) -> None:
-        self.target = target
-
-    def options(self, **_: object) -> Pinned:
-        return self
-
-    def __getattr__(self, name: str):
-        method = getattr(self.target, name)
-
-        class Remote:
-            @staticmethod
-            def remote(*args):
-                return method(*args)
-
-        return Remote
 
 
 def spec(session_id: str, mode: str = "histream+", frames: int = 21, seed: int = 4):
@@ -59,7 +41,8 @@ def settings(tmp_path) -> ServeSettings:
 
 def test_structure_and_refine_compute_the_generators_latents(settings):
     structure = StructureStage(settings)
-    refine = RefineStage(settings, Pinned(structure))
+    to_structure = LocalHandle(structure)
+    refine = RefineStage(settings, to_structure)
 
     async def run() -> list[torch.Tensor]:
         context = (
@@ -71,12 +54,16 @@ def test_structure_and_refine_compute_the_generators_latents(settings):
         assert high.kv_bytes == 4 * low.kv_bytes and low.num_chunks == 2
         out = []
         for i in range(2):
-            x_low = await structure.LowSteps(
-                stages_pb2.ChunkRequest(session_id="s1", chunk_index=i)
+            x_low = await structure.RunPhase(
+                stages_pb2.PhaseRequest(session_id="s1", chunk_index=i, phase=0)
             )
-            x0 = await refine.Refine(
-                stages_pb2.ChunkLatents(session_id="s1", chunk_index=i, latents=x_low.latents)
+            assert x_low.passes == (2 if i == 0 else 1)  # histream+: 2 + 2, then 1 + 1
+            x0 = await refine.RunPhase(
+                stages_pb2.PhaseRequest(
+                    session_id="s1", chunk_index=i, phase=1, latents=x_low.latents
+                )
             )
+            assert x0.passes == x_low.passes + 2  # its steps, its commit, the handed-on commit
             out.append(from_proto(x0.latents))
         return out
 
@@ -85,7 +72,11 @@ def test_structure_and_refine_compute_the_generators_latents(settings):
     gen = HiStreamGenerator(c.dit, c.preset, "histream+")
     want = [r.latents for r in gen.generate(c.text.encode(["a fox"]), H, W, 21, seed=4)]
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-    assert structure.calls["CommitLow"] == 2  # the refine stage drove every low-res commit
+    # the refine stage drove every low-res commit, sending Down(x0) pinned to the session
+    handed = [(sid, args[0]) for name, sid, args in to_structure.calls if name == "RunPhase"]
+    assert [(sid, r.chunk_index, r.phase) for sid, r in handed] == [("s1", 0, 2), ("s1", 1, 2)]
+    assert all(tuple(r.latents.shape[-2:]) == (4, 6) for _, r in handed)  # low-res: 64x96 / 16
+    assert structure.calls["RunPhase"] == 4
 
 
 def test_admission_limit_and_unknown_sessions(settings):
@@ -106,7 +97,13 @@ def test_admission_limit_and_unknown_sessions(settings):
                 stages_pb2.OpenSessionRequest(spec=spec("a"), context=context)
             )
         with pytest.raises(SessionNotHeld, match="does not hold session 'zzz'"):
-            await structure.LowSteps(stages_pb2.ChunkRequest(session_id="zzz", chunk_index=0))
+            await structure.RunPhase(stages_pb2.PhaseRequest(session_id="zzz", chunk_index=0))
+        with pytest.raises(InvalidArgument, match="runs at high resolution; the structure stage"):
+            await structure.RunPhase(stages_pb2.PhaseRequest(session_id="a", phase=1))
+        with pytest.raises(InvalidArgument, match=r"phase 3 outside \[0, 3\) of chunk 0"):
+            await structure.RunPhase(stages_pb2.PhaseRequest(session_id="a", phase=3))
+        with pytest.raises(InvalidArgument, match=r"chunk index 2 outside \[0, 2\)"):
+            await structure.RunPhase(stages_pb2.PhaseRequest(session_id="a", chunk_index=2))
         with pytest.raises(InvalidArgument, match="height=72 must be"):
             bad = spec("d")
             bad.height, bad.mode = 72, "histream"
@@ -137,7 +134,12 @@ def test_decode_stage_reaps_an_abandoned_stream(settings):
     async def run() -> None:
         await decode.OpenStream(
             stages_pb2.OpenStreamRequest(
-                session_id="s", object_id="s", kind="video", width=W, height=H, fps=16
+                session_id="s",
+                object_id="s",
+                kind=StreamKind.VIDEO.to_proto(),
+                width=W,
+                height=H,
+                fps=16,
             )
         )
         assert decode.stats()["sessions"] == 1
@@ -155,11 +157,14 @@ def test_decode_stage_writes_a_video_with_its_manifest(settings, tmp_path):
     chunks = list(gen.generate(c.text.encode(["a fox"]), H, W, 21, seed=0))
 
     async def run() -> str:
-        from services.tensors import to_proto
-
         await decode.OpenStream(
             stages_pb2.OpenStreamRequest(
-                session_id="r1", object_id="video_1", kind="video", width=W, height=H, fps=16
+                session_id="r1",
+                object_id="video_1",
+                kind=StreamKind.VIDEO.to_proto(),
+                width=W,
+                height=H,
+                fps=16,
             )
         )
         for chunk in chunks:
@@ -169,13 +174,18 @@ def test_decode_stage_writes_a_video_with_its_manifest(settings, tmp_path):
                 )
             )
             assert seg.num_frames == (9 if chunk.index == 0 else 12)
+        video = stages_pb2.VideoMetadata(id="video_1", model="tiny", seed=5, size=f"{W}x{H}")
         done = await decode.FinishStream(
-            stages_pb2.FinishStreamRequest(session_id="r1", manifest_json='{"seed": 0}')
+            stages_pb2.FinishStreamRequest(session_id="r1", video=video)
         )
-        return done.manifest_json
+        assert done.num_frames == 21
+        return done.manifest_key
 
-    manifest = asyncio.run(run())
-    assert '"num_frames": 21' in manifest and '"seed": 0' in manifest
+    key = asyncio.run(run())
+    assert key == "tenants/default/videos/video_1/manifest.json"
+    manifest = json.loads((tmp_path / "store" / key).read_text())
+    assert (manifest["num_frames"], manifest["seed"], manifest["fps"]) == (21, 5, 16)
+    assert manifest["objects"][0]["name"] == "video.mp4"
     path = tmp_path / "store" / "tenants/default/videos/video_1/video.mp4"
     assert read_video(path) == (21, W, H)
     assert decode.stats()["sessions"] == 0

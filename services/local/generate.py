@@ -20,8 +20,6 @@ from histream_model.generator import HiStreamGenerator
 from histream_model.text import check_prompt
 from services.media import Mp4Writer
 
-FPS = 16  # Wan2.1's frame rate
-
 
 @dataclass(frozen=True)
 class ChunkReport:
@@ -88,16 +86,14 @@ def generate_video(
     generator = HiStreamGenerator(components.dit, preset, mode)
     state = generator.start(context, shape.height, shape.width, shape.num_frames, seed)
     vae_state = components.vae.new_decode_state()
-    vae_dtype = next(components.vae.parameters()).dtype
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    writer = Mp4Writer(out, width=shape.width, height=shape.height, fps=FPS)
+    writer = Mp4Writer(out, width=shape.width, height=shape.height, fps=preset.fps)
     bar = tqdm(total=shape.num_chunks, desc=f"{mode} chunks", unit="chunk", disable=not progress)
     try:
         while not state.done:
             chunk = generator.step(state)
             started = time.perf_counter()
-            frames, vae_state = components.vae.decode_chunk(chunk.latents.to(vae_dtype), vae_state)
-            frames = frames[0].transpose(0, 1).float().cpu()  # (F, 3, H, W)
+            frames, vae_state = components.vae.decode_frames(chunk.latents, vae_state)
             decoded = time.perf_counter()
             writer.write(frames)
             report.encode_seconds += time.perf_counter() - decoded

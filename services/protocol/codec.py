@@ -6,30 +6,24 @@ import hashlib
 
 import torch
 
+from histream_model.components import DTYPES
 from protos.histream.v1 import stages_pb2
-
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
 
 
 def to_proto(t: torch.Tensor) -> stages_pb2.Tensor:
     """A CPU copy of `t`'s exact bytes (little-endian, C order)."""
     name = str(t.dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ValueError(f"cannot send dtype {t.dtype}; supported: {sorted(_DTYPES)}")
+    if name not in DTYPES:
+        raise ValueError(f"cannot send dtype {t.dtype}; supported: {sorted(DTYPES)}")
     flat = t.detach().to("cpu").contiguous()
     data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
     return stages_pb2.Tensor(dtype=name, shape=list(t.shape), data=data)
 
 
 def from_proto(msg: stages_pb2.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    if msg.dtype not in _DTYPES:
-        raise ValueError(f"unknown tensor dtype {msg.dtype!r}; supported: {sorted(_DTYPES)}")
-    dtype = _DTYPES[msg.dtype]
+    if msg.dtype not in DTYPES:
+        raise ValueError(f"unknown tensor dtype {msg.dtype!r}; supported: {sorted(DTYPES)}")
+    dtype = DTYPES[msg.dtype]
     shape = tuple(msg.shape)
     expected = dtype.itemsize * int(torch.Size(shape).numel())
     if len(msg.data) != expected:

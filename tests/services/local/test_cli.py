@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from services import cli
+from services.local import cli
 from services.media import read_video
 
 
@@ -116,7 +116,7 @@ def test_serve_then_submit_then_ctrl_c_shuts_down_cleanly(tmp_path):
     http, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     server = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "serve", "--http-port", str(http),
+        [sys.executable, "-m", "services.local.cli", "serve", "--http-port", str(http),
          "--grpc-port", str(grpc_port), "--storage", str(tmp_path / "store")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip

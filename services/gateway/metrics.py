@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -14,9 +15,20 @@ from prometheus_client import (
     generate_latest,
 )
 
+from services.jobs import VideoStatus
+from services.protocol import ChunkReady, StreamKind
+
 disable_created_metrics()  # the *_created series add nothing a scraper needs
 
+
 CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Tracked(Protocol):
+    @property
+    def cache_bytes(self) -> int:
+        """KV bytes the session holds on the denoising stages now."""
+        ...
 
 
 class Metrics:
@@ -51,10 +63,10 @@ class Metrics:
         self.videos = Counter(
             "histream_videos", "Finished video jobs by status", ["status"], registry=self.registry
         )
-        self._live: dict[int, tuple[str, object]] = {}  # id(driver) -> (kind, driver)
+        self._live: dict[int, tuple[StreamKind, Tracked]] = {}  # id(driver) -> (kind, driver)
 
     @contextlib.contextmanager
-    def track(self, kind: str, driver: object) -> Iterator[None]:
+    def track(self, kind: StreamKind, driver: Tracked) -> Iterator[None]:
         """Count `driver` as an active session of `kind` while the block runs."""
         self._live[id(driver)] = (kind, driver)
         try:
@@ -62,17 +74,23 @@ class Metrics:
         finally:
             self._live.pop(id(driver), None)
 
-    def active(self, kind: str) -> int:
+    def active(self, kind: StreamKind) -> int:
         return sum(1 for k, _ in self._live.values() if k == kind)
 
-    def observe_chunk(self, chunk) -> None:
+    def chunk(self, chunk: ChunkReady) -> None:
         self.chunk_seconds.labels(phase="denoise").observe(chunk.denoise_seconds)
         self.chunk_seconds.labels(phase="decode").observe(chunk.decode_seconds)
 
+    # -- the video jobs' observer (services.jobs.runner.JobObserver) ---------------------------
+
+    def running(self, driver: Tracked) -> contextlib.AbstractContextManager:
+        return self.track(StreamKind.VIDEO, driver)
+
+    def finished(self, status: VideoStatus) -> None:
+        self.videos.labels(status=str(status)).inc()
+
     def render(self) -> bytes:
-        for kind in ("video", "session"):
-            self.active_sessions.labels(kind=kind).set(self.active(kind))
-        self.cache_bytes.set(
-            sum(d.cache_bytes for _, d in self._live.values())  # type: ignore[attr-defined]
-        )
+        for kind in StreamKind:
+            self.active_sessions.labels(kind=str(kind)).set(self.active(kind))
+        self.cache_bytes.set(sum(d.cache_bytes for _, d in self._live.values()))
         return generate_latest(self.registry)

@@ -1,0 +1,147 @@
+"""The gRPC adapter: `histream.v1.HiStream` (protos/histream/v1/api.proto) over the gateway
+core. Service errors set the call's status code and details, then propagate."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from protos.histream.v1 import api_pb2
+from services.errors import ServiceError
+from services.gateway.core import GatewayCore
+from services.gateway.requests import SessionStart, VideoCreate
+from services.jobs import VideoRecord
+
+T = TypeVar("T")
+
+
+def video_message(record: VideoRecord) -> api_pb2.Video:
+    error = record.error
+    return api_pb2.Video(
+        id=record.id,
+        object=record.object,
+        model=record.model,
+        status=record.status.value,
+        progress=record.progress,
+        created_at=record.created_at,
+        completed_at=record.completed_at or 0,
+        expires_at=record.expires_at or 0,
+        error=api_pb2.VideoError(code=error.code, message=error.message) if error else None,
+        seconds=record.seconds,
+        size=record.size,
+        prompt=record.prompt,
+        seed=record.seed,
+        mode=record.mode,
+        num_frames=record.num_frames,
+    )
+
+
+@contextlib.contextmanager
+def status_of_errors(context):
+    """Set the call's status from a service error before it propagates."""
+    try:
+        yield
+    except ServiceError as err:
+        if context is not None:
+            context.set_code(err.grpc_status)
+            context.set_details(err.message)
+        raise
+
+
+class GrpcAdapter:
+    def __init__(self, core: GatewayCore) -> None:
+        self.core = core
+
+    async def unary(self, context, work: Callable[[], Awaitable[T]]) -> T:
+        with status_of_errors(context):
+            return await work()
+
+    async def create_video(self, request: api_pb2.CreateVideoRequest, context) -> api_pb2.Video:
+        body = VideoCreate(
+            prompt=request.prompt,
+            model=request.model or None,
+            seconds=request.seconds or None,
+            size=request.size or None,
+            seed=request.seed if request.HasField("seed") else None,
+            mode=request.mode or None,
+        )
+
+        async def work() -> api_pb2.Video:
+            return video_message(await self.core.create_video(body))
+
+        return await self.unary(context, work)
+
+    async def get_video(self, request: api_pb2.GetVideoRequest, context) -> api_pb2.Video:
+        async def work() -> api_pb2.Video:
+            return video_message(await self.core.get_video(request.id))
+
+        return await self.unary(context, work)
+
+    async def list_videos(
+        self, request: api_pb2.ListVideosRequest, context
+    ) -> api_pb2.ListVideosResponse:
+        async def work() -> api_pb2.ListVideosResponse:
+            page = await self.core.list_videos(
+                request.limit or 20, request.after or None, request.order or "desc"
+            )
+            return api_pb2.ListVideosResponse(
+                data=[video_message(VideoRecord(**d, tenant="")) for d in page["data"]],
+                has_more=page["has_more"],
+                first_id=page["first_id"] or "",
+                last_id=page["last_id"] or "",
+            )
+
+        return await self.unary(context, work)
+
+    async def delete_video(
+        self, request: api_pb2.DeleteVideoRequest, context
+    ) -> api_pb2.DeleteVideoResponse:
+        async def work() -> api_pb2.DeleteVideoResponse:
+            return api_pb2.DeleteVideoResponse(**await self.core.delete_video(request.id))
+
+        return await self.unary(context, work)
+
+    async def stream_session(
+        self, request: api_pb2.StreamSessionRequest, context
+    ) -> AsyncIterator[api_pb2.SessionEvent]:
+        body = SessionStart(
+            prompt=request.prompt,
+            model=request.model or None,
+            size=request.size or None,
+            seed=request.seed if request.HasField("seed") else None,
+            mode=request.mode or None,
+            num_frames=request.num_frames or None,
+        )
+        with status_of_errors(context):
+            live = self.core.open_session(body)
+            async with contextlib.aclosing(self.core.session_events(live)) as events:
+                async for event in events:
+                    yield event.proto()
+
+    async def update_prompt(
+        self, request: api_pb2.UpdateSessionPromptRequest, context
+    ) -> api_pb2.UpdateSessionPromptResponse:
+        async def work() -> api_pb2.UpdateSessionPromptResponse:
+            version, start = await self.core.update_prompt(request.session_id, request.prompt)
+            return api_pb2.UpdateSessionPromptResponse(
+                session_id=request.session_id, prompt_version=version, from_chunk=start
+            )
+
+        return await self.unary(context, work)
+
+    async def close_session(
+        self, request: api_pb2.CloseSessionRequest, context
+    ) -> api_pb2.CloseSessionResponse:
+        async def work() -> api_pb2.CloseSessionResponse:
+            self.core.close_session(request.session_id)
+            return api_pb2.CloseSessionResponse(session_id=request.session_id, closed=True)
+
+        return await self.unary(context, work)
+
+    async def list_models(
+        self, request: api_pb2.ListModelsRequest, context
+    ) -> api_pb2.ListModelsResponse:
+        fields = ("id", "object", "created", "owned_by")
+        models = [api_pb2.Model(**{f: m[f] for f in fields}) for m in self.core.models()]
+        return api_pb2.ListModelsResponse(data=models)

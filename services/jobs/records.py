@@ -1,0 +1,119 @@
+"""Video job records: stored under the tenant's prefix, readable by any gateway replica.
+
+Lifecycle: queued (accepted, waiting for a job slot and stage capacity) -> in_progress (with
+progress per chunk) -> completed (MP4 and manifest stored) | failed (error code + message);
+`advance` refuses any other move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import uuid
+
+from pydantic import BaseModel
+
+from services.errors import NotFound
+from services.protocol import Lifecycle
+from services.storage import Layout, ObjectNotFound, Storage, delete_video
+
+
+class VideoStatus(enum.StrEnum):
+    queued = "queued"
+    in_progress = "in_progress"
+    completed = "completed"
+    failed = "failed"
+
+
+VIDEO_TRANSITIONS: dict[VideoStatus, frozenset[VideoStatus]] = {
+    VideoStatus.queued: frozenset({VideoStatus.in_progress, VideoStatus.failed}),
+    VideoStatus.in_progress: frozenset({VideoStatus.completed, VideoStatus.failed}),
+    VideoStatus.completed: frozenset(),
+    VideoStatus.failed: frozenset(),
+}
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class VideoRecord(BaseModel):
+    """A job as stored (`record.json`) and, minus `tenant`, as returned (OpenAI video object)."""
+
+    id: str
+    object: str = "video"
+    model: str
+    status: VideoStatus = VideoStatus.queued
+    progress: int = 0
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = None
+    error: VideoError | None = None
+    seconds: str
+    size: str
+    prompt: str
+    seed: int
+    mode: str
+    num_frames: int
+    tenant: str
+
+    def public(self) -> dict:
+        return self.model_dump(mode="json", exclude={"tenant"})
+
+    def advance(self, status: VideoStatus) -> None:
+        """Move to `status`; IllegalTransition if the lifecycle does not allow it."""
+        Lifecycle(self.status, VIDEO_TRANSITIONS, f"video {self.id}").to(status)
+        self.status = status
+
+
+def new_video_id() -> str:
+    return f"video_{uuid.uuid4().hex}"
+
+
+class RecordStore:
+    """Job records under the tenant's prefix; blocking storage calls run in threads."""
+
+    def __init__(self, storage: Storage, layout: Layout) -> None:
+        self.storage = storage
+        self.layout = layout
+
+    async def put(self, record: VideoRecord) -> None:
+        data = record.model_dump_json().encode()
+        key = self.layout.video_record_key(record.id)
+        await asyncio.to_thread(self.storage.put, key, data, "application/json")
+
+    async def get(self, video_id: str) -> VideoRecord:
+        try:
+            key = self.layout.video_record_key(video_id)
+            data = await asyncio.to_thread(self.storage.get, key)
+        except (ObjectNotFound, ValueError):
+            raise NotFound(f"no video with id {video_id!r}", param="video_id") from None
+        return VideoRecord.model_validate_json(data)
+
+    async def exists(self, video_id: str) -> bool:
+        return await asyncio.to_thread(self.storage.exists, self.layout.video_record_key(video_id))
+
+    async def list(self) -> list[VideoRecord]:
+        keys = await asyncio.to_thread(self.storage.list, self.layout.videos_prefix())
+        records = []
+        for key in keys:
+            if key.endswith("/record.json"):
+                with contextlib.suppress(ObjectNotFound):
+                    data = await asyncio.to_thread(self.storage.get, key)
+                    records.append(VideoRecord.model_validate_json(data))
+        return records
+
+    async def delete(self, video_id: str) -> int:
+        return await asyncio.to_thread(delete_video, self.storage, self.layout, video_id)
+
+    async def content(self, video_id: str) -> bytes:
+        key = self.layout.video_key(video_id)
+        try:
+            return await asyncio.to_thread(self.storage.get, key)
+        except ObjectNotFound:
+            raise NotFound(f"video {video_id!r} has no content yet", param="video_id") from None
+
+    def content_url(self, video_id: str, expires_s: int) -> str | None:
+        return self.storage.presigned_url(self.layout.video_key(video_id), expires_s)

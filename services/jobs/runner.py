@@ -1,0 +1,186 @@
+"""The video jobs of one gateway replica: submitted, generated through a `SessionDriver` at most
+`max_running` at a time, published (MP4, then manifest) by the decode pool, and cancellable.
+Deleting a job cancels it if it is running and removes every object under its prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+from histream_model.config import Preset
+from protos.histream.v1 import stages_pb2
+from services.errors import ServiceError
+from services.jobs.records import RecordStore, VideoError, VideoRecord, VideoStatus, new_video_id
+from services.protocol import ChunkReady, EndReason, StreamKind, video_shape
+from services.sessions import SessionDriver, SessionPlan, StageHandles
+
+log = logging.getLogger("histream.jobs")
+
+
+class JobObserver(Protocol):
+    """Who watches the jobs, e.g. the gateway's metrics."""
+
+    def running(self, driver: SessionDriver) -> AbstractContextManager:
+        """Wraps a job's generation (from waiting for capacity to publishing)."""
+        ...
+
+    def chunk(self, chunk: ChunkReady) -> None:
+        """Each chunk of a job as it is decoded."""
+        ...
+
+    def finished(self, status: VideoStatus) -> None: ...
+
+
+class _Unobserved:
+    def running(self, driver: SessionDriver) -> AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def chunk(self, chunk: ChunkReady) -> None:
+        pass
+
+    def finished(self, status: VideoStatus) -> None:
+        pass
+
+
+class JobDeleted(Exception):
+    """The job's record was deleted (by another gateway replica) while it ran."""
+
+
+class JobRunner:
+    """Runs this gateway replica's video jobs, at most `max_running` at a time."""
+
+    def __init__(
+        self,
+        handles: StageHandles,
+        records: RecordStore,
+        preset: Preset,
+        max_running: int,
+        queue_timeout_s: float,
+        ttl_s: int,
+        fps: int,
+        observer: JobObserver | None = None,
+    ) -> None:
+        self.handles = handles
+        self.records = records
+        self.preset = preset
+        self.slots = asyncio.Semaphore(max_running)
+        self.queue_timeout_s = queue_timeout_s
+        self.ttl_s = ttl_s
+        self.fps = fps
+        self.observer = observer or _Unobserved()
+        self.tasks: dict[str, asyncio.Task] = {}
+
+    async def submit(
+        self, model: str, prompt: str, mode: str, width: int, height: int,
+        num_frames: int, seed: int, seconds: str,
+    ) -> VideoRecord:  # fmt: skip
+        """Store a queued record and start the job; returns the record at once."""
+        shape = video_shape(self.preset, mode, height, width, num_frames)
+        record = VideoRecord(
+            id=new_video_id(),
+            model=model,
+            created_at=int(time.time()),
+            seconds=seconds,
+            size=f"{width}x{height}",
+            prompt=prompt,
+            seed=seed,
+            mode=mode,
+            num_frames=num_frames,
+            tenant=self.records.layout.tenant,
+        )
+        await self.records.put(record)
+        plan = SessionPlan(
+            object_id=record.id,
+            kind=StreamKind.VIDEO,
+            tenant=record.tenant,
+            shape=shape,
+            seed=seed,
+            prompt=prompt,
+            fps=self.fps,
+        )
+        task = asyncio.create_task(self._run(record, plan))
+        self.tasks[record.id] = task
+        task.add_done_callback(lambda _: self.tasks.pop(record.id, None))
+        return record
+
+    async def _update(self, record: VideoRecord) -> None:
+        if not await self.records.exists(record.id):
+            raise JobDeleted(record.id)
+        await self.records.put(record)
+
+    async def _run(self, record: VideoRecord, plan: SessionPlan) -> None:
+        driver = SessionDriver(self.handles, plan)
+        reason = EndReason.FAILED
+        try:
+            async with self.slots:
+                with self.observer.running(driver):
+                    await self._generate(record, plan, driver)
+            now = int(time.time())
+            record.advance(VideoStatus.completed)
+            record.progress, record.completed_at, record.expires_at = 100, now, now + self.ttl_s
+            await self._update(record)
+            self.observer.finished(VideoStatus.completed)
+            reason = EndReason.COMPLETED
+        except asyncio.CancelledError:
+            log.info("video %s cancelled", record.id)
+            reason = EndReason.CANCELLED
+            raise
+        except JobDeleted:
+            log.info("video %s was deleted while running; stopped", record.id)
+            reason = EndReason.CANCELLED
+        except Exception as err:
+            code, message = _error_of(err)
+            log.warning("video %s failed: %s %s", record.id, code, message)
+            if record.status != VideoStatus.completed:
+                record.advance(VideoStatus.failed)
+                record.error = VideoError(code=code, message=message)
+                with contextlib.suppress(Exception):
+                    await self._update(record)
+            self.observer.finished(VideoStatus.failed)
+        finally:
+            await driver.close(reason)
+
+    async def _generate(
+        self, record: VideoRecord, plan: SessionPlan, driver: SessionDriver
+    ) -> None:
+        """Open the session (waiting for capacity), generate every chunk, publish the MP4."""
+        await driver.open(deadline_s=self.queue_timeout_s)
+        record.advance(VideoStatus.in_progress)
+        await self._update(record)
+        total = plan.shape.num_chunks
+        async for chunk in driver.chunks():
+            self.observer.chunk(chunk)
+            record.progress = min(99, int(100 * (chunk.index + 1) / total))
+            await self._update(record)
+        if not await self.records.exists(record.id):
+            raise JobDeleted(record.id)
+        metadata = stages_pb2.VideoMetadata(
+            id=record.id,
+            model=record.model,
+            mode=record.mode,
+            seed=record.seed,
+            size=record.size,
+            fps=plan.fps,
+            created_at=record.created_at,
+        )
+        await driver.finish(EndReason.COMPLETED, video=metadata)
+
+    async def cancel(self, video_id: str) -> bool:
+        """Cancel a job running on this replica; True if one was."""
+        task = self.tasks.get(video_id)
+        if task is None:
+            return False
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        return True
+
+
+def _error_of(err: BaseException) -> tuple[str, str]:
+    if isinstance(err, ServiceError):
+        return err.code, err.message
+    return "internal_error", f"{type(err).__name__}: {err}"

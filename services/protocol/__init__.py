@@ -1,0 +1,49 @@
+"""The typed vocabulary every process of the service shares.
+
+- `vocab.py`      enums: stream kind, stage name, resolution, end reason (proto enums on the wire);
+- `lifecycle.py`  the session status as an enum state machine with checked transitions;
+- `events.py`     what a streaming session sends, encoded for WebSocket and gRPC;
+- `spec.py`       a session's shape to and from the stage protocol's `SessionSpec`;
+- `codec.py`      torch tensors to and from the protocol's `Tensor` message.
+"""
+
+from services.protocol.codec import digest, from_proto, to_proto
+from services.protocol.events import (
+    ChunkReady,
+    InitSegment,
+    PromptApplied,
+    SessionEnded,
+    SessionEvent,
+    SessionStarted,
+)
+from services.protocol.lifecycle import (
+    SESSION_TRANSITIONS,
+    IllegalTransition,
+    Lifecycle,
+    SessionStatus,
+)
+from services.protocol.spec import session_spec, shape_of, video_shape
+from services.protocol.vocab import EndReason, Resolution, StageName, StreamKind
+
+__all__ = [
+    "SESSION_TRANSITIONS",
+    "ChunkReady",
+    "EndReason",
+    "IllegalTransition",
+    "InitSegment",
+    "Lifecycle",
+    "PromptApplied",
+    "Resolution",
+    "SessionEnded",
+    "SessionEvent",
+    "SessionStarted",
+    "SessionStatus",
+    "StageName",
+    "StreamKind",
+    "digest",
+    "from_proto",
+    "session_spec",
+    "shape_of",
+    "to_proto",
+    "video_shape",
+]

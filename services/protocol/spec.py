@@ -1,0 +1,42 @@
+"""A session's shape on both sides of the stage protocol: what the gateway validated becomes a
+`SessionSpec`, and a stage turns the spec back into the same `VideoShape`."""
+
+from __future__ import annotations
+
+from histream_model.config import Preset, VideoShape, get_mode
+from protos.histream.v1 import stages_pb2
+from services.errors import InvalidArgument
+
+
+def video_shape(preset: Preset, mode: str, height: int, width: int, num_frames: int) -> VideoShape:
+    """The validated shape, or InvalidArgument naming the value and what is allowed."""
+    try:
+        return VideoShape(preset, get_mode(mode), height, width, num_frames)
+    except ValueError as err:
+        raise InvalidArgument(str(err)) from None
+
+
+def session_spec(
+    session_id: str, tenant: str, shape: VideoShape, seed: int
+) -> stages_pb2.SessionSpec:
+    return stages_pb2.SessionSpec(
+        session_id=session_id,
+        tenant=tenant,
+        preset=shape.preset.name,
+        mode=shape.mode.name,
+        height=shape.height,
+        width=shape.width,
+        num_frames=shape.num_frames,
+        seed=seed,
+    )
+
+
+def shape_of(spec: stages_pb2.SessionSpec, preset: Preset) -> VideoShape:
+    """The shape a spec describes, at the stage's own preset."""
+    if spec.preset and spec.preset != preset.name:
+        raise InvalidArgument(
+            f"session {spec.session_id!r} is for preset {spec.preset!r}; this stage serves "
+            f"{preset.name!r}",
+            param="preset",
+        )
+    return video_shape(preset, spec.mode, spec.height, spec.width, spec.num_frames)

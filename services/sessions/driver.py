@@ -1,0 +1,213 @@
+"""Driving one session through the stages: the distributed form of Algorithm 1's outer loop.
+
+For each chunk the driver walks the chunk's plan (`histream_model.schedules`) up to its output
+phase, sending each phase to the stage that holds its resolution with the previous phase's
+result; the stage that runs the output phase hands the follow-up cache writes on itself. The
+chunk's latents then go to the decode pool. Decoding chunk i overlaps denoising chunk i + 1 (the
+denoisers never wait for the VAE); decode calls of one session stay in order. Every stage call
+carries the session's routing id, so it reaches the replica holding that session.
+
+Video jobs and streaming sessions use the same driver; only what they do with the chunks
+differs. Its status moves through `SessionStatus` (services.protocol.lifecycle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from histream_model.schedules import plan_chunk
+from protos.histream.v1 import stages_pb2
+from services.errors import AtCapacity, InvalidArgument
+from services.protocol import (
+    SESSION_TRANSITIONS,
+    ChunkReady,
+    EndReason,
+    Lifecycle,
+    SessionStatus,
+    digest,
+)
+from services.sessions.prompts import PromptVersions
+from services.sessions.remote import SessionPlan, SessionStages, StageHandles
+
+
+class SessionDriver:
+    """Opens, runs, seals and frees one session across the stage deployments."""
+
+    lookahead = 2  # chunks denoised ahead of the slowest consumer
+
+    def __init__(self, handles: StageHandles, plan: SessionPlan) -> None:
+        self.plan = plan
+        self.stages = SessionStages(handles, plan)
+        self.lifecycle = Lifecycle(
+            SessionStatus.OPENING, SESSION_TRANSITIONS, f"session {plan.object_id}"
+        )
+        self.end_reason: EndReason | None = None
+        self.prompts = PromptVersions()
+        self.kv_bytes = 0  # cache bytes the denoisers hold for the session once open
+        self.init_segment = b""
+        self.next_chunk = 0  # first chunk whose denoising has not started
+        self.first_chunk_seconds: float | None = None
+
+    @property
+    def status(self) -> SessionStatus:
+        return self.lifecycle.status
+
+    @property
+    def session_id(self) -> str:
+        """The routing id the stages know the session by (a new one per capacity retry)."""
+        return self.stages.session_id
+
+    @property
+    def cache_bytes(self) -> int:
+        """KV bytes the denoising stages hold for this session right now."""
+        return self.kv_bytes if set(self.plan.denoisers) & set(self.stages.held) else 0
+
+    async def open(self, deadline_s: float = 600.0) -> None:
+        """Encode the prompt and open the session on every stage, waiting for capacity.
+
+        A replica at capacity is answered by trying again under a new routing id (another
+        replica, most likely), with backoff, until `deadline_s` has passed.
+        """
+        context = await self.stages.encode(self.plan.prompt)
+        started, delay = time.monotonic(), 0.05
+        while True:
+            routing_id = f"{self.plan.object_id}.{uuid.uuid4().hex[:8]}"
+            try:
+                opened = await self.stages.open(routing_id, context)
+                break
+            except AtCapacity:
+                await self.stages.release()
+                if time.monotonic() - started > deadline_s:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self.kv_bytes, self.init_segment = opened.kv_bytes, opened.init_segment
+        self.lifecycle.to(SessionStatus.RUNNING)
+
+    async def update_prompt(self, prompt: str) -> tuple[int, int]:
+        """Queue a new prompt; returns (its version, the chunk it applies from)."""
+        if self.status not in (SessionStatus.OPENING, SessionStatus.RUNNING):
+            raise InvalidArgument(f"the session is {self.status}; no prompt can apply", "prompt")
+        if self.next_chunk >= self.plan.shape.num_chunks:
+            raise InvalidArgument(
+                f"all {self.plan.shape.num_chunks} chunks are already generated; "
+                "no chunk is left to apply a new prompt to",
+                param="prompt",
+            )
+        context = await self.stages.encode(prompt)
+        return await asyncio.shield(self.prompts.submit(context))
+
+    async def _apply_prompt(self, chunk: int) -> None:
+        pending = self.prompts.take()
+        if pending is not None:
+            await self.stages.set_prompt(pending.context)
+            self.prompts.applied(pending, chunk)
+
+    async def _denoise(self, index: int) -> tuple[stages_pb2.ChunkLatents, float]:
+        """The chunk's phases up to its output, each on its resolution's stage."""
+        started = time.perf_counter()
+        plan = plan_chunk(self.plan.shape, index)
+        latents: stages_pb2.Tensor | None = None
+        for i in range(plan.output + 1):
+            out = await self.stages.run_phase(plan.phases[i].resolution, index, i, latents)
+            latents = out.latents if out.HasField("latents") else None
+        return out, time.perf_counter() - started
+
+    async def _decode(
+        self,
+        out: stages_pb2.ChunkLatents,
+        previous: asyncio.Task | None,
+        version: int,
+        denoise_s: float,
+    ) -> ChunkReady:
+        if previous is not None:
+            await previous  # decode calls of a session stay in chunk order
+        seg = await self.stages.decode(out)
+        return ChunkReady(
+            index=out.chunk_index,
+            first_frame=seg.first_frame,
+            num_frames=seg.num_frames,
+            media=seg.data,
+            object_key=seg.object_key,
+            prompt_version=version,
+            latents=out.latents,
+            latents_sha256=digest(out.latents),
+            denoise_seconds=denoise_s,
+            decode_seconds=seg.decode_seconds + seg.encode_seconds,
+            kv_bytes=self.kv_bytes,
+        )
+
+    async def chunks(self) -> AsyncIterator[ChunkReady]:
+        """Generate every chunk; yields decoded chunks in order as soon as each is ready."""
+        if self.status != SessionStatus.RUNNING:
+            raise RuntimeError(f"chunks() of a session that is {self.status}, not running")
+        started = time.perf_counter()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self.lookahead)
+        decodes: list[asyncio.Task] = []
+
+        async def produce() -> None:
+            previous = None
+            try:
+                for index in range(self.plan.shape.num_chunks):
+                    await self._apply_prompt(index)
+                    self.next_chunk = index + 1
+                    version = self.prompts.current
+                    out, denoise_s = await self._denoise(index)
+                    task = asyncio.create_task(self._decode(out, previous, version, denoise_s))
+                    decodes.append(task)
+                    previous = task
+                    await queue.put(task)
+                # the caches are not needed past the last chunk
+                await self.stages.release(list(self.plan.denoisers))
+                await queue.put(None)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as err:
+                await queue.put(err)
+
+        producer = asyncio.create_task(produce())
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                event = await item
+                if self.first_chunk_seconds is None:
+                    self.first_chunk_seconds = time.perf_counter() - started
+                yield event
+        finally:
+            producer.cancel()
+            for task in decodes:
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(producer, *decodes, return_exceptions=True)
+            self.prompts.abandon()
+
+    async def finish(
+        self,
+        reason: EndReason = EndReason.COMPLETED,
+        video: stages_pb2.VideoMetadata | None = None,
+    ) -> int:
+        """Seal the media (an MP4 + manifest for videos, ENDLIST for sessions) and free every
+        stage; returns the number of frames sealed."""
+        self.lifecycle.to(SessionStatus.FINISHING)
+        frames = await self.stages.finish(video)
+        await self.stages.release()
+        self.end_reason = reason
+        self.lifecycle.to(SessionStatus.ENDED)
+        return frames
+
+    async def close(self, reason: EndReason = EndReason.CLOSED) -> None:
+        """Free the session on every stage that holds it; ends it unsealed unless it has
+        already ended. Idempotent, never raises."""
+        await self.stages.release()
+        if not self.lifecycle.terminal:
+            failed = reason == EndReason.FAILED
+            self.lifecycle.to(SessionStatus.FAILED if failed else SessionStatus.CLOSED)
+            self.end_reason = reason

@@ -1,0 +1,120 @@
+"""Streaming sessions a gateway replica drives: their events from open to end, how a client
+asks one to stop, and the registry prompt updates and closes find them in."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from services.errors import NotFound
+from services.protocol import (
+    ChunkReady,
+    EndReason,
+    InitSegment,
+    PromptApplied,
+    SessionEnded,
+    SessionEvent,
+    SessionStarted,
+)
+from services.sessions.driver import SessionDriver
+
+
+async def until_set(
+    chunks: AsyncIterator[ChunkReady], stop: asyncio.Event
+) -> AsyncIterator[ChunkReady]:
+    """Iterate `chunks` until they end or `stop` is set, whichever comes first; always closes
+    `chunks` (which frees the session's stages) on the way out."""
+    stopper = asyncio.ensure_future(stop.wait())
+    step: asyncio.Future | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(chunks))
+            await asyncio.wait({step, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                return
+            try:
+                event = step.result()
+            except StopAsyncIteration:
+                return
+            step = None
+            yield event
+    finally:
+        for task in (step, stopper):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+
+class LiveSession:
+    """One streaming session: its driver, its public id, and whether it was asked to stop."""
+
+    def __init__(self, session_id: str, driver: SessionDriver, playlist_key: str) -> None:
+        self.id = session_id
+        self.driver = driver
+        self.playlist_key = playlist_key
+        self.stop_reason: EndReason | None = None  # CLOSED (asked) or DISCONNECTED (went away)
+        self._stop = asyncio.Event()
+
+    def request_stop(self, reason: EndReason = EndReason.CLOSED) -> None:
+        """Stop generating: CLOSED seals what was generated, DISCONNECTED sends nothing more."""
+        if self.stop_reason is None or reason == EndReason.DISCONNECTED:
+            self.stop_reason = reason
+        self._stop.set()
+
+    async def events(self, deadline_s: float) -> AsyncIterator[SessionEvent]:
+        """Open (waiting up to `deadline_s` for capacity), then every event until the session
+        completes or is stopped. Leaving early frees the session on every stage."""
+        driver, shape = self.driver, self.driver.plan.shape
+        try:
+            await driver.open(deadline_s=deadline_s)
+            yield SessionStarted(
+                session_id=self.id,
+                width=shape.width,
+                height=shape.height,
+                fps=driver.plan.fps,
+                num_chunks=shape.num_chunks,
+                num_frames=shape.num_frames,
+                playlist_key=self.playlist_key,
+            )
+            yield InitSegment(driver.init_segment)
+            version = 0
+            async for chunk in until_set(driver.chunks(), self._stop):
+                if chunk.prompt_version != version:
+                    version = chunk.prompt_version
+                    yield PromptApplied(prompt_version=version, from_chunk=chunk.index)
+                yield chunk
+            if self.stop_reason == EndReason.DISCONNECTED:
+                return
+            reason = EndReason.CLOSED if self._stop.is_set() else EndReason.COMPLETED
+            await driver.finish(reason)
+            yield SessionEnded(reason)
+        except Exception:
+            await driver.close(EndReason.FAILED)
+            raise
+        finally:
+            await driver.close(self.stop_reason or EndReason.DISCONNECTED)
+
+
+class SessionRegistry:
+    """The live sessions of this replica, by public id."""
+
+    def __init__(self) -> None:
+        self._live: dict[str, LiveSession] = {}
+
+    def add(self, live: LiveSession) -> None:
+        self._live[live.id] = live
+
+    def remove(self, session_id: str) -> None:
+        self._live.pop(session_id, None)
+
+    def get(self, session_id: str) -> LiveSession:
+        live = self._live.get(session_id)
+        if live is None:
+            raise NotFound(f"no running session with id {session_id!r}", param="session_id")
+        return live
+
+    def __len__(self) -> int:
+        return len(self._live)

@@ -1,0 +1,56 @@
+"""A session's prompt updates: each accepted update gets the next version; the newest one still
+waiting applies from the next chunk whose denoising has not started, and updates it superseded
+are answered with it."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from protos.histream.v1 import stages_pb2
+from services.errors import InvalidArgument
+
+
+@dataclass
+class PendingPrompt:
+    context: stages_pb2.Tensor  # the encoded prompt
+    version: int
+    # resolves to (version, first chunk generated under it) once the stages condition on it
+    applied: asyncio.Future = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class PromptVersions:
+    """Versions handed out, the one waiting, the one the stages condition on."""
+
+    def __init__(self) -> None:
+        self.issued = 0  # versions handed out to updates (0 is the opening prompt)
+        self.current = 0  # the version the stages condition on now
+        self._pending: PendingPrompt | None = None
+
+    def submit(self, context: stages_pb2.Tensor) -> asyncio.Future:
+        """Queue a new prompt; the future gives (its version, the chunk it applies from)."""
+        previous = self._pending
+        self.issued += 1
+        self._pending = PendingPrompt(context=context, version=self.issued)
+        if previous is not None and not previous.applied.done():
+            self._pending.applied = previous.applied  # superseded: both resolve together
+        return self._pending.applied
+
+    def take(self) -> PendingPrompt | None:
+        """The prompt to apply before the next chunk, if one is waiting."""
+        pending, self._pending = self._pending, None
+        return pending
+
+    def applied(self, pending: PendingPrompt, chunk: int) -> None:
+        self.current = pending.version
+        if not pending.applied.done():
+            pending.applied.set_result((pending.version, chunk))
+
+    def abandon(self) -> None:
+        """The session ended with an update still waiting: tell its caller."""
+        if self._pending is not None and not self._pending.applied.done():
+            self._pending.applied.set_exception(
+                InvalidArgument("the session ended before the new prompt could apply")
+            )

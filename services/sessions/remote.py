@@ -1,0 +1,180 @@
+"""The stage calls of one session: which message goes to which stage, pinned to the replicas
+that hold the session, and releases that complete even while the caller is being cancelled.
+
+Handles are anything with Serve's deployment-handle surface (`options(session_id=...)` and
+`Method.remote(request)` returning an awaitable), so the session logic runs unchanged against
+in-process fakes in tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from histream_model.config import Resolution, VideoShape
+from protos.histream.v1 import stages_pb2
+from services.errors import AtCapacity, SessionNotHeld, remote_result
+from services.protocol import StageName, StreamKind, session_spec
+
+log = logging.getLogger("histream.sessions")
+
+
+@dataclass(frozen=True)
+class StageHandles:
+    """Deployment handles of the three stages."""
+
+    structure: Any
+    refine: Any
+    decode: Any
+
+    def __getitem__(self, name: StageName) -> Any:
+        return {
+            StageName.STRUCTURE: self.structure,
+            StageName.REFINE: self.refine,
+            StageName.DECODE: self.decode,
+        }[name]
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """A validated request: what to generate and for whom."""
+
+    object_id: str  # video id or public session id: where its objects are stored
+    kind: StreamKind
+    tenant: str
+    shape: VideoShape
+    seed: int
+    prompt: str
+    fps: int
+
+    @property
+    def denoisers(self) -> tuple[StageName, ...]:
+        """The denoising stages that hold this session's caches."""
+        return tuple(StageName.for_resolution(r) for r in self.shape.mode.resolutions)
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What opening on every stage gave back."""
+
+    kv_bytes: int  # cache bytes the denoising stages hold for the session
+    init_segment: bytes  # the fMP4 init segment from the decode pool
+
+
+class SessionStages:
+    """Every stage call of one session, under its routing id (the session id stages know)."""
+
+    # Releases in flight: they run detached from the request that started them (see `release`).
+    _releases: ClassVar[set[asyncio.Task]] = set()
+
+    def __init__(self, handles: StageHandles, plan: SessionPlan) -> None:
+        self.handles = handles
+        self.plan = plan
+        self.session_id = ""  # chosen at `open`; a new one per attempt
+        self.held: list[StageName] = []  # stages that hold the session now
+
+    def _pinned(self, name: StageName) -> Any:
+        return self.handles[name].options(session_id=self.session_id)
+
+    async def encode(self, prompt: str) -> stages_pb2.Tensor:
+        """The prompt's text context (any structure replica: no session state involved)."""
+        request = stages_pb2.EncodePromptRequest(prompt=prompt)
+        response = await remote_result(self.handles.structure.EncodePrompt.remote(request))
+        return response.context
+
+    async def open(self, session_id: str, context: stages_pb2.Tensor) -> Opened:
+        """Open on every stage at once. If any refuses, raises (AtCapacity first); the stages
+        that did open stay in `held` for `release`."""
+        self.session_id = session_id
+        plan, shape = self.plan, self.plan.shape
+        spec = session_spec(session_id, plan.tenant, shape, plan.seed)
+        opened = stages_pb2.OpenSessionRequest(spec=spec, context=context)
+        stream = stages_pb2.OpenStreamRequest(
+            session_id=session_id,
+            tenant=plan.tenant,
+            preset=shape.preset.name,
+            kind=plan.kind.to_proto(),
+            width=shape.width,
+            height=shape.height,
+            fps=plan.fps,
+            object_id=plan.object_id,
+        )
+        calls = {name: self._pinned(name).OpenSession.remote(opened) for name in plan.denoisers}
+        calls[StageName.DECODE] = self._pinned(StageName.DECODE).OpenStream.remote(stream)
+        results = await asyncio.gather(*map(remote_result, calls.values()), return_exceptions=True)
+        errors, kv_bytes, init = [], 0, b""
+        for name, result in zip(calls, results, strict=True):
+            if isinstance(result, BaseException):
+                errors.append(result)
+                continue
+            self.held.append(name)
+            if name == StageName.DECODE:
+                init = result.init_segment
+            else:
+                kv_bytes += result.kv_bytes
+        if errors:
+            capacity = [e for e in errors if isinstance(e, AtCapacity)]
+            raise capacity[0] if capacity else errors[0]
+        return Opened(kv_bytes=kv_bytes, init_segment=init)
+
+    async def run_phase(
+        self, resolution: Resolution, chunk: int, phase: int, latents: stages_pb2.Tensor | None
+    ) -> stages_pb2.ChunkLatents:
+        request = stages_pb2.PhaseRequest(
+            session_id=self.session_id, chunk_index=chunk, phase=phase
+        )
+        if latents is not None:
+            request.latents.CopyFrom(latents)
+        stage = self._pinned(StageName.for_resolution(resolution))
+        return await remote_result(stage.RunPhase.remote(request))
+
+    async def set_prompt(self, context: stages_pb2.Tensor) -> None:
+        request = stages_pb2.SetPromptRequest(session_id=self.session_id, context=context)
+        stages = [self._pinned(name).SetPrompt.remote(request) for name in self.plan.denoisers]
+        await asyncio.gather(*map(remote_result, stages))
+
+    async def decode(self, latents: stages_pb2.ChunkLatents) -> stages_pb2.DecodedSegment:
+        return await remote_result(self._pinned(StageName.DECODE).DecodeChunk.remote(latents))
+
+    async def finish(self, video: stages_pb2.VideoMetadata | None) -> int:
+        """Seal the media on the decode pool (which then no longer holds the session); returns
+        the number of frames."""
+        request = stages_pb2.FinishStreamRequest(session_id=self.session_id, video=video)
+        response = await remote_result(self._pinned(StageName.DECODE).FinishStream.remote(request))
+        if StageName.DECODE in self.held:
+            self.held.remove(StageName.DECODE)
+        return response.num_frames
+
+    async def release(self, names: list[StageName] | None = None) -> None:
+        """Free the session on the named stages (default: every stage holding it). Never raises.
+
+        Serve cancels a request's downstream calls when its client goes away; the close calls
+        therefore run in a task with a fresh context (no parent request), shielded, so they
+        complete even while the caller is being cancelled.
+        """
+        names = [n for n in (self.held if names is None else names) if n in self.held]
+        for name in names:
+            self.held.remove(name)
+        if not names:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._close_calls(names), context=contextvars.Context()
+        )
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+        await asyncio.shield(task)
+
+    async def _close_calls(self, names: list[StageName]) -> None:
+        request = stages_pb2.ReleaseRequest(session_id=self.session_id)
+        calls = []
+        for name in names:
+            stage = self._pinned(name)
+            method = stage.CloseStream if name == StageName.DECODE else stage.CloseSession
+            calls.append(remote_result(method.remote(request)))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, SessionNotHeld):
+                log.warning("closing %s on %s failed: %s", self.session_id, name, result)

@@ -1,0 +1,68 @@
+"""What every stage replica shares: its session table, call counts and the idle-session reaper."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from services.settings import ServeSettings
+from services.stages.table import SessionTable
+
+log = logging.getLogger("histream.stages")
+T = TypeVar("T")
+
+
+def rpc(method: Callable) -> Callable:
+    """Count calls of a stage RPC per replica (`stats()`), e.g. to show bad input stops earlier."""
+
+    @functools.wraps(method)
+    async def counted(self, *args, **kwargs):
+        self.calls[method.__name__] = self.calls.get(method.__name__, 0) + 1
+        return await method(self, *args, **kwargs)
+
+    return counted
+
+
+class SessionStage(Generic[T]):
+    """What every stage shares: its session table, call counts and the idle-session reaper.
+
+    A session whose client and gateway both vanished (a crashed gateway, a lost network) is
+    freed after `session_idle_timeout_s` without requests, so its memory is never lost.
+    """
+
+    label = "stage"  # how messages and logs name this stage, e.g. "structure stage"
+
+    def __init__(self, settings: ServeSettings) -> None:
+        settings.apply_threads()
+        self.settings = settings
+        self.sessions: SessionTable[T] = SessionTable(self.label, settings.max_sessions_per_replica)
+        self.calls: dict[str, int] = {}
+        self._reaper: asyncio.Task | None = None
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+
+    async def _reap_forever(self) -> None:
+        timeout = self.settings.session_idle_timeout_s
+        while True:
+            await asyncio.sleep(max(0.5, timeout / 4))
+            self.reap()
+
+    def reap(self) -> list[str]:
+        """Free every session idle for longer than the timeout; returns their ids."""
+        expired = self.sessions.idle(self.settings.session_idle_timeout_s)
+        for session_id in expired:
+            log.warning("%s freed idle session %s", self.label, session_id)
+            self._drop(session_id)
+        return expired
+
+    def _drop(self, session_id: str) -> None:
+        self.sessions.pop(session_id)
+
+    def stats(self) -> dict:
+        """Sessions held and RPC calls served (this replica)."""
+        return {"sessions": len(self.sessions), "calls": dict(self.calls)}

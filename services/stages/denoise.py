@@ -1,0 +1,236 @@
+"""The denoising stages: each holds one resolution's KV cache per session and runs that
+resolution's phases of every chunk's plan (`histream_model.schedules`).
+
+- `StructureStage`: low resolution (KV_low) and the text encoder;
+- `RefineStage`: high resolution (KV_high); it runs each chunk's output phase and hands the
+  plan's follow-up cache writes (Down(x0) for KV_low) to the structure stage itself, so the
+  gateway never waits for them.
+
+Both implement `DenoiseStage` of `stages.proto`. Model work runs in a worker thread
+(`asyncio.to_thread`) so a replica keeps answering other sessions' small requests and health
+checks while one session computes; torch releases the GIL inside its kernels. One session's
+requests run one at a time, under its lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
+
+import torch
+
+from histream_model.components import dit_for, text_encoder_for
+from histream_model.config import Resolution, VideoShape
+from histream_model.schedules import (
+    ChunkPlan,
+    Phase,
+    ResolutionState,
+    handoff,
+    new_resolution_state,
+    plan_chunk,
+    run_phase,
+)
+from histream_model.text import check_prompt
+from protos.histream.v1 import stages_pb2
+from services.errors import InvalidArgument, remote_result
+from services.protocol import StageName, from_proto, shape_of, to_proto
+from services.settings import ServeSettings
+from services.stages.base import SessionStage, rpc
+
+log = logging.getLogger("histream.stages")
+R = TypeVar("R")
+
+
+@dataclass
+class DenoiseSession:
+    """One stage's share of a session: its shape, seed and one resolution's state."""
+
+    shape: VideoShape
+    seed: int
+    state: ResolutionState
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class DenoiseStage(SessionStage[DenoiseSession]):
+    """The DiT and, per session, one resolution's cache, text K/V and RoPE frequencies."""
+
+    name = StageName.REFINE
+
+    def __init__(self, settings: ServeSettings, peers: Mapping[Resolution, object] | None = None):
+        super().__init__(settings)
+        self.resolution = self.name.resolution
+        assert self.resolution is not None
+        self.peers = dict(peers or {})  # handles of the stages holding the other resolutions
+        preset = settings.get_preset()
+        self.weights = settings.weight_paths()
+        self.model = dit_for(preset, self.weights, settings.device, settings.torch_dtype())
+        self.preset = replace(preset, dit=self.model.config)
+
+    async def _compute(self, fn: Callable[[], R]) -> R:
+        return await asyncio.to_thread(fn)
+
+    @rpc
+    async def OpenSession(
+        self, request: stages_pb2.OpenSessionRequest
+    ) -> stages_pb2.OpenSessionResponse:
+        spec = request.spec
+        shape = shape_of(spec, self.preset)
+        if self.resolution not in shape.mode.resolutions:
+            raise InvalidArgument(
+                f"mode {shape.mode.name!r} holds no {self.resolution} cache for the {self.label}"
+            )
+        context = from_proto(request.context)
+
+        def build() -> ResolutionState:
+            with torch.no_grad():
+                return new_resolution_state(self.model, shape, self.resolution, context)
+
+        self._start_reaper()
+        self.sessions.check_room(spec.session_id)
+        state = await self._compute(build)
+        self.sessions.add(spec.session_id, DenoiseSession(shape, spec.seed, state))
+        log.info("%s opened session %s (%d bytes)", self.label, spec.session_id, state.cache.nbytes)
+        return stages_pb2.OpenSessionResponse(
+            session_id=spec.session_id, kv_bytes=state.cache.nbytes, num_chunks=shape.num_chunks
+        )
+
+    def _phase(self, session: DenoiseSession, chunk: int, index: int) -> tuple[ChunkPlan, Phase]:
+        try:
+            plan = plan_chunk(session.shape, chunk)
+        except ValueError as err:
+            raise InvalidArgument(str(err), param="chunk_index") from None
+        if not 0 <= index < len(plan.phases):
+            raise InvalidArgument(
+                f"phase {index} outside [0, {len(plan.phases)}) of chunk {chunk}", param="phase"
+            )
+        phase = plan.phases[index]
+        if phase.resolution != self.resolution:
+            raise InvalidArgument(
+                f"phase {index} of chunk {chunk} runs at {phase.resolution} resolution; the "
+                f"{self.label} holds {self.resolution}",
+                param="phase",
+            )
+        return plan, phase
+
+    @rpc
+    async def RunPhase(self, request: stages_pb2.PhaseRequest) -> stages_pb2.ChunkLatents:
+        session = self.sessions.get(request.session_id)
+        plan, phase = self._phase(session, request.chunk_index, request.phase)
+        device = session.state.cache.k.device
+        received = from_proto(request.latents, device) if request.HasField("latents") else None
+        options, state = session.shape.preset.options, session.state
+
+        def run() -> torch.Tensor:
+            return run_phase(self.model, state, plan, phase, options, session.seed, received)
+
+        async with session.lock:
+            started = time.perf_counter()
+            before = state.denoise_passes + state.commit_passes
+            result = await self._compute(run)
+            passes = state.denoise_passes + state.commit_passes - before
+            if request.phase == plan.output:
+                passes += await self._hand_on(request.session_id, session, plan, result)
+        reply = stages_pb2.ChunkLatents(
+            session_id=request.session_id,
+            chunk_index=request.chunk_index,
+            seconds=time.perf_counter() - started,
+            passes=passes,
+        )
+        if phase.timesteps:
+            reply.latents.CopyFrom(to_proto(result))
+        return reply
+
+    async def _hand_on(
+        self, session_id: str, session: DenoiseSession, plan: ChunkPlan, output: torch.Tensor
+    ) -> int:
+        """Run the plan's follow-ups (cache writes of the chunk's output) where they belong;
+        returns their forward passes."""
+        passes = 0
+        for index in plan.follow_ups:
+            phase = plan.phases[index]
+            peer = self.peers.get(phase.resolution)
+            if peer is None:
+                raise RuntimeError(
+                    f"the {self.label} has no handle to the stage holding {phase.resolution} "
+                    f"resolution, which phase {index} of chunk {plan.index} needs"
+                )
+            request = stages_pb2.PhaseRequest(
+                session_id=session_id,
+                chunk_index=plan.index,
+                phase=index,
+                latents=to_proto(handoff(session.shape, phase, output)),
+            )
+            pinned = peer.options(session_id=session_id)  # type: ignore[attr-defined]
+            done = await remote_result(pinned.RunPhase.remote(request))
+            passes += done.passes
+        return passes
+
+    @rpc
+    async def SetPrompt(self, request: stages_pb2.SetPromptRequest) -> stages_pb2.StageAck:
+        session = self.sessions.get(request.session_id)
+        context = from_proto(request.context)
+
+        def encode() -> None:
+            with torch.no_grad():
+                weight = self.model.patch_embedding.weight
+                session.state.text = self.model.text_kv(context.to(weight.device))
+
+        async with session.lock:
+            await self._compute(encode)
+        return stages_pb2.StageAck(
+            session_id=request.session_id, kv_bytes=session.state.cache.nbytes
+        )
+
+    @rpc
+    async def CloseSession(self, request: stages_pb2.ReleaseRequest) -> stages_pb2.StageAck:
+        session = self.sessions.pop(request.session_id)
+        freed = session.state.cache.nbytes if session else 0
+        return stages_pb2.StageAck(session_id=request.session_id, kv_bytes=freed)
+
+    def check_health(self) -> None:
+        if self.model is None:
+            raise RuntimeError(f"{self.label} has no model")
+
+    def stats(self) -> dict:
+        """Sessions and cache bytes held, RPC calls served (this replica)."""
+        kv_bytes = sum(s.state.cache.nbytes for s in self.sessions.values())
+        return {**super().stats(), "kv_bytes": kv_bytes}
+
+
+class StructureStage(DenoiseStage):
+    """Low-res structure steps and the KV_low commits; holds the text encoder."""
+
+    name = StageName.STRUCTURE
+    label = "structure stage"
+
+    def __init__(self, settings: ServeSettings) -> None:
+        super().__init__(settings)
+        self.text = text_encoder_for(
+            self.preset, self.weights, settings.device, settings.torch_dtype()
+        )
+
+    @rpc
+    async def EncodePrompt(
+        self, request: stages_pb2.EncodePromptRequest
+    ) -> stages_pb2.EncodePromptResponse:
+        try:
+            prompt = check_prompt(request.prompt, self.settings.max_prompt_chars)
+        except ValueError as err:
+            raise InvalidArgument(str(err), param="prompt") from None
+        context = await self._compute(lambda: self.text.encode([prompt]))
+        return stages_pb2.EncodePromptResponse(context=to_proto(context.float()))
+
+
+class RefineStage(DenoiseStage):
+    """High-res refinement and the KV_high commit; hands Down(x0) to the structure stage."""
+
+    name = StageName.REFINE
+    label = "refine stage"
+
+    def __init__(self, settings: ServeSettings, structure: object | None = None) -> None:
+        peers = {Resolution.LOW: structure} if structure is not None else {}
+        super().__init__(settings, peers)

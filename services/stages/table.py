@@ -1,0 +1,73 @@
+"""The sessions one stage replica holds: bounded by its admission limit, with last-use times."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from ray import serve
+
+from services.errors import AtCapacity, InvalidArgument, SessionNotHeld
+
+T = TypeVar("T")
+
+
+def replica_name() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a Serve replica (direct use in tests)
+        return "local"
+
+
+class SessionTable(Generic[T]):
+    """The sessions one replica holds, bounded by its admission limit, with last-use times."""
+
+    def __init__(
+        self, stage: str, capacity: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.stage = stage
+        self.capacity = capacity
+        self.clock = clock
+        self._items: dict[str, T] = {}
+        self._used: dict[str, float] = {}
+
+    def check_room(self, session_id: str) -> None:
+        """Fail fast, before any work, when `session_id` could not be added."""
+        if session_id in self._items:
+            raise InvalidArgument(f"session {session_id!r} is already open on this {self.stage}")
+        if len(self._items) >= self.capacity:
+            raise AtCapacity(
+                f"{self.stage} replica {replica_name()} holds {len(self._items)} sessions, "
+                f"its limit (max_sessions_per_replica={self.capacity}); retry later"
+            )
+
+    def add(self, session_id: str, item: T) -> None:
+        self.check_room(session_id)
+        self._items[session_id] = item
+        self._used[session_id] = self.clock()
+
+    def get(self, session_id: str) -> T:
+        item = self._items.get(session_id)
+        if item is None:
+            raise SessionNotHeld(
+                f"{self.stage} replica {replica_name()} does not hold session {session_id!r} "
+                "(never opened here, closed, idle too long, or moved by a replica change)"
+            )
+        self._used[session_id] = self.clock()
+        return item
+
+    def pop(self, session_id: str) -> T | None:
+        self._used.pop(session_id, None)
+        return self._items.pop(session_id, None)
+
+    def idle(self, timeout_s: float) -> list[str]:
+        """Sessions not used for longer than `timeout_s`."""
+        now = self.clock()
+        return [sid for sid, used in self._used.items() if now - used > timeout_s]
+
+    def values(self) -> list[T]:
+        return list(self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)

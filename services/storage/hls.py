@@ -1,0 +1,140 @@
+"""A streaming session in storage: fMP4 segments and an HLS EVENT playlist that is rewritten
+after each segment lands, so it never references a missing object."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+from services.storage.base import Storage
+from services.storage.layout import Layout
+
+
+class HlsPlaylist:
+    """An HLS v7 EVENT playlist of fMP4 segments (RFC 8216): segments are only ever appended.
+
+    `target_duration_s` is the longest segment expected; EXT-X-TARGETDURATION is the ceiling of
+    the longest of it and every segment's duration, so it stays fixed while segments fit.
+    """
+
+    def __init__(self, target_duration_s: float, init_uri: str = "init.mp4") -> None:
+        if not (math.isfinite(target_duration_s) and target_duration_s > 0):
+            raise ValueError(f"target_duration_s={target_duration_s} must be a positive number")
+        _check_uri(init_uri)
+        self.target_duration_s = target_duration_s
+        self.init_uri = init_uri
+        self.segments: list[tuple[str, float]] = []  # (uri, duration in seconds)
+        self.ended = False
+
+    def add_segment(self, uri: str, duration_s: float) -> None:
+        if self.ended:
+            raise RuntimeError(f"cannot add segment {uri!r}: the playlist has ended")
+        if not (math.isfinite(duration_s) and duration_s > 0):
+            raise ValueError(f"segment {uri!r} duration_s={duration_s} must be positive")
+        self.segments.append((_check_uri(uri), duration_s))
+
+    def end(self) -> None:
+        self.ended = True
+
+    @property
+    def target_duration(self) -> int:
+        # Round to the 6 decimals EXTINF shows first, so 3.0000000001 does not become 4.
+        longest = max([self.target_duration_s, *(d for _, d in self.segments)])
+        return max(1, math.ceil(round(longest, 6)))
+
+    def render(self) -> str:
+        lines = [
+            "#EXTM3U",
+            "#EXT-X-VERSION:7",
+            "#EXT-X-PLAYLIST-TYPE:EVENT",
+            f"#EXT-X-TARGETDURATION:{self.target_duration}",
+            "#EXT-X-MEDIA-SEQUENCE:0",
+            "#EXT-X-INDEPENDENT-SEGMENTS",
+        ]
+        if self.segments:  # the map applies to the segments after it; none, no map to fetch
+            lines.append(f'#EXT-X-MAP:URI="{self.init_uri}"')
+        for uri, duration in self.segments:
+            lines += [f"#EXTINF:{duration:.6f},", uri]
+        if self.ended:
+            lines.append("#EXT-X-ENDLIST")
+        return "\n".join(lines) + "\n"
+
+
+def _check_uri(uri: str) -> str:
+    if not uri or any(c in uri for c in '"\r\n') or uri.startswith("#"):
+        raise ValueError(f"playlist URI {uri!r} must be non-empty, without quotes or newlines")
+    return uri
+
+
+class SessionWriter:
+    """Publishes one streaming session: init segment, media segments, a growing HLS playlist.
+
+    Each `write_segment` stores the segment before rewriting the playlist, and the init segment
+    must come first, so the playlist never references a missing object. Calls are serialised,
+    so a later playlist is never overwritten by an earlier one.
+    target_duration_s: the longest segment expected; None takes the first segment's duration.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        layout: Layout,
+        session_id: str,
+        fps: float,
+        target_duration_s: float | None = None,
+    ) -> None:
+        if not (math.isfinite(fps) and fps > 0):
+            raise ValueError(f"fps={fps} must be a positive number")
+        self.storage, self.layout, self.fps = storage, layout, fps
+        self.session_id = session_id
+        self.playlist_key = layout.session_playlist_key(session_id)  # validates session_id
+        self._target_duration_s = target_duration_s
+        self._playlist: HlsPlaylist | None = None
+        self._init_written = False
+        self._lock = threading.Lock()
+
+    def write_init(self, data: bytes) -> str:
+        key = self.layout.session_init_key(self.session_id)
+        with self._lock:
+            self.storage.put(key, data, "video/mp4")
+            self._init_written = True
+        return key
+
+    def write_segment(self, index: int, data: bytes, num_frames: int) -> str:
+        """Store segment `index` (1-based, consecutive) of `num_frames` frames; return its key."""
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames={num_frames!r} must be a positive int")
+        key = self.layout.session_segment_key(self.session_id, index)
+        duration_s = num_frames / self.fps
+        with self._lock:
+            if not self._init_written:
+                raise RuntimeError(
+                    f"session {self.session_id!r}: write_init before segment {index}"
+                )
+            playlist = self._playlist or HlsPlaylist(self._target_duration_s or duration_s)
+            expected = len(playlist.segments) + 1
+            if index != expected:
+                raise ValueError(f"segment index {index} out of order; expected {expected}")
+            if playlist.ended:
+                raise RuntimeError(
+                    f"session {self.session_id!r} has ended; segment {index} refused"
+                )
+            self.storage.put(key, data, "video/iso.segment")
+            playlist.add_segment(self.layout.segment_name(index), duration_s)
+            self._playlist = playlist
+            self._put_playlist()
+        return key
+
+    def end(self) -> str:
+        """Mark the playlist ended (EXT-X-ENDLIST) and rewrite it; return its key."""
+        with self._lock:
+            if self._playlist is None:
+                self._playlist = HlsPlaylist(self._target_duration_s or 1.0)
+            self._playlist.end()
+            self._put_playlist()
+        return self.playlist_key
+
+    def _put_playlist(self) -> None:
+        assert self._playlist is not None
+        body = self._playlist.render().encode()
+        self.storage.put(self.playlist_key, body, "application/vnd.apple.mpegurl")
