@@ -1,9 +1,9 @@
 """Serving overhead: the distributed pipeline against the in-process generator, one run.
 
 Three measurements, repeated with the paths interleaved (medians):
-- denoising per chunk: the stage RPCs of a chunk through Serve handles (low-res steps on the
-  structure stage, high-res steps + both commits on the refine stage, latents serialized both
-  ways) against `HiStreamGenerator.step` in this process;
+- denoising per chunk: the stage RPCs of a chunk through Serve handles, as the session driver
+  sends them (low-res phase on the structure stage, high-res phase + both commits through the
+  refine stage, latents serialized both ways) against `HiStreamGenerator.step` in this process;
 - end to end per chunk: a WebSocket streaming session (gateway -> stages -> decode pool ->
   fMP4 segment to the client) against denoise + VAE decode + fMP4 encode in this process;
 - time to first chunk of a streaming session: from the start message to the first segment.
@@ -23,15 +23,17 @@ from ray import serve
 from websockets.sync.client import connect
 
 from histream_model.components import load_components
+from histream_model.config import VideoShape, get_mode
 from histream_model.generator import HiStreamGenerator
-from protos.histream.v1 import stages_pb2
-from services import server
-from services.app import REFINE, STRUCTURE
+from services.local import server
 from services.media import FragmentedMp4Encoder
+from services.protocol import StageName, StreamKind
+from services.sessions import SessionDriver, SessionPlan, StageHandles
 from services.settings import ServeSettings, StageScaling
 from services.storage import StorageSettings
 
 PROMPT = "a red fox running through fresh snow"
+DENOISE_AND_DECODE = (StageName.STRUCTURE, StageName.REFINE, StageName.DECODE)
 
 
 @dataclass
@@ -60,8 +62,8 @@ def in_process(components, mode: str, frames: int) -> tuple[list[float], float, 
     while not state.done:
         chunk = gen.step(state)
         denoise.append(chunk.seconds)
-        video, vae_state = components.vae.decode_chunk(chunk.latents, vae_state)
-        encoder.encode_segment(video[0].transpose(0, 1))
+        video, vae_state = components.vae.decode_frames(chunk.latents, vae_state)
+        encoder.encode_segment(video)
         if not first:
             first = time.perf_counter() - started
     encoder.close()
@@ -69,37 +71,25 @@ def in_process(components, mode: str, frames: int) -> tuple[list[float], float, 
     return denoise, total / len(denoise), first
 
 
-def service_denoise(preset, mode: str, frames: int, context: stages_pb2.Tensor, tag: str) -> list:
-    """Wall time per chunk of the stage RPCs (no decode), through Serve handles."""
-    structure = serve.get_deployment_handle(STRUCTURE, app_name=server.APP_NAME)
-    refine = serve.get_deployment_handle(REFINE, app_name=server.APP_NAME)
-    sid = f"bench-{tag}"
-    spec = stages_pb2.SessionSpec(
-        session_id=sid, tenant="default", preset=preset.name, mode=mode,
-        height=preset.height, width=preset.width, num_frames=frames, seed=0,
-    )  # fmt: skip
+def service_denoise(preset, mode: str, frames: int, tag: str) -> list[float]:
+    """Wall time per chunk of the denoising stage calls (no decode), through Serve handles."""
+    handles = StageHandles(*(stage_handle(name) for name in DENOISE_AND_DECODE))
+    shape = VideoShape(preset, get_mode(mode), preset.height, preset.width, frames)
+    plan = SessionPlan(f"bench-{tag}", StreamKind.VIDEO, "default", shape, 0, PROMPT, preset.fps)
 
     async def run() -> list[float]:
-        s, r = structure.options(session_id=sid), refine.options(session_id=sid)
-        opened = stages_pb2.OpenSessionRequest(spec=spec, context=context)
-        await asyncio.gather(s.OpenSession.remote(opened), r.OpenSession.remote(opened))
-        times = []
+        driver = SessionDriver(handles, plan)
+        await driver.open()
         try:
-            for i in range(preset.vae.latent_frames(frames) // preset.options.chunk_frames):
-                t0 = time.perf_counter()
-                low = await s.LowSteps.remote(
-                    stages_pb2.ChunkRequest(session_id=sid, chunk_index=i)
-                )
-                await r.Refine.remote(
-                    stages_pb2.ChunkLatents(session_id=sid, chunk_index=i, latents=low.latents)
-                )
-                times.append(time.perf_counter() - t0)
+            return [(await driver.denoise(i))[1] for i in range(shape.num_chunks)]
         finally:
-            release = stages_pb2.ReleaseRequest(session_id=sid)
-            await asyncio.gather(s.CloseSession.remote(release), r.CloseSession.remote(release))
-        return times
+            await driver.close()
 
     return asyncio.run(run())
+
+
+def stage_handle(name: StageName):
+    return serve.get_deployment_handle(str(name), app_name=server.APP_NAME)
 
 
 def service_session(port: int, preset, mode: str, frames: int) -> tuple[float, float]:
@@ -145,10 +135,9 @@ def measure(
     server.start(settings, num_cpus=4, log_to_driver=False)
     samples = Samples()
     try:
-        context = _context(components)
         # warm-up: first calls allocate and pick kernels on both sides
         in_process(components, mode, 9)
-        service_denoise(components.preset, mode, 9, context, "warmup")
+        service_denoise(components.preset, mode, 9, "warmup")
         service_session(settings.http_port, components.preset, mode, 9)
         for r in range(repeats):
             denoise, e2e, first = in_process(components, mode, frames)
@@ -156,7 +145,7 @@ def measure(
             samples.inproc_e2e.append(e2e)
             samples.inproc_first.append(first)
             samples.service_denoise.append(
-                median(service_denoise(components.preset, mode, frames, context, str(r)))
+                median(service_denoise(components.preset, mode, frames, str(r)))
             )
             e2e, first = service_session(settings.http_port, components.preset, mode, frames)
             samples.service_e2e.append(e2e)
@@ -165,12 +154,6 @@ def measure(
     finally:
         server.stop()
     return samples, settings
-
-
-def _context(components) -> stages_pb2.Tensor:
-    from services.tensors import to_proto
-
-    return to_proto(components.text.encode([PROMPT]).float())
 
 
 def median(values: list[float]) -> float:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from histream_model.config import Preset, TextEncoderConfig, get_preset
+from histream_model.config import Preset, TextEncoderConfig, choose, get_preset
 from histream_model.dit import WanDiT, build_dit
 from histream_model.text import TextEncoder, build_text_encoder
 from histream_model.vae import WanVAE, build_vae
@@ -36,11 +36,7 @@ DTYPES: dict[str, torch.dtype] = {
 
 def dtype_named(name: str | None) -> torch.dtype | None:
     """The torch dtype of a name in DTYPES (None stays None: the device's default)."""
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    return None if name is None else choose(DTYPES, name, "dtype")
 
 
 @dataclass(frozen=True)

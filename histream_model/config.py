@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 # Per-channel statistics of the Wan2.1 VAE latent space (REFERENCE 4). The DiT works on
 # normalized latents; the VAE decoder un-normalizes with z * std + mean.
@@ -48,6 +50,9 @@ WAN_LATENTS_STD = (
     2.8251,
     1.9160,
 )
+
+
+WAN_FPS = 16  # Wan2.1's frame rate: what its videos are trained and played at
 
 
 @dataclass(frozen=True)
@@ -238,7 +243,7 @@ class Preset:
     height: int  # default output height (pixels)
     width: int  # default output width (pixels)
     num_frames: int = 81  # default output frames (1 + 4k)
-    fps: int = 16  # frame rate the model family was trained at (Wan2.1: 16)
+    fps: int = WAN_FPS  # frame rate the model family was trained at
     max_height: int = 0  # largest height the service accepts (0 = the default height)
     max_width: int = 0
     max_num_frames: int = 481  # longest video the service accepts
@@ -310,16 +315,22 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+T = TypeVar("T")
+
+
+def choose(table: Mapping[str, T], name: str, what: str) -> T:
+    """`table[name]`, or a ValueError naming the unknown `what` and the known names."""
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {list(table)}")
+    return table[name]
+
+
 def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]
+    return choose(PRESETS, name, "preset")
 
 
 def get_mode(name: str) -> Mode:
-    if name not in MODES:
-        raise ValueError(f"unknown mode {name!r}; choose one of {list(MODES)}")
-    return MODES[name]
+    return choose(MODES, name, "mode")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 import av
 import numpy as np
@@ -24,6 +24,8 @@ import torch
 from av.container import InputContainer, OutputContainer
 from av.video.frame import PictureType
 from av.video.stream import VideoStream
+
+from histream_model.config import WAN_FPS
 
 # libx264's quality scale; 0 is lossless, 51 the worst.
 CRF_RANGE = (0, 51)
@@ -89,7 +91,40 @@ def _video_frame(rgb: np.ndarray, pts: int, fps: int) -> av.VideoFrame:
     return frame
 
 
-class Mp4Writer:
+class _Encoder:
+    """What both H.264 encoders share: checked sizes and rate, and, as a context manager,
+    closed (finished) on success, aborted on an exception."""
+
+    x264_preset = "medium"  # libx264's speed/compression trade-off
+
+    def __init__(self, width: int, height: int, fps: int, crf: int) -> None:
+        _check_encoder_args(width, height, fps, crf)
+        self.width, self.height, self.fps = width, height, fps
+        self._options = {"crf": str(crf), "preset": self.x264_preset}
+        self._closed = False
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class Mp4Writer(_Encoder):
     """Streams frames into an H.264 (libx264, yuv420p) MP4 file; use as a context manager.
 
     Frames are encoded as `write` receives them; only libx264's own lookahead is buffered.
@@ -98,25 +133,13 @@ class Mp4Writer:
     """
 
     def __init__(
-        self,
-        path: str | Path,
-        width: int,
-        height: int,
-        fps: int = 16,
-        crf: int = 23,
-        x264_preset: str = "medium",
+        self, path: str | Path, width: int, height: int, fps: int = WAN_FPS, crf: int = 23
     ) -> None:
-        _check_encoder_args(width, height, fps, crf)
+        super().__init__(width, height, fps, crf)
         self.path = Path(path)
-        self.width = width
-        self.height = height
-        self.fps = fps
         self.frames_written = 0
-        self._closed = False
         self._container: OutputContainer = av.open(str(self.path), mode="w", format="mp4")
-        self._stream = _add_h264_stream(
-            self._container, width, height, fps, {"crf": str(crf), "preset": x264_preset}
-        )
+        self._stream = _add_h264_stream(self._container, width, height, fps, self._options)
 
     def write(self, frames: torch.Tensor) -> None:
         """Encode [T, 3, H, W] frames (uint8, or float in [-1, 1]) and mux their packets."""
@@ -149,20 +172,6 @@ class Mp4Writer:
         self._closed = True
         self._container.close()
         self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> Mp4Writer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 class Box(NamedTuple):
@@ -214,7 +223,7 @@ def _set_decode_time(fragment: bytearray, decode_time: int) -> None:
         raise ValueError(f"decode time {decode_time} does not fit a version-0 tfdt")
 
 
-class FragmentedMp4Encoder:
+class FragmentedMp4Encoder(_Encoder):
     """H.264 fragmented MP4: `init_segment()` once, then one moof + mdat per `encode_segment`.
 
     Every segment starts with an IDR frame, so a viewer can join at any segment boundary (init +
@@ -230,22 +239,13 @@ class FragmentedMp4Encoder:
     is set here; the mfhd sequence number comes from the muxer's fragment_index option.
     """
 
-    def __init__(
-        self,
-        width: int,
-        height: int,
-        fps: int = 16,
-        crf: int = 23,
-        x264_preset: str = "veryfast",
-    ) -> None:
-        _check_encoder_args(width, height, fps, crf)
-        self.width = width
-        self.height = height
-        self.fps = fps
+    x264_preset = "veryfast"
+
+    def __init__(self, width: int, height: int, fps: int = WAN_FPS, crf: int = 23) -> None:
+        super().__init__(width, height, fps, crf)
         self.frames_encoded = 0
         self.segments_encoded = 0
-        self._closed = False
-        options = {"crf": str(crf), "preset": x264_preset, "tune": "zerolatency"}
+        options = {**self._options, "tune": "zerolatency"}
         # forced-idr: a frame marked I becomes an IDR, not just an intra frame.
         options["forced-idr"] = "1"
         header = io.BytesIO()
@@ -324,15 +324,8 @@ class FragmentedMp4Encoder:
         self._closed = True
         self._header.close()
 
-    def __enter__(self) -> FragmentedMp4Encoder:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def abort(self) -> None:
+        """Nothing to discard: segments were handed out as they were made."""
         self.close()
 
 

@@ -20,16 +20,17 @@ import torch.nn.functional as F
 
 from histream_model.config import HiStreamOptions, Resolution, VideoShape
 from histream_model.dit import TextKV, WanDiT
-from histream_model.kv_cache import CacheLayout, KVCache
-from histream_model.rope import RopeAxes
+from histream_model.kv_cache import CacheLayout, ChunkSlots, KVCache
+from histream_model.rope import RopeAxes, RopeTable
 from histream_model.schedules.flow import FlowSchedule, chunk_noise
 from histream_model.schedules.plan import ChunkPlan, Entry, Phase
 
 # Wraps each part of a phase ("input", "denoise", "commit") for callers that time them.
 Timer = Callable[[str], AbstractContextManager]
+PhaseTimer = Callable[[Phase, str], AbstractContextManager]  # the same, for any phase of a chunk
 
 
-def _untimed(_: str) -> AbstractContextManager:
+def _untimed(*_: object) -> AbstractContextManager:
     return contextlib.nullcontext()
 
 
@@ -121,10 +122,34 @@ def phase_input(
     return _flow(options).renoise(up, eps, phase.timesteps[0])
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class _Pass:
+    """Where a phase's passes run: the chunk's cache slots and RoPE table at one resolution."""
+
+    model: WanDiT
+    state: ResolutionState
+    slots: ChunkSlots
+    rope: RopeTable
+    scale: float | None
+
+    @classmethod
+    def of(cls, model: WanDiT, state: ResolutionState, plan: ChunkPlan, phase: Phase) -> _Pass:
+        slots = state.cache.slots(plan.frame_start, plan.num_frames)
+        return cls(
+            model, state, slots, model.chunk_rope(state.rope, slots, state.latent_hw), phase.scale
+        )
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: float, kv_only: bool = False) -> torch.Tensor | None:
+        s = self.state
+        t_batch = torch.full((x.shape[0],), t, device=x.device)
+        return self.model.forward_chunk(
+            x, t_batch, s.text, s.cache, self.slots, self.rope, self.scale, kv_only=kv_only
+        )
+
+
 def _denoise(
-    model: WanDiT,
-    state: ResolutionState,
+    forward: _Pass,
     plan: ChunkPlan,
     phase: Phase,
     options: HiStreamOptions,
@@ -133,14 +158,11 @@ def _denoise(
 ) -> torch.Tensor:
     """The phase's steps: predict x0, re-noise it with fresh noise to the next timestep."""
     flow = _flow(options)
-    slots = state.cache.slots(plan.frame_start, plan.num_frames)
-    rope = model.chunk_rope(state.rope, slots, state.latent_hw)
     x0 = x
     for j, t in enumerate(phase.timesteps):
-        t_batch = torch.full((x.shape[0],), t, device=x.device)
-        v = model.forward_chunk(x, t_batch, state.text, state.cache, slots, rope, phase.scale)
+        v = forward(x, t)
         assert v is not None
-        state.denoise_passes += 1
+        forward.state.denoise_passes += 1
         x0 = flow.x0_from_flow(x, v, t)
         if j + 1 < len(phase.timesteps):
             eps = chunk_noise(seed, plan.index, phase.first_draw + j + 1, x.shape, x.device)
@@ -148,17 +170,11 @@ def _denoise(
     return x0
 
 
-@torch.no_grad()
-def _commit(
-    model: WanDiT, state: ResolutionState, plan: ChunkPlan, phase: Phase, x0: torch.Tensor
-) -> None:
+def _commit(forward: _Pass, x0: torch.Tensor) -> None:
     """The t = 0 pass writing the chunk's clean keys/values; the window slides."""
-    slots = state.cache.slots(plan.frame_start, plan.num_frames)
-    rope = model.chunk_rope(state.rope, slots, state.latent_hw)
-    t0 = torch.zeros((x0.shape[0],), device=x0.device)
-    model.forward_chunk(x0, t0, state.text, state.cache, slots, rope, phase.scale, kv_only=True)
-    state.cache.commit(slots)
-    state.commit_passes += 1
+    forward(x0, 0.0, kv_only=True)
+    forward.state.cache.commit(forward.slots)
+    forward.state.commit_passes += 1
 
 
 def run_phase(
@@ -176,12 +192,13 @@ def run_phase(
         raise ValueError(f"a {phase.resolution} phase cannot run on {state.resolution} state")
     with timer("input"):
         x = phase_input(state, plan, phase, options, seed, received)
+    forward = _Pass.of(model, state, plan, phase)
     if phase.timesteps:
         with timer("denoise"):
-            x = _denoise(model, state, plan, phase, options, seed, x)
+            x = _denoise(forward, plan, phase, options, seed, x)
     if phase.commit:
         with timer("commit"):
-            _commit(model, state, plan, phase, x)
+            _commit(forward, x)
     return x
 
 
@@ -191,13 +208,18 @@ def run_chunk(
     shape: VideoShape,
     plan: ChunkPlan,
     seed: int,
+    timer: PhaseTimer = _untimed,
 ) -> torch.Tensor:
     """Every phase of the chunk in order, in this process; returns the chunk's clean latents."""
     latents = received = None
+    options = shape.preset.options
     for i, phase in enumerate(plan.phases):
-        result = run_phase(
-            model, states[phase.resolution], plan, phase, shape.preset.options, seed, received
-        )
+        state = states[phase.resolution]
+
+        def part(name: str, phase: Phase = phase) -> AbstractContextManager:
+            return timer(phase, name)
+
+        result = run_phase(model, state, plan, phase, options, seed, received, part)
         if i == plan.output:
             latents = result
         if i + 1 < len(plan.phases):

@@ -21,7 +21,7 @@ from services.gateway.requests import (
     resolve_video,
 )
 from services.jobs import JobRunner, RecordStore, VideoRecord, VideoStatus
-from services.protocol import ChunkReady, SessionEvent, StreamKind, video_shape
+from services.protocol import ChunkReady, SessionEvent, StreamKind
 from services.sessions import LiveSession, SessionDriver, SessionPlan, SessionRegistry, StageHandles
 from services.settings import ServeSettings
 from services.storage import Layout, open_storage
@@ -53,16 +53,7 @@ class GatewayCore:
         self.records = RecordStore(self.storage, self.layout)
         self.handles = handles
         self.metrics = Metrics()
-        self.jobs = JobRunner(
-            handles,
-            self.records,
-            self.preset,
-            max_running=settings.max_running_jobs,
-            queue_timeout_s=settings.queue_timeout_s,
-            ttl_s=settings.video_ttl_s,
-            fps=settings.frame_rate,
-            observer=self.metrics,
-        )
+        self.jobs = JobRunner(handles, self.records, settings, observer=self.metrics)
         self.sessions = SessionRegistry()
 
     # -- models -----------------------------------------------------------------------------------
@@ -92,10 +83,10 @@ class GatewayCore:
 
     async def create_video(self, body: VideoCreate) -> VideoRecord:
         s = self.settings
-        r = resolve_video(body, self.preset, s.served_model, s.frame_rate, s.max_prompt_chars)
-        return await self.jobs.submit(
-            r.model, r.prompt, r.mode, r.width, r.height, r.num_frames, r.seed, r.seconds
+        generation = resolve_video(
+            body, self.preset, s.served_model, s.frame_rate, s.max_prompt_chars
         )
+        return await self.jobs.submit(generation)
 
     async def get_video(self, video_id: str) -> VideoRecord:
         return await self.records.get(video_id)
@@ -147,16 +138,12 @@ class GatewayCore:
     def open_session(self, body: SessionStart) -> LiveSession:
         """Validate a session request (nothing reaches a stage on bad input) and register it."""
         s = self.settings
-        r = resolve_session(body, self.preset, s.served_model, s.frame_rate, s.max_prompt_chars)
+        generation = resolve_session(
+            body, self.preset, s.served_model, s.frame_rate, s.max_prompt_chars
+        )
         session_id = new_session_id()
-        plan = SessionPlan(
-            object_id=session_id,
-            kind=StreamKind.SESSION,
-            tenant=self.layout.tenant,
-            shape=video_shape(self.preset, r.mode, r.height, r.width, r.num_frames),
-            seed=r.seed,
-            prompt=r.prompt,
-            fps=s.frame_rate,
+        plan = SessionPlan.of(
+            generation, session_id, StreamKind.SESSION, self.layout.tenant, s.frame_rate
         )
         live = LiveSession(
             session_id,

@@ -7,6 +7,8 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+from google.protobuf import json_format
+
 from protos.histream.v1 import api_pb2
 from services.errors import ServiceError
 from services.gateway.core import GatewayCore
@@ -17,24 +19,9 @@ T = TypeVar("T")
 
 
 def video_message(record: VideoRecord) -> api_pb2.Video:
-    error = record.error
-    return api_pb2.Video(
-        id=record.id,
-        object=record.object,
-        model=record.model,
-        status=record.status.value,
-        progress=record.progress,
-        created_at=record.created_at,
-        completed_at=record.completed_at or 0,
-        expires_at=record.expires_at or 0,
-        error=api_pb2.VideoError(code=error.code, message=error.message) if error else None,
-        seconds=record.seconds,
-        size=record.size,
-        prompt=record.prompt,
-        seed=record.seed,
-        mode=record.mode,
-        num_frames=record.num_frames,
-    )
+    """The OpenAI video object as `histream.v1.Video` (unset times are 0, no error unset)."""
+    fields = {k: v for k, v in record.public().items() if v is not None}
+    return json_format.ParseDict(fields, api_pb2.Video())
 
 
 @contextlib.contextmanager

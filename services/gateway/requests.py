@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from histream_model.config import MODES, Preset, check_video_shape, get_mode
 from services.errors import InvalidArgument
+from services.protocol import Generation, video_shape
 
 SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 DEFAULT_MODE = "histream+"
@@ -44,19 +45,6 @@ class SessionStart(BaseModel):
     seed: int | str | None = None
     mode: str | None = None
     num_frames: int | str | None = None
-
-
-class Resolved(BaseModel):
-    """A request after validation: what the pipeline will generate."""
-
-    prompt: str
-    model: str
-    mode: str
-    width: int
-    height: int
-    num_frames: int
-    seed: int
-    seconds: str
 
 
 def parse(model: type[BaseModel], data: dict) -> BaseModel:
@@ -203,27 +191,20 @@ def _resolve(
     served_model: str,
     max_prompt_chars: int,
     length: Callable[[], tuple[int, str]],
-) -> Resolved:
+) -> Generation:
     """Check the fields both request kinds share; `length` gives (num_frames, seconds)."""
     prompt = check_prompt_field(body.prompt, max_prompt_chars)
     model, mode = check_model(body.model, body.mode, served_model)
     width, height = check_size(body.size, preset, mode)
     frames, seconds = length()
-    return Resolved(
-        prompt=prompt,
-        model=model,
-        mode=mode,
-        width=width,
-        height=height,
-        num_frames=frames,
-        seed=check_seed(body.seed),
-        seconds=seconds,
-    )
+    shape = video_shape(preset, mode, height, width, frames)
+    seed = check_seed(body.seed)
+    return Generation(model=model, prompt=prompt, shape=shape, seed=seed, seconds=seconds)
 
 
 def resolve_video(
     body: VideoCreate, preset: Preset, served_model: str, fps: int, max_prompt_chars: int
-) -> Resolved:
+) -> Generation:
     def length() -> tuple[int, str]:
         return check_seconds(body.seconds, fps, preset)
 
@@ -232,7 +213,7 @@ def resolve_video(
 
 def resolve_session(
     body: SessionStart, preset: Preset, served_model: str, fps: int, max_prompt_chars: int
-) -> Resolved:
+) -> Generation:
     def length() -> tuple[int, str]:
         frames = check_num_frames(body.num_frames, preset)
         return frames, str(math.ceil((frames - 1) / fps))

@@ -54,7 +54,7 @@ class WebSocketAdapter:
                 async for event in events:
                     if isinstance(event, SessionStarted):
                         reader = asyncio.create_task(self._read(ws, live, send))
-                    await send(event.message(), event.media)
+                    await send(event.message(), event.payload)
             await ws.close()
         except ServiceError as err:
             with contextlib.suppress(Exception):

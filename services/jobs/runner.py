@@ -11,12 +11,12 @@ import time
 from contextlib import AbstractContextManager
 from typing import Protocol
 
-from histream_model.config import Preset
 from protos.histream.v1 import stages_pb2
 from services.errors import ServiceError
 from services.jobs.records import RecordStore, VideoError, VideoRecord, VideoStatus, new_video_id
-from services.protocol import ChunkReady, EndReason, StreamKind, video_shape
+from services.protocol import ChunkReady, EndReason, Generation, StreamKind
 from services.sessions import SessionDriver, SessionPlan, StageHandles
+from services.settings import ServeSettings
 
 log = logging.getLogger("histream.jobs")
 
@@ -57,51 +57,36 @@ class JobRunner:
         self,
         handles: StageHandles,
         records: RecordStore,
-        preset: Preset,
-        max_running: int,
-        queue_timeout_s: float,
-        ttl_s: int,
-        fps: int,
+        settings: ServeSettings,
         observer: JobObserver | None = None,
     ) -> None:
         self.handles = handles
         self.records = records
-        self.preset = preset
-        self.slots = asyncio.Semaphore(max_running)
-        self.queue_timeout_s = queue_timeout_s
-        self.ttl_s = ttl_s
-        self.fps = fps
+        self.preset = settings.get_preset()
+        self.slots = asyncio.Semaphore(settings.max_running_jobs)
+        self.queue_timeout_s = settings.queue_timeout_s  # waiting for stage capacity
+        self.ttl_s = settings.video_ttl_s  # a finished video's expires_at
+        self.fps = settings.frame_rate
         self.observer = observer or _Unobserved()
         self.tasks: dict[str, asyncio.Task] = {}
 
-    async def submit(
-        self, model: str, prompt: str, mode: str, width: int, height: int,
-        num_frames: int, seed: int, seconds: str,
-    ) -> VideoRecord:  # fmt: skip
+    async def submit(self, generation: Generation) -> VideoRecord:
         """Store a queued record and start the job; returns the record at once."""
-        shape = video_shape(self.preset, mode, height, width, num_frames)
+        shape = generation.shape
         record = VideoRecord(
             id=new_video_id(),
-            model=model,
+            model=generation.model,
             created_at=int(time.time()),
-            seconds=seconds,
-            size=f"{width}x{height}",
-            prompt=prompt,
-            seed=seed,
-            mode=mode,
-            num_frames=num_frames,
+            seconds=generation.seconds,
+            size=f"{shape.width}x{shape.height}",
+            prompt=generation.prompt,
+            seed=generation.seed,
+            mode=shape.mode.name,
+            num_frames=shape.num_frames,
             tenant=self.records.layout.tenant,
         )
         await self.records.put(record)
-        plan = SessionPlan(
-            object_id=record.id,
-            kind=StreamKind.VIDEO,
-            tenant=record.tenant,
-            shape=shape,
-            seed=seed,
-            prompt=prompt,
-            fps=self.fps,
-        )
+        plan = SessionPlan.of(generation, record.id, StreamKind.VIDEO, record.tenant, self.fps)
         task = asyncio.create_task(self._run(record, plan))
         self.tasks[record.id] = task
         task.add_done_callback(lambda _: self.tasks.pop(record.id, None))
@@ -158,15 +143,8 @@ class JobRunner:
             await self._update(record)
         if not await self.records.exists(record.id):
             raise JobDeleted(record.id)
-        metadata = stages_pb2.VideoMetadata(
-            id=record.id,
-            model=record.model,
-            mode=record.mode,
-            seed=record.seed,
-            size=record.size,
-            fps=plan.fps,
-            created_at=record.created_at,
-        )
+        described = record.model_dump(include={"id", "model", "mode", "seed", "size", "created_at"})
+        metadata = stages_pb2.VideoMetadata(fps=plan.fps, **described)
         await driver.finish(EndReason.COMPLETED, video=metadata)
 
     async def cancel(self, video_id: str) -> bool:

@@ -103,17 +103,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     weights = weights_from_args(args)
     components = components_from_args(args, weights)
-    report = generate_video(
-        components,
-        prompt,
-        args.out,
-        mode=args.mode,
-        seed=args.seed,
-        num_frames=args.num_frames,
-        height=args.height,
-        width=args.width,
-        progress=not args.no_progress,
-    )
+    shape = {k: getattr(args, k) for k in ("mode", "seed", "num_frames", "height", "width")}
+    report = generate_video(components, prompt, args.out, progress=not args.no_progress, **shape)
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(report.to_json())
@@ -166,16 +157,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from services.local.client import submit_video
 
+    body = {k: getattr(args, k) for k in ("size", "seconds", "mode", "seed")}
     path = submit_video(
         args.url,
         args.prompt,
         args.out,
-        size=args.size,
-        seconds=args.seconds,
-        mode=args.mode,
-        seed=args.seed,
         wait_ready_s=args.wait_ready,
         timeout_s=args.timeout,
+        **body,
     )
     print(f"video: {path}")
     return 0

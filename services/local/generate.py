@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from tqdm import tqdm
 
 from histream_model.components import Components
 from histream_model.config import VideoShape, get_mode
-from histream_model.generator import HiStreamGenerator
+from histream_model.generator import ChunkResult, HiStreamGenerator
 from histream_model.text import check_prompt
 from services.media import Mp4Writer
 
@@ -31,6 +31,12 @@ class ChunkReport:
     seconds: float  # denoising + commits
     decode_seconds: float
     kv_bytes: dict[str, int]  # {"low", "high"} bytes held by the session's caches
+
+    @classmethod
+    def of(cls, chunk: ChunkResult, decode_seconds: float) -> ChunkReport:
+        """The report of a generated chunk: its costs, not its latents."""
+        costs = {f.name: getattr(chunk, f.name) for f in fields(cls) if hasattr(chunk, f.name)}
+        return cls(**costs, decode_seconds=decode_seconds)
 
 
 @dataclass
@@ -98,18 +104,7 @@ def generate_video(
             writer.write(frames)
             report.encode_seconds += time.perf_counter() - decoded
             report.decode_seconds += decoded - started
-            report.chunks.append(
-                ChunkReport(
-                    index=chunk.index,
-                    low_steps=chunk.low_steps,
-                    high_steps=chunk.high_steps,
-                    low_passes=chunk.low_passes,
-                    high_passes=chunk.high_passes,
-                    seconds=chunk.seconds,
-                    decode_seconds=decoded - started,
-                    kv_bytes=chunk.kv_bytes,
-                )
-            )
+            report.chunks.append(ChunkReport.of(chunk, decode_seconds=decoded - started))
             bar.update(1)
             bar.set_postfix(denoise_s=f"{chunk.seconds:.2f}")
         writer.close()

@@ -3,7 +3,7 @@
 - `vocab.py`      enums: stream kind, stage name, resolution, end reason (proto enums on the wire);
 - `lifecycle.py`  the session status as an enum state machine with checked transitions;
 - `events.py`     what a streaming session sends, encoded for WebSocket and gRPC;
-- `spec.py`       a session's shape to and from the stage protocol's `SessionSpec`;
+- `spec.py`       a validated request (`Generation`), its shape to and from `SessionSpec`;
 - `codec.py`      torch tensors to and from the protocol's `Tensor` message.
 """
 
@@ -22,13 +22,14 @@ from services.protocol.lifecycle import (
     Lifecycle,
     SessionStatus,
 )
-from services.protocol.spec import session_spec, shape_of, video_shape
+from services.protocol.spec import Generation, session_spec, shape_of, video_shape
 from services.protocol.vocab import EndReason, Resolution, StageName, StreamKind
 
 __all__ = [
     "SESSION_TRANSITIONS",
     "ChunkReady",
     "EndReason",
+    "Generation",
     "IllegalTransition",
     "InitSegment",
     "Lifecycle",

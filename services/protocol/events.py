@@ -1,17 +1,44 @@
 """What a streaming session sends its client, as typed events with one encoding per transport:
 `message()` is the WebSocket JSON (followed by `media` as a binary message when there is one),
-`proto()` the gRPC `histream.v1.SessionEvent`."""
+`proto()` the gRPC `histream.v1.SessionEvent`. Both are made from the same `fields()`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
+from histream_model.config import VideoShape
 from protos.histream.v1 import api_pb2, stages_pb2
 from services.protocol.vocab import EndReason
 
 
+class _Event:
+    kind: ClassVar[str]  # the WebSocket message's "type"
+    oneof: ClassVar[str]  # its field in histream.v1.SessionEvent
+    wire: ClassVar[Any]  # that field's message class
+
+    @property
+    def payload(self) -> bytes | None:
+        """The media sent after the JSON (and as `data` in gRPC), if the event has any."""
+        return getattr(self, "media", None)
+
+    def fields(self) -> dict:
+        """What the client is told, besides the media."""
+        return {k: v for k, v in asdict(self).items() if k != "media"}  # type: ignore[call-overload]
+
+    def message(self) -> dict:
+        size = {} if self.payload is None else {"bytes": len(self.payload)}
+        return {"type": self.kind, **self.fields(), **size}
+
+    def proto(self) -> api_pb2.SessionEvent:
+        data = {} if self.payload is None else {"data": self.payload}
+        return api_pb2.SessionEvent(**{self.oneof: self.wire(**self.fields(), **data)})
+
+
 @dataclass(frozen=True)
-class SessionStarted:
+class SessionStarted(_Event):
+    kind, oneof, wire = "session.started", "started", api_pb2.SessionStarted
+
     session_id: str  # public id: where the session's objects are stored, and for prompt updates
     width: int
     height: int
@@ -20,48 +47,26 @@ class SessionStarted:
     num_frames: int
     playlist_key: str  # where the HLS playlist grows in storage
 
-    media = None
-
-    def message(self) -> dict:
-        return {
-            "type": "session.started",
-            "session_id": self.session_id,
-            "width": self.width,
-            "height": self.height,
-            "fps": self.fps,
-            "num_chunks": self.num_chunks,
-            "num_frames": self.num_frames,
-            "playlist_key": self.playlist_key,
-        }
-
-    def proto(self) -> api_pb2.SessionEvent:
-        return api_pb2.SessionEvent(
-            started=api_pb2.SessionStarted(
-                session_id=self.session_id,
-                width=self.width,
-                height=self.height,
-                fps=self.fps,
-                num_chunks=self.num_chunks,
-                num_frames=self.num_frames,
-                playlist_key=self.playlist_key,
-            )
-        )
+    @classmethod
+    def of(cls, session_id: str, shape: VideoShape, fps: int, playlist_key: str) -> SessionStarted:
+        frames, chunks = shape.num_frames, shape.num_chunks
+        return cls(session_id, shape.width, shape.height, fps, chunks, frames, playlist_key)
 
 
 @dataclass(frozen=True)
-class InitSegment:
+class InitSegment(_Event):
+    kind, oneof, wire = "init", "init", api_pb2.InitSegment
+
     media: bytes  # fMP4 init segment (ftyp + moov)
 
-    def message(self) -> dict:
-        return {"type": "init", "bytes": len(self.media)}
-
-    def proto(self) -> api_pb2.SessionEvent:
-        return api_pb2.SessionEvent(init=api_pb2.InitSegment(data=self.media))
-
 
 @dataclass(frozen=True)
-class ChunkReady:
+class ChunkReady(_Event):
     """One decoded chunk, in order."""
+
+    kind, oneof, wire = "chunk", "chunk", api_pb2.ChunkSegment
+    # what a client is told of a chunk, besides its media
+    PUBLIC: ClassVar = ("index", "first_frame", "num_frames", "prompt_version", "latents_sha256")
 
     index: int  # chunk number, 0-based
     first_frame: int  # first video frame of its segment
@@ -75,65 +80,28 @@ class ChunkReady:
     decode_seconds: float  # VAE decode + encode
     kv_bytes: int  # cache bytes the session holds on the denoisers
 
-    def message(self) -> dict:
-        return {
-            "type": "chunk",
-            "index": self.index,
-            "first_frame": self.first_frame,
-            "num_frames": self.num_frames,
-            "prompt_version": self.prompt_version,
-            "latents_sha256": self.latents_sha256,
-            "bytes": len(self.media),
-        }
-
-    def proto(self) -> api_pb2.SessionEvent:
-        return api_pb2.SessionEvent(
-            chunk=api_pb2.ChunkSegment(
-                index=self.index,
-                first_frame=self.first_frame,
-                num_frames=self.num_frames,
-                data=self.media,
-                prompt_version=self.prompt_version,
-                latents_sha256=self.latents_sha256,
-            )
-        )
+    def fields(self) -> dict:
+        return {name: getattr(self, name) for name in self.PUBLIC}
 
 
 @dataclass(frozen=True)
-class PromptApplied:
+class PromptApplied(_Event):
     """The chunks from `from_chunk` on are generated under prompt `prompt_version`."""
+
+    kind, oneof, wire = "prompt.applied", "prompt_updated", api_pb2.PromptUpdated
 
     prompt_version: int
     from_chunk: int
 
-    media = None
-
-    def message(self) -> dict:
-        return {
-            "type": "prompt.applied",
-            "prompt_version": self.prompt_version,
-            "from_chunk": self.from_chunk,
-        }
-
-    def proto(self) -> api_pb2.SessionEvent:
-        return api_pb2.SessionEvent(
-            prompt_updated=api_pb2.PromptUpdated(
-                prompt_version=self.prompt_version, from_chunk=self.from_chunk
-            )
-        )
-
 
 @dataclass(frozen=True)
-class SessionEnded:
+class SessionEnded(_Event):
+    kind, oneof, wire = "session.ended", "ended", api_pb2.SessionEnded
+
     reason: EndReason  # COMPLETED or CLOSED: a client that went away is sent nothing
 
-    media = None
-
-    def message(self) -> dict:
-        return {"type": "session.ended", "reason": str(self.reason)}
-
-    def proto(self) -> api_pb2.SessionEvent:
-        return api_pb2.SessionEvent(ended=api_pb2.SessionEnded(reason=str(self.reason)))
+    def fields(self) -> dict:
+        return {"reason": str(self.reason)}
 
 
 SessionEvent = SessionStarted | InitSegment | ChunkReady | PromptApplied | SessionEnded

@@ -1,11 +1,25 @@
-"""A session's shape on both sides of the stage protocol: what the gateway validated becomes a
-`SessionSpec`, and a stage turns the spec back into the same `VideoShape`."""
+"""What to generate, on both sides of the stage protocol: the gateway validates a request into a
+`Generation` whose shape becomes a `SessionSpec`; a stage turns the spec back into the same
+`VideoShape`."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from histream_model.config import Preset, VideoShape, get_mode
 from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A validated request: what to generate. The gateway checked every field."""
+
+    model: str  # the model id the request named (the served model, or a mode's id)
+    prompt: str
+    shape: VideoShape  # preset, mode, size and length
+    seed: int
+    seconds: str  # the length as the API reports it back, e.g. "5"
 
 
 def video_shape(preset: Preset, mode: str, height: int, width: int, num_frames: int) -> VideoShape:

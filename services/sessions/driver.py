@@ -107,7 +107,7 @@ class SessionDriver:
             await self.stages.set_prompt(pending.context)
             self.prompts.applied(pending, chunk)
 
-    async def _denoise(self, index: int) -> tuple[stages_pb2.ChunkLatents, float]:
+    async def denoise(self, index: int) -> tuple[stages_pb2.ChunkLatents, float]:
         """The chunk's phases up to its output, each on its resolution's stage."""
         started = time.perf_counter()
         plan = plan_chunk(self.plan.shape, index)
@@ -156,7 +156,7 @@ class SessionDriver:
                     await self._apply_prompt(index)
                     self.next_chunk = index + 1
                     version = self.prompts.current
-                    out, denoise_s = await self._denoise(index)
+                    out, denoise_s = await self.denoise(index)
                     task = asyncio.create_task(self._decode(out, previous, version, denoise_s))
                     decodes.append(task)
                     previous = task

@@ -70,15 +70,7 @@ class LiveSession:
         driver, shape = self.driver, self.driver.plan.shape
         try:
             await driver.open(deadline_s=deadline_s)
-            yield SessionStarted(
-                session_id=self.id,
-                width=shape.width,
-                height=shape.height,
-                fps=driver.plan.fps,
-                num_chunks=shape.num_chunks,
-                num_frames=shape.num_frames,
-                playlist_key=self.playlist_key,
-            )
+            yield SessionStarted.of(self.id, shape, driver.plan.fps, self.playlist_key)
             yield InitSegment(driver.init_segment)
             version = 0
             async for chunk in until_set(driver.chunks(), self._stop):

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from histream_model.config import Resolution, VideoShape
 from protos.histream.v1 import stages_pb2
 from services.errors import AtCapacity, SessionNotHeld, remote_result
-from services.protocol import StageName, StreamKind, session_spec
+from services.protocol import Generation, StageName, StreamKind, session_spec
 
 log = logging.getLogger("histream.sessions")
 
@@ -49,6 +49,13 @@ class SessionPlan:
     seed: int
     prompt: str
     fps: int
+
+    @classmethod
+    def of(
+        cls, generation: Generation, object_id: str, kind: StreamKind, tenant: str, fps: int
+    ) -> SessionPlan:
+        g = generation
+        return cls(object_id, kind, tenant, g.shape, g.seed, g.prompt, fps)
 
     @property
     def denoisers(self) -> tuple[StageName, ...]:

@@ -89,33 +89,32 @@ class DecodeStage(SessionStage[DecodeStream]):
         stream = self.sessions.get(request.session_id)
         z = from_proto(request.latents)
 
-        def run() -> tuple[bytes, int, float, float]:
+        def run() -> stages_pb2.DecodedSegment:
             started = time.perf_counter()
             frames, stream.vae_state = self.vae.decode_frames(z, stream.vae_state)
             decoded = time.perf_counter()
-            segment = stream.encoder.encode_segment(frames)
-            return segment, frames.shape[0], decoded - started, time.perf_counter() - decoded
+            data = stream.encoder.encode_segment(frames)
+            return stages_pb2.DecodedSegment(
+                data=data,
+                num_frames=frames.shape[0],
+                decode_seconds=decoded - started,
+                encode_seconds=time.perf_counter() - decoded,
+            )
 
         async with stream.lock:
-            segment, n, decode_s, encode_s = await asyncio.to_thread(run)
-            first = stream.frames
-            stream.frames += n
-            key = ""
+            segment = await asyncio.to_thread(run)
+            segment.session_id, segment.chunk_index = request.session_id, request.chunk_index
+            segment.first_frame, stream.frames = stream.frames, stream.frames + segment.num_frames
             if stream.writer is not None:
-                index = request.chunk_index + 1
-                key = await asyncio.to_thread(stream.writer.write_segment, index, segment, n)
+                segment.object_key = await asyncio.to_thread(
+                    stream.writer.write_segment,
+                    request.chunk_index + 1,
+                    segment.data,
+                    segment.num_frames,
+                )
             else:
-                stream.segments.append(segment)
-        return stages_pb2.DecodedSegment(
-            session_id=request.session_id,
-            chunk_index=request.chunk_index,
-            first_frame=first,
-            num_frames=n,
-            data=segment,
-            object_key=key,
-            decode_seconds=decode_s,
-            encode_seconds=encode_s,
-        )
+                stream.segments.append(segment.data)
+        return segment
 
     @rpc
     async def FinishStream(

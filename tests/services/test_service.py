@@ -18,7 +18,7 @@ from ray import serve
 from websockets.sync.client import connect
 
 from histream_model.components import load_components
-from histream_model.config import VideoShape, get_mode, get_preset
+from histream_model.config import MODES, VideoShape, get_mode, get_preset
 from histream_model.generator import HiStreamGenerator
 from protos.histream.v1 import api_pb2, api_pb2_grpc
 from services.media import decode_frames, read_video
@@ -135,6 +135,27 @@ def test_openai_client_end_to_end_with_presigned_s3_content(service, tmp_path):
     path = tmp_path / "v.mp4"
     api.videos.download_content(video.id).write_to_file(path)
     assert read_video(path) == (33, W, H)  # 2 s at 16 fps -> 33 frames (1 + 4k, whole chunks)
+
+
+def test_models_list_the_served_model_and_its_modes(service):
+    api = client(service.url)
+    models = list(api.models.list())
+    assert [m.id for m in models] == ["tiny", *MODES]
+    assert {m.object for m in models} == {"model"} and models[0].owned_by == "histream"
+    assert api.models.retrieve("histream").id == "histream"
+    with pytest.raises(openai.NotFoundError, match="no model with id 'sora-2'"):
+        api.models.retrieve("sora-2")
+    stub, md = grpc_stub(service)
+    listed = stub.ListModels(api_pb2.ListModelsRequest(), metadata=md)
+    assert [m.id for m in listed.data] == [m.id for m in models]
+
+    # a listed mode id is a model a request may name: it picks that mode
+    video = api.videos.create(prompt=PROMPT, model="no-drc", size="80x48", seconds="1")
+    assert (video.model, video.size) == ("no-drc", "80x48")
+    done = wait_video(api, video.id)
+    assert done.status == "completed", done.error
+    record = httpx.get(f"{service.url}/v1/videos/{video.id}").json()
+    assert record["mode"] == "no-drc"
 
 
 def test_local_storage_app_serves_content_itself(service, tmp_path):

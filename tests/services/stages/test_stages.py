@@ -30,6 +30,13 @@ def spec(session_id: str, mode: str = "histream+", frames: int = 21, seed: int =
     )  # fmt: skip
 
 
+def video_stream(session_id: str, object_id: str) -> stages_pb2.OpenStreamRequest:
+    kind = StreamKind.VIDEO.to_proto()
+    return stages_pb2.OpenStreamRequest(
+        session_id=session_id, object_id=object_id, kind=kind, width=W, height=H, fps=16
+    )
+
+
 @pytest.fixture
 def settings(tmp_path) -> ServeSettings:
     return ServeSettings(
@@ -132,16 +139,7 @@ def test_decode_stage_reaps_an_abandoned_stream(settings):
     decode = DecodeStage(settings)
 
     async def run() -> None:
-        await decode.OpenStream(
-            stages_pb2.OpenStreamRequest(
-                session_id="s",
-                object_id="s",
-                kind=StreamKind.VIDEO.to_proto(),
-                width=W,
-                height=H,
-                fps=16,
-            )
-        )
+        await decode.OpenStream(video_stream("s", "s"))
         assert decode.stats()["sessions"] == 1
         await asyncio.sleep(0.05)
         assert decode.reap() == ["s"]
@@ -157,16 +155,7 @@ def test_decode_stage_writes_a_video_with_its_manifest(settings, tmp_path):
     chunks = list(gen.generate(c.text.encode(["a fox"]), H, W, 21, seed=0))
 
     async def run() -> str:
-        await decode.OpenStream(
-            stages_pb2.OpenStreamRequest(
-                session_id="r1",
-                object_id="video_1",
-                kind=StreamKind.VIDEO.to_proto(),
-                width=W,
-                height=H,
-                fps=16,
-            )
-        )
+        await decode.OpenStream(video_stream("r1", "video_1"))
         for chunk in chunks:
             seg = await decode.DecodeChunk(
                 stages_pb2.ChunkLatents(
