@@ -4,6 +4,7 @@ and from these calls; errors are `ServiceError`s, which each adapter maps to its
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -157,10 +158,12 @@ class GatewayCore:
         """The session's events until it ends; it is counted as active meanwhile."""
         try:
             with self.metrics.track(StreamKind.SESSION, live.driver):
-                async for event in live.events(self.settings.queue_timeout_s):
-                    if isinstance(event, ChunkReady):
-                        self.metrics.chunk(event)
-                    yield event
+                events = live.events(self.settings.queue_timeout_s)
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        if isinstance(event, ChunkReady):
+                            self.metrics.chunk(event)
+                        yield event
         finally:
             self.sessions.remove(live.id)
 

@@ -117,6 +117,8 @@ class JobRunner:
         except JobDeleted:
             log.info("video %s was deleted while running; stopped", record.id)
             reason = EndReason.CANCELLED
+            with contextlib.suppress(Exception):  # what it published as the delete landed
+                await self.records.delete(record.id)
         except Exception as err:
             code, message = _error_of(err)
             log.warning("video %s failed: %s %s", record.id, code, message)

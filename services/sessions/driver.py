@@ -30,7 +30,7 @@ from services.protocol import (
     SessionStatus,
     digest,
 )
-from services.sessions.prompts import PromptVersions
+from services.sessions.prompts import PromptVersions, too_late
 from services.sessions.remote import SessionPlan, SessionStages, StageHandles
 
 
@@ -103,9 +103,14 @@ class SessionDriver:
 
     async def _apply_prompt(self, chunk: int) -> None:
         pending = self.prompts.take()
-        if pending is not None:
+        if pending is None:
+            return
+        try:
             await self.stages.set_prompt(pending.context)
-            self.prompts.applied(pending, chunk)
+        except BaseException as err:
+            self.prompts.failed(pending, err if isinstance(err, Exception) else too_late())
+            raise
+        self.prompts.applied(pending, chunk)
 
     async def denoise(self, index: int) -> tuple[stages_pb2.ChunkLatents, float]:
         """The chunk's phases up to its output, each on its resolution's stage."""
@@ -146,13 +151,17 @@ class SessionDriver:
         if self.status != SessionStatus.RUNNING:
             raise RuntimeError(f"chunks() of a session that is {self.status}, not running")
         started = time.perf_counter()
-        queue: asyncio.Queue = asyncio.Queue(maxsize=self.lookahead)
+        queue: asyncio.Queue = asyncio.Queue()
+        # a permit per chunk from its denoising until its event is consumed: the chunk being
+        # consumed and at most `lookahead` more
+        ahead = asyncio.Semaphore(self.lookahead + 1)
         decodes: list[asyncio.Task] = []
 
         async def produce() -> None:
             previous = None
             try:
                 for index in range(self.plan.shape.num_chunks):
+                    await ahead.acquire()
                     await self._apply_prompt(index)
                     self.next_chunk = index + 1
                     version = self.prompts.current
@@ -160,14 +169,14 @@ class SessionDriver:
                     task = asyncio.create_task(self._decode(out, previous, version, denoise_s))
                     decodes.append(task)
                     previous = task
-                    await queue.put(task)
+                    queue.put_nowait(task)
                 # the caches are not needed past the last chunk
                 await self.stages.release(list(self.plan.denoisers))
-                await queue.put(None)
+                queue.put_nowait(None)
             except asyncio.CancelledError:
                 raise
             except BaseException as err:
-                await queue.put(err)
+                queue.put_nowait(err)
 
         producer = asyncio.create_task(produce())
         try:
@@ -181,6 +190,7 @@ class SessionDriver:
                 if self.first_chunk_seconds is None:
                     self.first_chunk_seconds = time.perf_counter() - started
                 yield event
+                ahead.release()
         finally:
             producer.cancel()
             for task in decodes:
@@ -199,15 +209,16 @@ class SessionDriver:
         self.lifecycle.to(SessionStatus.FINISHING)
         frames = await self.stages.finish(video)
         await self.stages.release()
-        self.end_reason = reason
-        self.lifecycle.to(SessionStatus.ENDED)
+        if self.lifecycle.allows(SessionStatus.ENDED):  # else closed meanwhile, by a disconnect
+            self.end_reason = reason
+            self.lifecycle.to(SessionStatus.ENDED)
         return frames
 
     async def close(self, reason: EndReason = EndReason.CLOSED) -> None:
         """Free the session on every stage that holds it; ends it unsealed unless it has
         already ended. Idempotent, never raises."""
-        await self.stages.release()
         if not self.lifecycle.terminal:
             failed = reason == EndReason.FAILED
             self.lifecycle.to(SessionStatus.FAILED if failed else SessionStatus.CLOSED)
             self.end_reason = reason
+        await self.stages.release()

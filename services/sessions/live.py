@@ -73,11 +73,12 @@ class LiveSession:
             yield SessionStarted.of(self.id, shape, driver.plan.fps, self.playlist_key)
             yield InitSegment(driver.init_segment)
             version = 0
-            async for chunk in until_set(driver.chunks(), self._stop):
-                if chunk.prompt_version != version:
-                    version = chunk.prompt_version
-                    yield PromptApplied(prompt_version=version, from_chunk=chunk.index)
-                yield chunk
+            async with contextlib.aclosing(until_set(driver.chunks(), self._stop)) as chunks:
+                async for chunk in chunks:
+                    if chunk.prompt_version != version:
+                        version = chunk.prompt_version
+                        yield PromptApplied(prompt_version=version, from_chunk=chunk.index)
+                    yield chunk
             if self.stop_reason == EndReason.DISCONNECTED:
                 return
             reason = EndReason.CLOSED if self._stop.is_set() else EndReason.COMPLETED

@@ -27,10 +27,13 @@ class PromptVersions:
     def __init__(self) -> None:
         self.issued = 0  # versions handed out to updates (0 is the opening prompt)
         self.current = 0  # the version the stages condition on now
+        self.closed = False  # no chunk is left to apply an update to
         self._pending: PendingPrompt | None = None
 
     def submit(self, context: stages_pb2.Tensor) -> asyncio.Future:
         """Queue a new prompt; the future gives (its version, the chunk it applies from)."""
+        if self.closed:
+            raise too_late()
         previous = self._pending
         self.issued += 1
         self._pending = PendingPrompt(context=context, version=self.issued)
@@ -48,9 +51,17 @@ class PromptVersions:
         if not pending.applied.done():
             pending.applied.set_result((pending.version, chunk))
 
+    def failed(self, pending: PendingPrompt, err: BaseException) -> None:
+        """Applying `pending` failed: its callers hear why."""
+        if not pending.applied.done():
+            pending.applied.set_exception(err)
+
     def abandon(self) -> None:
-        """The session ended with an update still waiting: tell its caller."""
-        if self._pending is not None and not self._pending.applied.done():
-            self._pending.applied.set_exception(
-                InvalidArgument("the session ended before the new prompt could apply")
-            )
+        """The session's chunks ended: refuse further updates, tell a waiting one's caller."""
+        self.closed = True
+        if self._pending is not None:
+            self.failed(self._pending, too_late())
+
+
+def too_late() -> InvalidArgument:
+    return InvalidArgument("the session ended before the new prompt could apply", param="prompt")

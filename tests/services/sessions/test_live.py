@@ -1,0 +1,173 @@
+"""Streaming sessions' events without Ray: fake stages for the stop requests and prompt events,
+the real stages for a sealed HLS playlist; the registry."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.errors import AtCapacity, NotFound
+from services.protocol import (
+    ChunkReady,
+    EndReason,
+    InitSegment,
+    PromptApplied,
+    SessionEnded,
+    SessionStarted,
+    SessionStatus,
+    StreamKind,
+)
+from services.sessions import LiveSession, SessionDriver, SessionRegistry
+from services.sessions import driver as driver_module
+from tests.services.fakes import fake_stages, real_stages
+from tests.services.harness import FakeClock, run, session_plan, watch_prompts
+
+PLAYLIST = "tenants/default/sessions/sess_1/playlist.m3u8"
+NOTHING_HELD = {"structure": 0, "refine": 0, "decode": 0}
+
+
+def live_session(stages, frames: int = 33) -> LiveSession:
+    plan = session_plan(kind=StreamKind.SESSION, frames=frames, object_id="sess_1")
+    driver = SessionDriver(stages.handles, plan)
+    watch_prompts(driver, stages.journal)
+    return LiveSession("sess_1", driver, playlist_key=PLAYLIST)
+
+
+def summary(events) -> list[tuple]:
+    out = []
+    for e in events:
+        if isinstance(e, ChunkReady):
+            out.append(("chunk", e.index, e.prompt_version))
+        elif isinstance(e, PromptApplied):
+            out.append(("prompt", e.prompt_version, e.from_chunk))
+        elif isinstance(e, SessionEnded):
+            out.append(("ended", e.reason))
+        else:
+            out.append((type(e).__name__,))
+    return out
+
+
+def test_a_completed_session_announces_each_prompt_before_its_first_chunk():
+    stages = fake_stages()
+    journal = stages.journal
+    gate = stages.structure.gate("RunPhase", when=lambda r: r.chunk_index == 0)
+    live = live_session(stages)
+    events: list = []
+
+    async def go():
+        async def consume():
+            async for event in live.events(deadline_s=60):
+                events.append(event)
+
+        consumer = asyncio.create_task(consume())
+        await journal.reached("RunPhase", stage="structure", chunk=0)
+        update = asyncio.create_task(live.driver.update_prompt("a dog"))
+        await journal.until(lambda: live.driver.prompts.issued == 1)
+        gate.set()
+        await consumer
+        return await update
+
+    assert run(go()) == (1, 1)
+    assert summary(events) == [
+        ("SessionStarted",), ("InitSegment",), ("chunk", 0, 0), ("prompt", 1, 1),
+        ("chunk", 1, 1), ("chunk", 2, 1), ("ended", EndReason.COMPLETED),
+    ]  # fmt: skip
+    started, init = events[0], events[1]
+    assert started == SessionStarted("sess_1", 96, 64, 16, 3, 33, PLAYLIST)
+    assert init == InitSegment(b"init")
+    assert [e.media for e in events if isinstance(e, ChunkReady)][1] == b"seg:1/1/a dog"
+    assert len(stages.handles.decode.called("FinishStream")) == 1
+    assert live.driver.status == SessionStatus.ENDED and stages.held() == NOTHING_HELD
+
+
+@pytest.mark.parametrize("reason", [EndReason.CLOSED, EndReason.DISCONNECTED])
+def test_a_stop_request_mid_stream(reason):
+    stages = fake_stages()
+    journal = stages.journal
+    stages.structure.gate("RunPhase", when=lambda r: r.chunk_index == 2)
+    live = live_session(stages)
+    events: list = []
+
+    async def go():
+        async for event in live.events(deadline_s=60):
+            events.append(event)
+            if isinstance(event, ChunkReady) and event.index == 1:
+                await journal.reached("RunPhase", stage="structure", chunk=2)
+                live.request_stop(reason)
+
+    run(go())
+    assert journal.find("RunPhase", what="cancel", chunk=2)  # generation stopped at once
+    sid = live.driver.session_id
+    finished = stages.handles.decode.called("FinishStream")
+    if reason == EndReason.CLOSED:  # what was generated is sealed: the playlist ends
+        assert summary(events)[2:] == [("chunk", 0, 0), ("chunk", 1, 0), ("ended", reason)]
+        assert [r.session_id for (r,) in finished] == [sid]
+        assert not stages.handles.decode.called("CloseStream")
+        assert live.driver.status == SessionStatus.ENDED
+    else:  # the client went away: nothing more is sent, nothing sealed
+        assert summary(events)[2:] == [("chunk", 0, 0), ("chunk", 1, 0)]
+        assert finished == []
+        assert [r.session_id for (r,) in stages.handles.decode.called("CloseStream")] == [sid]
+        assert live.driver.status == SessionStatus.CLOSED
+    assert (live.stop_reason, live.driver.end_reason) == (reason, reason)
+    assert stages.held() == NOTHING_HELD
+
+
+def test_disconnect_overrides_an_earlier_close_request():
+    live = live_session(fake_stages())
+    live.request_stop(EndReason.CLOSED)
+    live.request_stop(EndReason.DISCONNECTED)
+    live.request_stop(EndReason.CLOSED)
+    assert live.stop_reason == EndReason.DISCONNECTED
+
+
+def test_a_session_that_never_gets_capacity_fails_closed(monkeypatch):
+    clock = FakeClock().install(monkeypatch, driver_module)
+    stages = fake_stages()
+    stages.refine.fail("OpenSession", lambda: AtCapacity("refine stage full"))
+    live = live_session(stages)
+    events: list = []
+
+    async def go():
+        with pytest.raises(AtCapacity, match="refine stage full"):
+            async for event in live.events(deadline_s=0.1):
+                events.append(event)
+
+    run(go())
+    assert events == [] and clock.sleeps == [0.05, 0.1]
+    assert (live.driver.status, live.driver.end_reason) == (SessionStatus.FAILED, EndReason.FAILED)
+    assert stages.held() == NOTHING_HELD
+
+
+def test_a_real_session_stores_its_segments_and_a_sealed_playlist(tmp_path):
+    store = tmp_path / "store"
+    stages = real_stages(store)
+    live = live_session(stages, frames=21)
+
+    async def go():
+        return [event async for event in live.events(deadline_s=60)]
+
+    events = run(go())
+    assert summary(events)[2:] == [("chunk", 0, 0), ("chunk", 1, 0), ("ended", "completed")]
+    prefix = "tenants/default/sessions/sess_1/"
+    chunks = [e for e in events if isinstance(e, ChunkReady)]
+    assert [c.object_key for c in chunks] == [prefix + "seg-00001.m4s", prefix + "seg-00002.m4s"]
+    for c in chunks:
+        assert (store / c.object_key).read_bytes() == c.media
+    assert (store / prefix / "init.mp4").read_bytes() == events[1].media
+    playlist = (store / PLAYLIST).read_text()
+    assert playlist.count("#EXTINF:") == 2 and playlist.rstrip().endswith("#EXT-X-ENDLIST")
+    assert stages.held() == NOTHING_HELD
+
+
+def test_the_registry_finds_live_sessions_by_id():
+    registry = SessionRegistry()
+    live = live_session(fake_stages())
+    registry.add(live)
+    assert registry.get("sess_1") is live and len(registry) == 1
+    registry.remove("sess_1")
+    registry.remove("sess_1")  # removing twice is fine
+    with pytest.raises(NotFound, match="no running session with id 'sess_1'") as err:
+        registry.get("sess_1")
+    assert err.value.param == "session_id" and len(registry) == 0
