@@ -64,4 +64,5 @@ class PromptVersions:
 
 
 def too_late() -> InvalidArgument:
+    """The answer to an update that no chunk is left to apply to."""
     return InvalidArgument("the session ended before the new prompt could apply", param="prompt")
