@@ -12,45 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-# Per-channel statistics of the Wan2.1 VAE latent space (REFERENCE 4). The DiT works on
-# normalized latents; the VAE decoder un-normalizes with z * std + mean.
-WAN_LATENTS_MEAN = (
-    -0.7571,
-    -0.7089,
-    -0.9113,
-    0.1075,
-    -0.1745,
-    0.9653,
-    -0.1517,
-    1.5508,
-    0.4134,
-    -0.0715,
-    0.5517,
-    -0.3632,
-    -0.1922,
-    -0.9497,
-    0.2503,
-    -0.2921,
-)
-WAN_LATENTS_STD = (
-    2.8184,
-    1.4541,
-    2.3275,
-    2.6558,
-    1.2196,
-    1.7708,
-    2.6052,
-    2.0743,
-    3.2687,
-    2.1526,
-    2.8652,
-    1.5579,
-    1.6382,
-    1.1253,
-    2.8251,
-    1.9160,
-)
-
+from histream_model.latent_stats import WAN_LATENTS_MEAN, WAN_LATENTS_STD
 
 WAN_FPS = 16  # Wan2.1's frame rate: what its videos are trained and played at
 
@@ -383,6 +345,7 @@ def check_video_shape(preset: Preset, mode: Mode, height: int, width: int, num_f
             if factor > 1:
                 why += f" x low-res factor {factor} (mode {mode.name!r})"
             raise ValueError(f"{name}={value} must be a positive multiple of {multiple} ({why})")
+    _check_first_chunk_tokens(preset, mode, height, width)
     t = preset.vae.temporal_stride
     if num_frames < 1 or (num_frames - 1) % t:
         lo = 1 + t * max(0, (num_frames - 1) // t)
@@ -398,4 +361,21 @@ def check_video_shape(preset: Preset, mode: Mode, height: int, width: int, num_f
         raise ValueError(
             f"num_frames={num_frames} gives {latent} latent frames, not a whole number of "
             f"{m}-frame chunks; nearest valid values: {valid[0]}, {valid[1]}"
+        )
+
+
+def _check_first_chunk_tokens(preset: Preset, mode: Mode, height: int, width: int) -> None:
+    """The first chunk's CineScale attention scale, log(N) / log(N_ref), needs N_ref >= 2: by
+    default N_ref is the low-res tokens per latent frame, so a size must give at least two."""
+    options = preset.options
+    if options.first_chunk_attn_scale == 1.0 or options.attn_reference_tokens:
+        return
+    _, ph, pw = preset.dit.patch_size
+    side_h, side_w = (preset.vae.spatial_stride * p * options.low_res_factor for p in (ph, pw))
+    if (height // side_h) * (width // side_w) < 2:
+        raise ValueError(
+            f"size {width}x{height} is too small for mode {mode.name!r}: the first chunk's "
+            f"attention scale needs at least 2 low-resolution tokens per frame, i.e. "
+            f"(width // {side_w}) x (height // {side_h}) >= 2; the smallest sizes are "
+            f"{2 * side_w}x{side_h} and {side_w}x{2 * side_h}"
         )

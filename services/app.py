@@ -25,7 +25,7 @@ from services.stages import DecodeStage, RefineStage, StructureStage
 
 APP_NAME = "histream"
 DEPLOYMENTS = tuple(str(name) for name in StageName)  # the names serve configs refer to
-GRPC_SERVICERS = ["protos.histream.v1.api_pb2_grpc.add_HiStreamServicer_to_server"]
+GRPC_SERVICERS = ["services.gateway.servicer.add_HiStreamServicer_to_server"]
 SESSION_ROUTER = RequestRouterConfig(
     request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
     request_router_kwargs={"num_fallback_replicas": 0},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -50,6 +52,25 @@ class NotFound(ServiceError):
     http_status = 404
     grpc_status = grpc.StatusCode.NOT_FOUND
     error_type = "invalid_request_error"
+
+
+class TooLarge(ServiceError):
+    """A request body or message over the size the service accepts."""
+
+    code = "request_too_large"
+    http_status = 413
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+    error_type = "invalid_request_error"
+
+
+class Internal(ServiceError):
+    """An unexpected failure: the client gets an error id, the details go to the server log."""
+
+    @classmethod
+    def logged(cls, log: logging.Logger, err: BaseException, during: str) -> Internal:
+        error_id = f"err_{uuid.uuid4().hex[:16]}"
+        log.error("%s failed (%s)", during, error_id, exc_info=err)
+        return cls(f"internal error while {during}; quote {error_id} when reporting it")
 
 
 class AtCapacity(ServiceError):

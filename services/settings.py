@@ -61,6 +61,8 @@ class ServeSettings(BaseSettings):
     queue_timeout_s: float = Field(600.0, gt=0)  # a job waiting for capacity fails after this
     video_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # expires_at of finished videos
     max_prompt_chars: int = Field(2000, ge=1)
+    max_request_bytes: int = Field(1 << 20, ge=1024)  # HTTP bodies; larger ones answer 413
+    max_message_bytes: int = Field(64 << 10, ge=1024)  # a client's WebSocket text message
     fps: int | None = Field(None, ge=1, le=120)  # output frame rate; None: the preset's (16)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     gateway: StageScaling = Field(default_factory=StageScaling)

@@ -168,8 +168,6 @@ class GatewayCore:
             self.sessions.remove(live.id)
 
     async def update_prompt(self, session_id: str, prompt: object) -> tuple[int, int]:
-        if prompt is not None and not isinstance(prompt, str):
-            raise InvalidArgument("prompt must be a string", param="prompt")
         text = check_prompt_field(prompt, self.settings.max_prompt_chars)
         return await self.sessions.get(session_id).driver.update_prompt(text)
 

@@ -6,18 +6,28 @@ No `from __future__ import annotations` here: FastAPI reads the routes' annotati
 """
 
 from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from ray import serve
 
 from protos.histream.v1 import api_pb2
+from services.errors import InvalidArgument
 from services.gateway.core import GatewayCore
 from services.gateway.grpc import GrpcAdapter
-from services.gateway.http import HttpAdapter
+from services.gateway.http import HttpAdapter, error_response
 from services.gateway.websocket import WebSocketAdapter
 from services.sessions import StageHandles
 from services.settings import ServeSettings
 
 api = FastAPI(title="HiStream Serve", version="1")
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, err: RequestValidationError) -> Response:
+    """FastAPI's own checks answer like every other bad request: 400, OpenAI's error body."""
+    first = err.errors()[0] if err.errors() else {}
+    param = str(first.get("loc", ["", ""])[-1]) or None
+    return error_response(InvalidArgument(f"{param}: {first.get('msg', 'invalid')}", param))
 
 
 @serve.ingress(api)
@@ -36,10 +46,8 @@ class Gateway:
         return await self.http.create_video(request)
 
     @api.get("/v1/videos")
-    async def http_list_videos(
-        self, request: Request, limit: int = 20, after: str | None = None, order: str = "desc"
-    ) -> Response:
-        return await self.http.list_videos(request, limit, after, order)
+    async def http_list_videos(self, request: Request) -> Response:
+        return await self.http.list_videos(request)
 
     @api.get("/v1/videos/{video_id}")
     async def http_get_video(self, request: Request, video_id: str) -> Response:
@@ -50,10 +58,8 @@ class Gateway:
         return await self.http.delete_video(request, video_id)
 
     @api.get("/v1/videos/{video_id}/content")
-    async def http_video_content(
-        self, request: Request, video_id: str, variant: str = "video"
-    ) -> Response:
-        return await self.http.video_content(request, video_id, variant)
+    async def http_video_content(self, request: Request, video_id: str) -> Response:
+        return await self.http.video_content(request, video_id)
 
     @api.get("/v1/models")
     async def http_list_models(self, request: Request) -> Response:

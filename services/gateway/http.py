@@ -4,17 +4,18 @@ every request is counted by route, method and status."""
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from services.errors import InvalidArgument, ServiceError
+from services.errors import Internal, ServiceError
+from services.gateway.bodies import read_fields
 from services.gateway.core import GatewayCore
-from services.gateway.requests import VideoCreate, parse
+from services.gateway.requests import VideoCreate, text, whole
 
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+log = logging.getLogger("histream.gateway")
 
 
 class HttpAdapter:
@@ -22,26 +23,38 @@ class HttpAdapter:
         self.core = core
 
     async def respond(self, request: Request, work: Callable[[], Awaitable]) -> Response:
-        """Run a route's work: a dict becomes JSON, a service error its OpenAI error body."""
+        """Run a route's work: a dict becomes JSON, a service error its OpenAI error body, any
+        other failure a 500 body with an error id (the details go to the server log only)."""
         try:
             result = await work()
             response = result if isinstance(result, Response) else JSONResponse(result)
         except ServiceError as err:
-            response = JSONResponse(err.body(), status_code=err.http_status)
+            response = error_response(err)
+        except Exception as err:
+            during = f"{request.method} {request.url.path}"
+            response = error_response(Internal.logged(log, err, during))
         route = getattr(request.scope.get("route"), "path", request.url.path)
         self.core.metrics.requests.labels(route, request.method, str(response.status_code)).inc()
         return response
 
     async def create_video(self, request: Request) -> Response:
         async def work() -> dict:
-            data = await _body(request)
-            record = await self.core.create_video(parse(VideoCreate, data))
+            data = await read_fields(request, self.core.settings.max_request_bytes)
+            record = await self.core.create_video(VideoCreate.parse(data))
             return record.public()
 
         return await self.respond(request, work)
 
-    async def list_videos(self, request: Request, limit: int, after: str | None, order: str):
-        return await self.respond(request, lambda: self.core.list_videos(limit, after, order))
+    async def list_videos(self, request: Request) -> Response:
+        async def work() -> dict:
+            query = dict(request.query_params)
+            limit = whole(query, "limit")
+            after, order = text(query, "after"), text(query, "order")
+            return await self.core.list_videos(
+                20 if limit is None else limit, after, order or "desc"
+            )
+
+        return await self.respond(request, work)
 
     async def get_video(self, request: Request, video_id: str) -> Response:
         async def work() -> dict:
@@ -52,8 +65,9 @@ class HttpAdapter:
     async def delete_video(self, request: Request, video_id: str) -> Response:
         return await self.respond(request, lambda: self.core.delete_video(video_id))
 
-    async def video_content(self, request: Request, video_id: str, variant: str) -> Response:
+    async def video_content(self, request: Request, video_id: str) -> Response:
         async def work() -> Response:
+            variant = text(dict(request.query_params), "variant") or "video"
             content = await self.core.video_content(video_id, variant)
             if content.url is not None:
                 return RedirectResponse(content.url, status_code=307)
@@ -74,20 +88,5 @@ class HttpAdapter:
         return await self.respond(request, work)
 
 
-async def _body(request: Request) -> dict:
-    """A JSON object, or the text fields of a form (what the openai client sends)."""
-    kind = request.headers.get("content-type", "")
-    if kind.startswith(FORM_TYPES):
-        form = await request.form()
-        if form.get("input_reference") is not None:
-            raise InvalidArgument(
-                "input_reference is not supported: text-to-video only", param="input_reference"
-            )
-        return {k: v for k, v in form.items() if isinstance(v, str)}
-    try:
-        data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidArgument("the body must be JSON or multipart form data") from None
-    if not isinstance(data, dict):
-        raise InvalidArgument("the JSON body must be an object")
-    return data
+def error_response(err: ServiceError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.http_status)

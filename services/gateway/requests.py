@@ -1,70 +1,144 @@
-"""Public request models and their validation against the served preset.
+"""Public requests and their validation against the served preset: one layer for every
+transport (HTTP JSON and forms, WebSocket messages, gRPC), so the same input gets the same answer.
 
 Every field is checked here, at the gateway, before anything reaches a stage; each error names
-the field, the value and what is allowed (HTTP 400 / gRPC INVALID_ARGUMENT).
+the public field (`param`), the value and what is allowed (HTTP 400 / gRPC INVALID_ARGUMENT).
+Types are strict: no booleans or fractions as numbers, ASCII digits only, text without lone
+surrogates or control characters, sizes the model can produce at every step.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
-
-from pydantic import BaseModel, ConfigDict, ValidationError
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from histream_model.config import MODES, Preset, check_video_shape, get_mode
 from services.errors import InvalidArgument
 from services.protocol import Generation, video_shape
 
-SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+SIZE = re.compile(r"\s*([0-9]{1,5})\s*[xX]\s*([0-9]{1,5})\s*", re.ASCII)
 DEFAULT_MODE = "histream+"
 MAX_SEED = 2**63 - 1
+MAX_DIGITS = 19  # enough for any seed; longer numbers are refused before converting them
+# Control characters a prompt may hold: whitespace. Every other one (NUL, ESC, ...) is refused.
+PROMPT_WHITESPACE = "\t\n\r"
 
 
-class VideoCreate(BaseModel):
-    """POST /v1/videos (JSON or multipart) and gRPC CreateVideo."""
+# -- strict scalars: the same rules for JSON, form fields, WebSocket messages and gRPC -----------
 
-    model_config = ConfigDict(extra="ignore")
+
+def _kind(value: object) -> str:
+    return {
+        bool: "a boolean",
+        float: "a number with a fraction",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
+
+
+def _check_text(value: str, name: str, allowed_controls: str = "") -> str:
+    for char in value:
+        category = unicodedata.category(char)
+        if category == "Cs":
+            raise InvalidArgument(f"{name} is not valid Unicode (a lone surrogate)", param=name)
+        if category == "Cc" and char not in allowed_controls:
+            raise InvalidArgument(
+                f"{name} contains the control character U+{ord(char):04X}", param=name
+            )
+    return value
+
+
+def text(data: Mapping[str, object], name: str, allowed_controls: str = "") -> str | None:
+    """A string field; absent, null and "" are None."""
+    value = data.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{name} must be a string, got {_kind(value)}", param=name)
+    return _check_text(value, name, allowed_controls)
+
+
+def whole(data: Mapping[str, object], name: str) -> int | None:
+    """A whole number: an integer, or a string of the ASCII digits 0-9 (what form fields and
+    the OpenAI API's `seconds` send). No booleans, fractions, signs, separators or other
+    scripts' digits. Absent, null and "" are None."""
+    value = data.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise InvalidArgument(f"{name} must be a whole number, got {_kind(value)}", param=name)
+    if isinstance(value, int):
+        return value
+    digits = value.strip()
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > MAX_DIGITS:
+        raise InvalidArgument(
+            f"{name} {value[:40]!r} must be a whole number written with the digits 0-9"
+            f" (at most {MAX_DIGITS})",
+            param=name,
+        )
+    return int(digits)
+
+
+@dataclass(frozen=True)
+class VideoCreate:
+    """POST /v1/videos (JSON or a form) and gRPC CreateVideo; unknown fields are ignored."""
 
     prompt: str | None = None
     model: str | None = None
-    seconds: str | int | None = None
+    seconds: int | None = None
     size: str | None = None
-    seed: int | str | None = None
+    seed: int | None = None
     mode: str | None = None
 
+    @classmethod
+    def parse(cls, data: Mapping[str, object]) -> VideoCreate:
+        return cls(
+            prompt=text(data, "prompt", PROMPT_WHITESPACE),
+            model=text(data, "model"),
+            seconds=whole(data, "seconds"),
+            size=text(data, "size"),
+            seed=whole(data, "seed"),
+            mode=text(data, "mode"),
+        )
 
-class SessionStart(BaseModel):
+
+@dataclass(frozen=True)
+class SessionStart:
     """The first message of a WebSocket session, and gRPC StreamSession."""
 
-    model_config = ConfigDict(extra="ignore")
-
     prompt: str | None = None
     model: str | None = None
     size: str | None = None
-    seed: int | str | None = None
+    seed: int | None = None
     mode: str | None = None
-    num_frames: int | str | None = None
+    num_frames: int | None = None
 
-
-def parse(model: type[BaseModel], data: dict) -> BaseModel:
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidArgument(f"{field}: {first['msg']}", param=field) from None
-
-
-def check_prompt_field(prompt: str | None, max_chars: int) -> str:
-    text = (prompt or "").strip()
-    if not text:
-        raise InvalidArgument("prompt must be a non-empty string", param="prompt")
-    if len(text) > max_chars:
-        raise InvalidArgument(
-            f"prompt has {len(text)} characters; the limit is {max_chars}", param="prompt"
+    @classmethod
+    def parse(cls, data: Mapping[str, object]) -> SessionStart:
+        return cls(
+            prompt=text(data, "prompt", PROMPT_WHITESPACE),
+            model=text(data, "model"),
+            size=text(data, "size"),
+            seed=whole(data, "seed"),
+            mode=text(data, "mode"),
+            num_frames=whole(data, "num_frames"),
         )
-    return text
+
+
+def check_prompt_field(prompt: object, max_chars: int) -> str:
+    """A prompt from any transport: a non-empty string of text within the limit."""
+    value = text({"prompt": prompt}, "prompt", PROMPT_WHITESPACE)
+    stripped = (value or "").strip()
+    if not stripped:
+        raise InvalidArgument("prompt must be a non-empty string", param="prompt")
+    if len(stripped) > max_chars:
+        raise InvalidArgument(
+            f"prompt has {len(stripped)} characters; the limit is {max_chars}", param="prompt"
+        )
+    return stripped
 
 
 def model_ids(served: str) -> list[str]:
@@ -96,13 +170,8 @@ def check_model(model: str | None, mode: str | None, served: str) -> tuple[str, 
     )
 
 
-def check_seed(seed: int | str | None) -> int:
-    if seed in (None, ""):
-        return 0
-    try:
-        value = int(seed)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"seed {seed!r} must be an integer", param="seed") from None
+def check_seed(seed: int | None) -> int:
+    value = 0 if seed is None else seed
     if not 0 <= value <= MAX_SEED:
         raise InvalidArgument(f"seed={value} must be in [0, {MAX_SEED}]", param="seed")
     return value
@@ -110,9 +179,9 @@ def check_seed(seed: int | str | None) -> int:
 
 def check_size(size: str | None, preset: Preset, mode: str) -> tuple[int, int]:
     """ "WxH" within the preset's maximum, in multiples the model can generate."""
-    if size in (None, ""):
+    if size is None:
         return preset.width, preset.height
-    m = SIZE.match(size)
+    m = SIZE.fullmatch(size)
     if m is None:
         raise InvalidArgument(
             f"size {size!r} must look like 'WIDTHxHEIGHT', e.g. '192x128'", "size"
@@ -151,30 +220,20 @@ def max_seconds(fps: int, preset: Preset) -> int:
     return (valid_frame_counts(preset)[-1] - 1) // fps
 
 
-def check_seconds(seconds: str | int | None, fps: int, preset: Preset) -> tuple[int, str]:
+def check_seconds(value: int | None, fps: int, preset: Preset) -> tuple[int, str]:
     """(num_frames, seconds as reported) for a requested duration."""
-    if seconds in (None, ""):
+    if value is None:
         frames = preset.num_frames
         return frames, str(round((frames - 1) / fps))
-    try:
-        value = int(str(seconds).strip())
-    except ValueError:
-        raise InvalidArgument(f"seconds {seconds!r} must be a whole number", "seconds") from None
     top = max_seconds(fps, preset)
     if not 1 <= value <= top:
         raise InvalidArgument(f"seconds={value} must be in [1, {top}]", param="seconds")
     return frames_for_seconds(value, fps, preset), str(value)
 
 
-def check_num_frames(num_frames: int | str | None, preset: Preset) -> int:
-    if num_frames in (None, "", 0):
+def check_num_frames(value: int | None, preset: Preset) -> int:
+    if value in (None, 0):  # gRPC's unset int32 is 0
         return preset.num_frames
-    try:
-        value = int(num_frames)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InvalidArgument(
-            f"num_frames {num_frames!r} must be an integer", "num_frames"
-        ) from None
     valid = valid_frame_counts(preset)
     if value not in valid:
         raise InvalidArgument(

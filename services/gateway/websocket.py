@@ -2,25 +2,32 @@
 
 The client's first message starts the session; then it may send prompt changes and a close.
 Each session event goes out as its JSON message, followed by its media as a binary message
-when it has one. A disconnect ends the session and frees its caches at once.
+when it has one. A malformed client message gets an `error` event naming the problem and the
+session goes on; after `MAX_PROTOCOL_ERRORS` of them it ends (`session.ended`, reason
+`protocol_error`). A disconnect ends the session and frees its caches at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 
 from fastapi import WebSocket, WebSocketDisconnect
 
-from services.errors import InvalidArgument, ServiceError
+from services.errors import InvalidArgument, ServiceError, TooLarge
+from services.gateway.bodies import parse_object
 from services.gateway.core import GatewayCore
-from services.gateway.requests import SessionStart, parse
+from services.gateway.requests import SessionStart
 from services.protocol import EndReason, SessionStarted
 from services.sessions import LiveSession
 
 log = logging.getLogger("histream.gateway")
+MAX_PROTOCOL_ERRORS = 8  # malformed messages a session tolerates before it is ended
+
+
+class Disconnected(Exception):
+    """The client went away."""
 
 
 class WebSocketAdapter:
@@ -37,18 +44,13 @@ class WebSocketAdapter:
                 if data is not None:
                     await ws.send_bytes(data)
 
-        try:
-            start = await ws.receive_json()
-        except (WebSocketDisconnect, json.JSONDecodeError, KeyError):
-            with contextlib.suppress(Exception):
-                await ws.close(code=1003)
-            return
         live: LiveSession | None = None
         reader: asyncio.Task | None = None
         try:
-            if not isinstance(start, dict) or start.get("type") != "start":
-                raise InvalidArgument('the first message must be {"type": "start", ...}')
-            live = self.core.open_session(parse(SessionStart, start))
+            start = await self._message(ws)
+            if start.get("type") != "start":
+                raise InvalidArgument('the first message must be {"type": "start", ...}', "type")
+            live = self.core.open_session(SessionStart.parse(start))
             events = self.core.session_events(live)
             async with contextlib.aclosing(events):
                 async for event in events:
@@ -58,13 +60,27 @@ class WebSocketAdapter:
             await ws.close()
         except ServiceError as err:
             with contextlib.suppress(Exception):
-                await send({"type": "error", "code": err.code, "message": err.message})
-                await ws.close(code=1008 if err.http_status == 400 else 1011)
-        except (WebSocketDisconnect, RuntimeError):
+                await send(error_event(err))
+                await ws.close(code=1008 if err.http_status < 500 else 1011)
+        except (Disconnected, WebSocketDisconnect, RuntimeError):
             log.info("session %s: client disconnected", live.id if live else "(not started)")
         finally:
             if reader is not None:
                 reader.cancel()
+
+    async def _message(self, ws: WebSocket) -> dict:
+        """The client's next message as a JSON object; a malformed one raises InvalidArgument
+        (or TooLarge), a disconnect `Disconnected`."""
+        frame = await ws.receive()
+        if frame["type"] == "websocket.disconnect":
+            raise Disconnected
+        raw = frame.get("text")
+        if raw is None:
+            raise InvalidArgument("binary messages are not accepted; send JSON text messages")
+        limit = self.core.settings.max_message_bytes
+        if len(raw) > limit:
+            raise TooLarge(f"a message of {len(raw)} characters; the limit is {limit}")
+        return parse_object(raw, "the message")
 
     async def _read(self, ws: WebSocket, live: LiveSession, send) -> None:
         """Prompt changes and close requests from the client; a disconnect ends the session."""
@@ -76,25 +92,37 @@ class WebSocketAdapter:
                     {"type": "prompt.accepted", "prompt_version": version, "from_chunk": start}
                 )
             except ServiceError as err:
-                await send({"type": "error", "code": err.code, "message": err.message})
+                await send(error_event(err))
 
         updates: set[asyncio.Task] = set()
+        errors = 0
         try:
             while True:
-                message = await ws.receive_json()
-                kind = message.get("type") if isinstance(message, dict) else None
-                if kind == "prompt":
-                    task = asyncio.create_task(prompt(message.get("prompt")))
-                    updates.add(task)
-                    task.add_done_callback(updates.discard)
-                elif kind == "close":
-                    live.request_stop(EndReason.CLOSED)
-                else:
-                    error = InvalidArgument(f"unknown message type {kind!r}; use prompt or close")
-                    await send({"type": "error", "code": error.code, "message": error.message})
-        except (WebSocketDisconnect, RuntimeError, json.JSONDecodeError):
+                try:
+                    message = await self._message(ws)
+                    kind = message.get("type")
+                    if kind == "prompt":
+                        task = asyncio.create_task(prompt(message.get("prompt")))
+                        updates.add(task)
+                        task.add_done_callback(updates.discard)
+                    elif kind == "close":
+                        live.request_stop(EndReason.CLOSED)
+                    else:
+                        raise InvalidArgument(
+                            f"unknown message type {kind!r}; use prompt or close", "type"
+                        )
+                except (InvalidArgument, TooLarge) as err:
+                    errors += 1
+                    await send(error_event(err))
+                    if errors >= MAX_PROTOCOL_ERRORS:
+                        live.request_stop(EndReason.PROTOCOL_ERROR)
+        except (Disconnected, WebSocketDisconnect, RuntimeError):
             live.request_stop(EndReason.DISCONNECTED)
             await live.driver.close(EndReason.DISCONNECTED)  # free the caches now
         finally:
             for task in updates:
                 task.cancel()
+
+
+def error_event(err: ServiceError) -> dict:
+    return {"type": "error", "code": err.code, "message": err.message, "param": err.param}

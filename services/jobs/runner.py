@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 from typing import Protocol
 
 from protos.histream.v1 import stages_pb2
-from services.errors import ServiceError
+from services.errors import Internal, ServiceError
 from services.jobs.records import RecordStore, VideoError, VideoRecord, VideoStatus, new_video_id
 from services.protocol import ChunkReady, EndReason, Generation, StreamKind
 from services.sessions import SessionDriver, SessionPlan, StageHandles
@@ -120,7 +120,7 @@ class JobRunner:
             with contextlib.suppress(Exception):  # what it published as the delete landed
                 await self.records.delete(record.id)
         except Exception as err:
-            code, message = _error_of(err)
+            code, message = _error_of(err, record.id)
             log.warning("video %s failed: %s %s", record.id, code, message)
             if record.status != VideoStatus.completed:
                 record.advance(VideoStatus.failed)
@@ -160,7 +160,9 @@ class JobRunner:
         return True
 
 
-def _error_of(err: BaseException) -> tuple[str, str]:
-    if isinstance(err, ServiceError):
-        return err.code, err.message
-    return "internal_error", f"{type(err).__name__}: {err}"
+def _error_of(err: BaseException, video_id: str) -> tuple[str, str]:
+    """What the record says of a failure: a service error as it is; anything else only an
+    error id (its details, e.g. a replica's traceback, stay in the server log)."""
+    if not isinstance(err, ServiceError):
+        err = Internal.logged(log, err, f"generating video {video_id}")
+    return err.code, err.message

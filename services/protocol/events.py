@@ -98,7 +98,7 @@ class PromptApplied(_Event):
 class SessionEnded(_Event):
     kind, oneof, wire = "session.ended", "ended", api_pb2.SessionEnded
 
-    reason: EndReason  # COMPLETED or CLOSED: a client that went away is sent nothing
+    reason: EndReason  # COMPLETED, CLOSED or PROTOCOL_ERROR: a client gone away is sent nothing
 
     def fields(self) -> dict:
         return {"reason": str(self.reason)}

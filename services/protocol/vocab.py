@@ -59,6 +59,7 @@ class EndReason(enum.StrEnum):
 
     COMPLETED = "completed"  # every chunk was generated and sealed
     CLOSED = "closed"  # the client asked to stop; what was generated is sealed
+    PROTOCOL_ERROR = "protocol_error"  # too many malformed client messages; the rest is sealed
     DISCONNECTED = "disconnected"  # the client went away; nothing more is sent
     CANCELLED = "cancelled"  # a video job was deleted or cancelled while it ran
     FAILED = "failed"  # an error stopped it

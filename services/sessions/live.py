@@ -55,11 +55,13 @@ class LiveSession:
         self.id = session_id
         self.driver = driver
         self.playlist_key = playlist_key
-        self.stop_reason: EndReason | None = None  # CLOSED (asked) or DISCONNECTED (went away)
+        # CLOSED (asked), PROTOCOL_ERROR (misbehaved) or DISCONNECTED (went away)
+        self.stop_reason: EndReason | None = None
         self._stop = asyncio.Event()
 
     def request_stop(self, reason: EndReason = EndReason.CLOSED) -> None:
-        """Stop generating: CLOSED seals what was generated, DISCONNECTED sends nothing more."""
+        """Stop generating: DISCONNECTED sends nothing more; any other reason seals what was
+        generated and ends with that reason. A disconnect overrides an earlier reason."""
         if self.stop_reason is None or reason == EndReason.DISCONNECTED:
             self.stop_reason = reason
         self._stop.set()
@@ -81,7 +83,7 @@ class LiveSession:
                     yield chunk
             if self.stop_reason == EndReason.DISCONNECTED:
                 return
-            reason = EndReason.CLOSED if self._stop.is_set() else EndReason.COMPLETED
+            reason = self.stop_reason or EndReason.COMPLETED
             await driver.finish(reason)
             yield SessionEnded(reason)
         except Exception:
