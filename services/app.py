@@ -26,6 +26,9 @@ from services.stages import DecodeStage, RefineStage, StructureStage
 APP_NAME = "histream"
 DEPLOYMENTS = tuple(str(name) for name in StageName)  # the names serve configs refer to
 GRPC_SERVICERS = ["services.gateway.servicer.add_HiStreamServicer_to_server"]
+# Room for short requests (health, polling, job submissions) beside the gateway's open sessions,
+# so that no number of sessions can make a health check queue.
+GATEWAY_SHORT_REQUESTS = 256
 SESSION_ROUTER = RequestRouterConfig(
     request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
     request_router_kwargs={"num_fallback_replicas": 0},
@@ -48,8 +51,9 @@ def build_app(settings: ServeSettings | None = None) -> Application:
     structure = _stage(StructureStage, StageName.STRUCTURE, settings).bind(settings)
     refine = _stage(RefineStage, StageName.REFINE, settings).bind(settings, structure)
     decode = _stage(DecodeStage, StageName.DECODE, settings).bind(settings)
+    ongoing = settings.max_live_sessions + GATEWAY_SHORT_REQUESTS
     gateway = serve.deployment(
-        Gateway, name=str(StageName.GATEWAY), **settings.gateway.deployment_options()
+        Gateway, name=str(StageName.GATEWAY), **settings.gateway.deployment_options(ongoing)
     )
     return gateway.bind(settings, structure, refine, decode)
 

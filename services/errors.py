@@ -73,6 +73,38 @@ class Internal(ServiceError):
         return cls(f"internal error while {during}; quote {error_id} when reporting it")
 
 
+class QueueFull(ServiceError):
+    """Every place to wait is taken: try again after `retry_after_s`."""
+
+    code = "queue_full"
+    http_status = 429
+    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, param: str | None = None, retry_after_s: int = 5) -> None:
+        super().__init__(message, param)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.param, self.retry_after_s))
+
+
+class QueueTimeout(ServiceError):
+    """Work waited past its deadline for a place to run."""
+
+    code = "queue_timeout"
+    http_status = 503
+    grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(ServiceError):
+    """Something the service depends on (storage, a stage) does not answer."""
+
+    code = "service_unavailable"
+    http_status = 503
+    grpc_status = grpc.StatusCode.UNAVAILABLE
+
+
 class AtCapacity(ServiceError):
     """A replica holds as many sessions as its memory budget allows."""
 

@@ -3,6 +3,7 @@
 - `Mp4Writer` encodes frames into an MP4 file as they arrive (a finished video for the job API).
 - `FragmentedMp4Encoder` makes one init segment (ftyp + moov) and then one media segment
   (moof + mdat) per call, for WebSocket streaming; init + segments in order is a playable MP4.
+- `progressive_mp4` turns a finished fragmented stream into a regular MP4 (moov first).
 - `read_video` / `decode_frames` decode a file or bytes back, for checks and tests.
 
 Frames come from the VAE as [T, 3, H, W] in [-1, 1]; `frames_to_uint8` maps them to RGB bytes.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import io
 import struct
+import tempfile
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -327,6 +329,25 @@ class FragmentedMp4Encoder(_Encoder):
     def abort(self) -> None:
         """Nothing to discard: segments were handed out as they were made."""
         self.close()
+
+
+def progressive_mp4(fragmented: bytes) -> bytes:
+    """The same H.264 stream as a regular MP4 with `moov` before `mdat` (faststart): players
+    know its duration from the header. Packets are copied, not re-encoded."""
+    with tempfile.TemporaryDirectory(prefix="histream-mp4-") as folder:
+        path = Path(folder) / "video.mp4"
+        with (
+            av.open(io.BytesIO(fragmented), mode="r") as src,
+            av.open(str(path), mode="w", format="mp4", options={"movflags": "faststart"}) as dst,
+        ):
+            video = src.streams.video[0]
+            stream = dst.add_stream_from_template(video)
+            for packet in src.demux(video):
+                if packet.dts is None:  # the demuxer's end-of-stream marker
+                    continue
+                packet.stream = stream
+                dst.mux(packet)
+        return path.read_bytes()
 
 
 class VideoInfo(NamedTuple):

@@ -18,11 +18,13 @@ class StageScaling(BaseModel):
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
     target_ongoing_requests: float = Field(2.0, gt=0)
-    max_ongoing_requests: int = Field(16, ge=1)
+    # requests a replica works on at once; None: the deployment's default (the gateway holds a
+    # request per open WebSocket or gRPC session, so its default is far higher than a stage's)
+    max_ongoing_requests: int | None = Field(None, ge=1)
     num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0.0, ge=0)
 
-    def deployment_options(self) -> dict:
+    def deployment_options(self, default_ongoing: int = 16) -> dict:
         autoscaling = {
             "min_replicas": self.min_replicas,
             "max_replicas": max(self.max_replicas, self.min_replicas),
@@ -32,7 +34,7 @@ class StageScaling(BaseModel):
             autoscaling["initial_replicas"] = self.initial_replicas
         return {
             "autoscaling_config": autoscaling,
-            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_ongoing_requests": self.max_ongoing_requests or default_ongoing,
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
         }
 
@@ -57,6 +59,9 @@ class ServeSettings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1)  # per replica; None: torch's default
     max_sessions_per_replica: int = Field(8, ge=1)  # stage admission limit (cache memory)
     max_running_jobs: int = Field(4, ge=1)  # video jobs a gateway replica drives at once
+    max_queued_jobs: int = Field(256, ge=0)  # jobs waiting for a slot; past it: 429
+    max_live_sessions: int = Field(256, ge=1)  # streaming sessions per gateway; past it: 429
+    retry_after_s: int = Field(5, ge=1)  # what a 429 tells the client to wait
     session_idle_timeout_s: float = Field(300.0, gt=0)  # stages free sessions unused this long
     queue_timeout_s: float = Field(600.0, gt=0)  # a job waiting for capacity fails after this
     video_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # expires_at of finished videos

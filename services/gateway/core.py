@@ -4,14 +4,15 @@ and from these calls; errors are `ServiceError`s, which each adapter maps to its
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
-from services.errors import InvalidArgument, NotFound
+from services.errors import InvalidArgument, NotFound, QueueFull, remote_result
 from services.gateway.metrics import Metrics
 from services.gateway.requests import (
     SessionStart,
@@ -22,12 +23,16 @@ from services.gateway.requests import (
     resolve_video,
 )
 from services.jobs import JobRunner, RecordStore, VideoRecord, VideoStatus
-from services.protocol import ChunkReady, SessionEvent, StreamKind
+from services.protocol import ChunkReady, SessionEvent, StageName, StreamKind
 from services.sessions import LiveSession, SessionDriver, SessionPlan, SessionRegistry, StageHandles
 from services.settings import ServeSettings
 from services.storage import Layout, open_storage
 
 log = logging.getLogger("histream.gateway")
+
+
+READY_TIMEOUT_S = 2.0  # a dependency slower than this to answer a probe is not ready
+STAGES = (StageName.STRUCTURE, StageName.REFINE, StageName.DECODE)
 
 
 def new_session_id() -> str:
@@ -139,6 +144,12 @@ class GatewayCore:
     def open_session(self, body: SessionStart) -> LiveSession:
         """Validate a session request (nothing reaches a stage on bad input) and register it."""
         s = self.settings
+        if len(self.sessions) >= s.max_live_sessions:
+            raise QueueFull(
+                f"this gateway replica has {len(self.sessions)} open sessions, its limit "
+                f"(max_live_sessions={s.max_live_sessions}); retry after {s.retry_after_s} s",
+                retry_after_s=s.retry_after_s,
+            )
         generation = resolve_session(
             body, self.preset, s.served_model, s.frame_rate, s.max_prompt_chars
         )
@@ -177,7 +188,27 @@ class GatewayCore:
     # -- health, for tests and benchmarks ---------------------------------------------------------
 
     def health(self) -> dict:
+        """Liveness: this replica answers (it never waits on anything)."""
         return {"status": "ok", "model": self.settings.served_model, "preset": self.preset.name}
+
+    async def readiness(self) -> tuple[bool, dict]:
+        """Readiness: storage and every stage answer within READY_TIMEOUT_S."""
+        probes = {
+            "storage": self.records.reachable(),
+            **{str(n): remote_result(self.handles[n].stats.remote()) for n in STAGES},
+        }
+
+        async def probe(work: Awaitable) -> str:
+            try:
+                await asyncio.wait_for(work, READY_TIMEOUT_S)
+            except Exception as err:
+                return f"failed ({type(err).__name__})"
+            return "ok"
+
+        results = await asyncio.gather(*map(probe, probes.values()))
+        checks = dict(zip(probes, results, strict=True))
+        ready = all(result == "ok" for result in results)
+        return ready, {"status": "ready" if ready else "not_ready", "checks": checks}
 
     def active_sessions(self) -> dict[str, int]:
         return {str(kind): self.metrics.active(kind) for kind in StreamKind}

@@ -7,7 +7,7 @@ No `from __future__ import annotations` here: FastAPI reads the routes' annotati
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 
 from protos.histream.v1 import api_pb2
@@ -72,6 +72,11 @@ class Gateway:
     @api.get("/healthz")
     async def http_healthz(self) -> dict:
         return self.core.health()
+
+    @api.get("/readyz")
+    async def http_readyz(self) -> Response:
+        ready, body = await self.core.readiness()
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @api.get("/metrics")
     async def http_metrics(self) -> Response:

@@ -55,6 +55,9 @@ def status_of_errors(context, during: str, request: object = None):
         if context is not None:
             context.set_code(failure.grpc_status)
             context.set_details(failure.message)
+            retry = getattr(failure, "retry_after_s", None)
+            if retry is not None:
+                context.set_trailing_metadata((("retry-after", str(retry)),))
         if failure is err:
             raise
         raise failure from None

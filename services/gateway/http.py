@@ -5,6 +5,7 @@ every request is counted by route, method and status."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 
 from fastapi import Request
@@ -71,7 +72,8 @@ class HttpAdapter:
             content = await self.core.video_content(video_id, variant)
             if content.url is not None:
                 return RedirectResponse(content.url, status_code=307)
-            return Response(content.data, media_type="video/mp4")
+            assert content.data is not None
+            return ranged(content.data, request.headers.get("range"))
 
         return await self.respond(request, work)
 
@@ -88,5 +90,30 @@ class HttpAdapter:
         return await self.respond(request, work)
 
 
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII)
+
+
+def ranged(data: bytes, header: str | None) -> Response:
+    """The MP4, whole (200) or the one byte range asked for (206; RFC 9110 section 14), so
+    players can seek and downloads resume. A range past the end answers 416."""
+    size = len(data)
+    whole = {"Accept-Ranges": "bytes"}
+    match = _RANGE.fullmatch(header.strip()) if header else None
+    if match is None or match.groups() == ("", ""):  # absent, or a form we do not serve
+        return Response(data, media_type="video/mp4", headers=whole)
+    first, last = match.groups()
+    if first:
+        start, end = int(first), min(int(last) if last else size - 1, size - 1)
+    else:  # the last N bytes
+        start, end = max(0, size - int(last)), size - 1
+    if start >= size or start > end:
+        headers = {**whole, "Content-Range": f"bytes */{size}"}
+        return Response(status_code=416, headers=headers)
+    headers = {**whole, "Content-Range": f"bytes {start}-{end}/{size}"}
+    return Response(data[start : end + 1], 206, media_type="video/mp4", headers=headers)
+
+
 def error_response(err: ServiceError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.http_status)
+    retry = getattr(err, "retry_after_s", None)
+    headers = {"Retry-After": str(retry)} if retry is not None else None
+    return JSONResponse(err.body(), status_code=err.http_status, headers=headers)

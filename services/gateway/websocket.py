@@ -125,4 +125,6 @@ class WebSocketAdapter:
 
 
 def error_event(err: ServiceError) -> dict:
-    return {"type": "error", "code": err.code, "message": err.message, "param": err.param}
+    event = {"type": "error", "code": err.code, "message": err.message, "param": err.param}
+    retry = getattr(err, "retry_after_s", None)
+    return event if retry is None else {**event, "retry_after_s": retry}

@@ -10,13 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import logging
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
 
 from pydantic import BaseModel
 
-from services.errors import NotFound
+from services.errors import NotFound, Unavailable
 from services.protocol import Lifecycle
 from services.storage import Layout, ObjectNotFound, Storage, delete_video
+
+log = logging.getLogger("histream.jobs")
+T = TypeVar("T")
 
 
 class VideoStatus(enum.StrEnum):
@@ -73,47 +79,64 @@ def new_video_id() -> str:
 
 
 class RecordStore:
-    """Job records under the tenant's prefix; blocking storage calls run in threads."""
+    """Job records under the tenant's prefix; blocking storage calls run in threads. Storage
+    that does not answer is `Unavailable` (503) to the client, the details in the log."""
 
     def __init__(self, storage: Storage, layout: Layout) -> None:
         self.storage = storage
         self.layout = layout
 
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except (ObjectNotFound, ValueError):
+            raise
+        except Exception as err:
+            error_id = f"err_{uuid.uuid4().hex[:16]}"
+            log.error("storage call %s failed (%s)", fn.__name__, error_id, exc_info=err)
+            raise Unavailable(
+                f"storage is unavailable; retry later (quote {error_id} when reporting it)"
+            ) from None
+
     async def put(self, record: VideoRecord) -> None:
         data = record.model_dump_json().encode()
         key = self.layout.video_record_key(record.id)
-        await asyncio.to_thread(self.storage.put, key, data, "application/json")
+        await self._call(self.storage.put, key, data, "application/json")
 
     async def get(self, video_id: str) -> VideoRecord:
         try:
             key = self.layout.video_record_key(video_id)
-            data = await asyncio.to_thread(self.storage.get, key)
+            data = await self._call(self.storage.get, key)
         except (ObjectNotFound, ValueError):
             raise NotFound(f"no video with id {video_id!r}", param="video_id") from None
         return VideoRecord.model_validate_json(data)
 
     async def exists(self, video_id: str) -> bool:
-        return await asyncio.to_thread(self.storage.exists, self.layout.video_record_key(video_id))
+        return await self._call(self.storage.exists, self.layout.video_record_key(video_id))
 
     async def list(self) -> list[VideoRecord]:
-        keys = await asyncio.to_thread(self.storage.list, self.layout.videos_prefix())
+        keys = await self._call(self.storage.list, self.layout.videos_prefix())
         records = []
         for key in keys:
             if key.endswith("/record.json"):
                 with contextlib.suppress(ObjectNotFound):
-                    data = await asyncio.to_thread(self.storage.get, key)
+                    data = await self._call(self.storage.get, key)
                     records.append(VideoRecord.model_validate_json(data))
         return records
 
     async def delete(self, video_id: str) -> int:
-        return await asyncio.to_thread(delete_video, self.storage, self.layout, video_id)
+        return await self._call(delete_video, self.storage, self.layout, video_id)
 
     async def content(self, video_id: str) -> bytes:
         key = self.layout.video_key(video_id)
         try:
-            return await asyncio.to_thread(self.storage.get, key)
+            return await self._call(self.storage.get, key)
         except ObjectNotFound:
             raise NotFound(f"video {video_id!r} has no content yet", param="video_id") from None
+
+    async def reachable(self) -> None:
+        """Raises when storage does not answer (readiness)."""
+        await asyncio.to_thread(self.storage.exists, self.layout.video_record_key("ready-probe"))
 
     def content_url(self, video_id: str, expires_s: int) -> str | None:
         return self.storage.presigned_url(self.layout.video_key(video_id), expires_s)

@@ -8,11 +8,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager
 from typing import Protocol
 
 from protos.histream.v1 import stages_pb2
-from services.errors import Internal, ServiceError
+from services.errors import Internal, QueueFull, QueueTimeout, ServiceError
 from services.jobs.records import RecordStore, VideoError, VideoRecord, VideoStatus, new_video_id
 from services.protocol import ChunkReady, EndReason, Generation, StreamKind
 from services.sessions import SessionDriver, SessionPlan, StageHandles
@@ -64,14 +65,24 @@ class JobRunner:
         self.records = records
         self.preset = settings.get_preset()
         self.slots = asyncio.Semaphore(settings.max_running_jobs)
-        self.queue_timeout_s = settings.queue_timeout_s  # waiting for stage capacity
+        self.max_queued = settings.max_queued_jobs  # jobs waiting for a slot, at most
+        self.retry_after_s = settings.retry_after_s
+        self.waiting = 0  # jobs submitted that do not hold a slot yet
+        self.queue_timeout_s = settings.queue_timeout_s  # for a slot and stage capacity together
         self.ttl_s = settings.video_ttl_s  # a finished video's expires_at
         self.fps = settings.frame_rate
         self.observer = observer or _Unobserved()
         self.tasks: dict[str, asyncio.Task] = {}
 
     async def submit(self, generation: Generation) -> VideoRecord:
-        """Store a queued record and start the job; returns the record at once."""
+        """Store a queued record and start the job; returns the record at once. QueueFull when
+        `max_queued_jobs` jobs already wait for a slot on this replica."""
+        if self.waiting >= self.max_queued:
+            raise QueueFull(
+                f"{self.waiting} video jobs are waiting on this gateway replica, its limit "
+                f"(max_queued_jobs={self.max_queued}); retry after {self.retry_after_s} s",
+                retry_after_s=self.retry_after_s,
+            )
         shape = generation.shape
         record = VideoRecord(
             id=new_video_id(),
@@ -87,6 +98,7 @@ class JobRunner:
         )
         await self.records.put(record)
         plan = SessionPlan.of(generation, record.id, StreamKind.VIDEO, record.tenant, self.fps)
+        self.waiting += 1
         task = asyncio.create_task(self._run(record, plan))
         self.tasks[record.id] = task
         task.add_done_callback(lambda _: self.tasks.pop(record.id, None))
@@ -101,9 +113,9 @@ class JobRunner:
         driver = SessionDriver(self.handles, plan)
         reason = EndReason.FAILED
         try:
-            async with self.slots:
+            async with self._slot(record.id) as deadline_s:
                 with self.observer.running(driver):
-                    await self._generate(record, plan, driver)
+                    await self._generate(record, plan, driver, deadline_s)
             now = int(time.time())
             record.advance(VideoStatus.completed)
             record.progress, record.completed_at, record.expires_at = 100, now, now + self.ttl_s
@@ -131,11 +143,30 @@ class JobRunner:
         finally:
             await driver.close(reason)
 
+    @contextlib.asynccontextmanager
+    async def _slot(self, video_id: str) -> AsyncIterator[float]:
+        """Hold one of the `max_running_jobs` slots; gives the time left of the queue deadline
+        to wait for stage capacity in."""
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self.slots.acquire(), self.queue_timeout_s)
+        except TimeoutError:
+            raise QueueTimeout(
+                f"video {video_id} waited {self.queue_timeout_s:g} s for a job slot "
+                "(queue_timeout_s); submit it again later"
+            ) from None
+        finally:
+            self.waiting -= 1
+        try:
+            yield max(0.0, self.queue_timeout_s - (time.monotonic() - started))
+        finally:
+            self.slots.release()
+
     async def _generate(
-        self, record: VideoRecord, plan: SessionPlan, driver: SessionDriver
+        self, record: VideoRecord, plan: SessionPlan, driver: SessionDriver, deadline_s: float
     ) -> None:
         """Open the session (waiting for capacity), generate every chunk, publish the MP4."""
-        await driver.open(deadline_s=self.queue_timeout_s)
+        await driver.open(deadline_s=deadline_s)
         record.advance(VideoStatus.in_progress)
         await self._update(record)
         total = plan.shape.num_chunks

@@ -14,6 +14,7 @@ from services.protocol.events import (
     PromptApplied,
     SessionEnded,
     SessionEvent,
+    SessionQueued,
     SessionStarted,
 )
 from services.protocol.lifecycle import (
@@ -37,6 +38,7 @@ __all__ = [
     "Resolution",
     "SessionEnded",
     "SessionEvent",
+    "SessionQueued",
     "SessionStarted",
     "SessionStatus",
     "StageName",

@@ -36,6 +36,15 @@ class _Event:
 
 
 @dataclass(frozen=True)
+class SessionQueued(_Event):
+    """The session waits for capacity on the stages."""
+
+    kind, oneof, wire = "queued", "queued", api_pb2.SessionQueued
+
+    position: int  # sessions waiting on this gateway replica, this one included (1: next)
+
+
+@dataclass(frozen=True)
 class SessionStarted(_Event):
     kind, oneof, wire = "session.started", "started", api_pb2.SessionStarted
 
@@ -104,4 +113,6 @@ class SessionEnded(_Event):
         return {"reason": str(self.reason)}
 
 
-SessionEvent = SessionStarted | InitSegment | ChunkReady | PromptApplied | SessionEnded
+SessionEvent = (
+    SessionQueued | SessionStarted | InitSegment | ChunkReady | PromptApplied | SessionEnded
+)

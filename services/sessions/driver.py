@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from histream_model.schedules import plan_chunk
 from protos.histream.v1 import stages_pb2
@@ -66,11 +66,14 @@ class SessionDriver:
         """KV bytes the denoising stages hold for this session right now."""
         return self.kv_bytes if set(self.plan.denoisers) & set(self.stages.held) else 0
 
-    async def open(self, deadline_s: float = 600.0) -> None:
+    async def open(
+        self, deadline_s: float = 600.0, on_wait: Callable[[], None] | None = None
+    ) -> None:
         """Encode the prompt and open the session on every stage, waiting for capacity.
 
         A replica at capacity is answered by trying again under a new routing id (another
-        replica, most likely), with backoff, until `deadline_s` has passed.
+        replica, most likely), with backoff, until `deadline_s` has passed; `on_wait` is called
+        before each wait.
         """
         context = await self.stages.encode(self.plan.prompt)
         started, delay = time.monotonic(), 0.05
@@ -83,6 +86,8 @@ class SessionDriver:
                 await self.stages.release()
                 if time.monotonic() - started > deadline_s:
                     raise
+                if on_wait is not None:
+                    on_wait()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
         self.kv_bytes, self.init_segment = opened.kv_bytes, opened.init_segment

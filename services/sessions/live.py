@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from services.errors import NotFound
 from services.protocol import (
@@ -15,7 +15,9 @@ from services.protocol import (
     PromptApplied,
     SessionEnded,
     SessionEvent,
+    SessionQueued,
     SessionStarted,
+    SessionStatus,
 )
 from services.sessions.driver import SessionDriver
 
@@ -58,6 +60,7 @@ class LiveSession:
         # CLOSED (asked), PROTOCOL_ERROR (misbehaved) or DISCONNECTED (went away)
         self.stop_reason: EndReason | None = None
         self._stop = asyncio.Event()
+        self.queue_position: Callable[[], int] = lambda: 1  # set by the registry
 
     def request_stop(self, reason: EndReason = EndReason.CLOSED) -> None:
         """Stop generating: DISCONNECTED sends nothing more; any other reason seals what was
@@ -71,7 +74,8 @@ class LiveSession:
         completes or is stopped. Leaving early frees the session on every stage."""
         driver, shape = self.driver, self.driver.plan.shape
         try:
-            await driver.open(deadline_s=deadline_s)
+            async for position in self._open(deadline_s):
+                yield SessionQueued(position)
             yield SessionStarted.of(self.id, shape, driver.plan.fps, self.playlist_key)
             yield InitSegment(driver.init_segment)
             version = 0
@@ -92,6 +96,29 @@ class LiveSession:
         finally:
             await driver.close(self.stop_reason or EndReason.DISCONNECTED)
 
+    async def _open(self, deadline_s: float) -> AsyncIterator[int]:
+        """Open the session; while it waits for capacity, its place in line when it changes."""
+        waits: asyncio.Queue[None] = asyncio.Queue()
+        opening = asyncio.ensure_future(
+            self.driver.open(deadline_s, lambda: waits.put_nowait(None))
+        )
+        told = 0
+        try:
+            while not opening.done():
+                waited = asyncio.ensure_future(waits.get())
+                await asyncio.wait({opening, waited}, return_when=asyncio.FIRST_COMPLETED)
+                waited.cancel()
+                position = self.queue_position()
+                if waited.done() and not waited.cancelled() and position != told:
+                    told = position
+                    yield position
+            await opening
+        finally:
+            if not opening.done():
+                opening.cancel()
+                with contextlib.suppress(BaseException):
+                    await opening
+
 
 class SessionRegistry:
     """The live sessions of this replica, by public id."""
@@ -101,6 +128,16 @@ class SessionRegistry:
 
     def add(self, live: LiveSession) -> None:
         self._live[live.id] = live
+        live.queue_position = lambda: self.position(live.id)
+
+    def position(self, session_id: str) -> int:
+        """1 + the sessions registered before this one that still wait for capacity."""
+        ahead = 0
+        for other in self._live.values():
+            if other.id == session_id:
+                break
+            ahead += other.driver.status == SessionStatus.OPENING
+        return ahead + 1
 
     def remove(self, session_id: str) -> None:
         self._live.pop(session_id, None)

@@ -8,6 +8,7 @@ manifest; a streaming session's segments are stored as they come, with a growing
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -15,11 +16,13 @@ from histream_model.components import vae_for
 from histream_model.vae import VAEDecodeState
 from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument
-from services.media import FragmentedMp4Encoder
+from services.media import FragmentedMp4Encoder, progressive_mp4
 from services.protocol import StageName, StreamKind, from_proto
 from services.settings import ServeSettings
 from services.stages.base import SessionStage, rpc
 from services.storage import Layout, SessionWriter, VideoManifest, open_storage, publish_video
+
+log = logging.getLogger("histream.stages")
 
 
 @dataclass
@@ -146,19 +149,32 @@ class DecodeStage(SessionStage[DecodeStream]):
             created_at=video.created_at,
             num_frames=stream.frames,
         )
-        mp4 = stream.init + b"".join(stream.segments)
+        mp4 = progressive_mp4(stream.init + b"".join(stream.segments))
         media = {"video.mp4": (mp4, "video/mp4")}
         publish_video(self.storage, stream.layout, stream.object_id, media, manifest.fields())
 
     @rpc
     async def CloseStream(self, request: stages_pb2.ReleaseRequest) -> stages_pb2.StageAck:
-        self._drop(request.session_id)
+        stream = self.sessions.pop(request.session_id)
+        if stream is not None:
+            await asyncio.to_thread(self._seal, stream)
         return stages_pb2.StageAck(session_id=request.session_id)
 
     def _drop(self, session_id: str) -> None:
         stream = self.sessions.pop(session_id)
         if stream is not None:
-            stream.encoder.close()
+            self._seal(stream)
+
+    def _seal(self, stream: DecodeStream) -> None:
+        """However a stream ends (finished, closed, or reaped when its gateway vanished), its
+        encoder is freed and a session's playlist gets its ENDLIST, so no player polls it
+        forever."""
+        stream.encoder.close()
+        if stream.writer is not None and not stream.writer.ended:
+            try:
+                stream.writer.end()
+            except Exception:  # storage down: the stream is freed all the same
+                log.exception("could not seal the playlist of %s", stream.object_id)
 
     def check_health(self) -> None:
         if self.vae is None:

@@ -125,6 +125,10 @@ class SessionWriter:
             self._put_playlist()
         return key
 
+    @property
+    def ended(self) -> bool:
+        return self._playlist is not None and self._playlist.ended
+
     def end(self) -> str:
         """Mark the playlist ended (EXT-X-ENDLIST) and rewrite it; return its key."""
         with self._lock:

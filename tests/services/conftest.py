@@ -85,7 +85,11 @@ def service(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         **common,
     )
     local_dir = tmp_path_factory.mktemp("local-storage")
-    local_settings = ServeSettings(storage=StorageSettings(local_dir=str(local_dir)), **common)
+    # small queues on the second app, to fill them in tests (test_load.py)
+    limits = {"max_running_jobs": 1, "max_queued_jobs": 1, "max_live_sessions": 2}
+    local_settings = ServeSettings(
+        storage=StorageSettings(local_dir=str(local_dir)), **common, **limits
+    )
     server.start(s3_settings, num_cpus=4, log_to_driver=False)
     server.start(local_settings, app_name="local", route_prefix="/local")
     base = f"http://127.0.0.1:{common['http_port']}"

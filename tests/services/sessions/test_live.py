@@ -14,6 +14,7 @@ from services.protocol import (
     InitSegment,
     PromptApplied,
     SessionEnded,
+    SessionQueued,
     SessionStarted,
     SessionStatus,
     StreamKind,
@@ -135,7 +136,8 @@ def test_a_session_that_never_gets_capacity_fails_closed(monkeypatch):
                 events.append(event)
 
     run(go())
-    assert events == [] and clock.sleeps == [0.05, 0.1]
+    # it was told once that it waits, first in line, and nothing more
+    assert events == [SessionQueued(position=1)] and clock.sleeps == [0.05, 0.1]
     assert (live.driver.status, live.driver.end_reason) == (SessionStatus.FAILED, EndReason.FAILED)
     assert stages.held() == NOTHING_HELD
 
@@ -171,3 +173,42 @@ def test_the_registry_finds_live_sessions_by_id():
     with pytest.raises(NotFound, match="no running session with id 'sess_1'") as err:
         registry.get("sess_1")
     assert err.value.param == "session_id" and len(registry) == 0
+
+
+def test_waiting_sessions_are_told_their_place_in_line(monkeypatch):
+    """Two sessions wait for capacity: each is told its place once, and the second moves up
+    when the first gets in."""
+    clock = FakeClock().install(monkeypatch, driver_module)
+    stages = fake_stages()
+    full = {"sess_a": True, "sess_b": True}
+    stages.refine.fail(
+        "OpenSession",
+        lambda: AtCapacity("refine stage full"),
+        when=lambda r: full[r.spec.session_id.split(".")[0]],
+    )
+    registry = SessionRegistry()
+    lives = {}
+    for sid in full:
+        plan = session_plan(kind=StreamKind.SESSION, frames=9, object_id=sid)
+        lives[sid] = LiveSession(sid, SessionDriver(stages.handles, plan), playlist_key=PLAYLIST)
+        registry.add(lives[sid])
+    seen: dict[str, list] = {sid: [] for sid in full}
+
+    async def consume(sid: str) -> None:
+        async for event in lives[sid].events(deadline_s=60):
+            seen[sid].append(event)
+            if isinstance(event, SessionQueued) and sid == "sess_b" and event.position == 2:
+                full["sess_a"] = False  # capacity frees up for the first in line
+
+    async def go():
+        b = asyncio.create_task(consume("sess_b"))
+        a = asyncio.create_task(consume("sess_a"))
+        await a
+        full["sess_b"] = False
+        await b
+
+    run(go())
+    queued = {sid: [e.position for e in seen[sid] if isinstance(e, SessionQueued)] for sid in full}
+    assert queued == {"sess_a": [1], "sess_b": [2, 1]}
+    assert all(isinstance(seen[sid][-1], SessionEnded) for sid in full)
+    assert clock.sleeps  # they waited (on the fake clock)
