@@ -25,7 +25,7 @@ from services.stages import DecodeStage, RefineStage, StructureStage
 
 APP_NAME = "histream"
 DEPLOYMENTS = tuple(str(name) for name in StageName)  # the names serve configs refer to
-GRPC_SERVICERS = ["services.gateway.servicer.add_HiStreamServicer_to_server"]
+GRPC_SERVICERS = ["services.protocol.servicer.add_HiStreamServicer_to_server"]
 # Room for short requests (health, polling, job submissions) beside the gateway's open sessions,
 # so that no number of sessions can make a health check queue.
 GATEWAY_SHORT_REQUESTS = 256

@@ -53,7 +53,8 @@ class ServeSettings(BaseSettings):
     device: str | None = None  # default: cuda if available
     dtype: str | None = None  # float32 | bfloat16 | float16; default by device
     tenant: str = "default"  # object prefix for this deployment's tenant
-    http_host: str = "127.0.0.1"
+    http_host: str = "127.0.0.1"  # where the HTTP API listens (0.0.0.0: every interface)
+    grpc_host: str | None = None  # where the local gRPC API listens; None: http_host
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(9000, ge=1, le=65535)
     torch_threads: int | None = Field(None, ge=1)  # per replica; None: torch's default
@@ -95,6 +96,10 @@ class ServeSettings(BaseSettings):
 
     def get_preset(self) -> Preset:
         return get_preset(self.preset)
+
+    @property
+    def grpc_bind_host(self) -> str:
+        return self.grpc_host or self.http_host
 
     @property
     def frame_rate(self) -> int:

@@ -178,12 +178,13 @@ class GatewayCore:
         finally:
             self.sessions.remove(live.id)
 
-    async def update_prompt(self, session_id: str, prompt: object) -> tuple[int, int]:
-        text = check_prompt_field(prompt, self.settings.max_prompt_chars)
-        return await self.sessions.get(session_id).driver.update_prompt(text)
+    def session(self, session_id: str, token: str | None) -> LiveSession:
+        """A live session, for a client quoting its token (prompt updates, closes by id)."""
+        return self.sessions.get(session_id, token)
 
-    def close_session(self, session_id: str) -> None:
-        self.sessions.get(session_id).request_stop()
+    async def update_prompt(self, live: LiveSession, prompt: object) -> tuple[int, int]:
+        text = check_prompt_field(prompt, self.settings.max_prompt_chars)
+        return await live.driver.update_prompt(text)
 
     # -- health, for tests and benchmarks ---------------------------------------------------------
 

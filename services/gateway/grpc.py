@@ -14,8 +14,8 @@ from protos.histream.v1 import api_pb2
 from services.errors import Internal, InvalidArgument, ServiceError
 from services.gateway.core import GatewayCore
 from services.gateway.requests import SessionStart, VideoCreate
-from services.gateway.servicer import UndecodableRequest
 from services.jobs import VideoRecord
+from services.protocol.servicer import UndecodableRequest
 
 T = TypeVar("T")
 log = logging.getLogger("histream.gateway")
@@ -121,7 +121,8 @@ class GrpcAdapter:
         self, request: api_pb2.UpdateSessionPromptRequest, context
     ) -> api_pb2.UpdateSessionPromptResponse:
         async def work() -> api_pb2.UpdateSessionPromptResponse:
-            version, start = await self.core.update_prompt(request.session_id, request.prompt)
+            live = self.core.session(request.session_id, request.session_token)
+            version, start = await self.core.update_prompt(live, request.prompt)
             return api_pb2.UpdateSessionPromptResponse(
                 session_id=request.session_id, prompt_version=version, from_chunk=start
             )
@@ -132,7 +133,7 @@ class GrpcAdapter:
         self, request: api_pb2.CloseSessionRequest, context
     ) -> api_pb2.CloseSessionResponse:
         async def work() -> api_pb2.CloseSessionResponse:
-            self.core.close_session(request.session_id)
+            self.core.session(request.session_id, request.session_token).request_stop()
             return api_pb2.CloseSessionResponse(session_id=request.session_id, closed=True)
 
         return await self.unary(request, context, work)

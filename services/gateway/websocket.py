@@ -19,7 +19,7 @@ from services.errors import InvalidArgument, ServiceError, TooLarge
 from services.gateway.bodies import parse_object
 from services.gateway.core import GatewayCore
 from services.gateway.requests import SessionStart
-from services.protocol import EndReason, SessionStarted
+from services.protocol import EndReason
 from services.sessions import LiveSession
 
 log = logging.getLogger("histream.gateway")
@@ -51,11 +51,11 @@ class WebSocketAdapter:
             if start.get("type") != "start":
                 raise InvalidArgument('the first message must be {"type": "start", ...}', "type")
             live = self.core.open_session(SessionStart.parse(start))
+            # read from the start: a client may close, or go away, while its session waits
+            reader = asyncio.create_task(self._read(ws, live, send))
             events = self.core.session_events(live)
             async with contextlib.aclosing(events):
                 async for event in events:
-                    if isinstance(event, SessionStarted):
-                        reader = asyncio.create_task(self._read(ws, live, send))
                     await send(event.message(), event.payload)
             await ws.close()
         except ServiceError as err:
@@ -87,7 +87,7 @@ class WebSocketAdapter:
 
         async def prompt(text: object) -> None:
             try:
-                version, start = await self.core.update_prompt(live.id, text)
+                version, start = await self.core.update_prompt(live, text)
                 await send(
                     {"type": "prompt.accepted", "prompt_version": version, "from_chunk": start}
                 )

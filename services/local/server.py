@@ -1,4 +1,11 @@
-"""Starting and stopping the service on a local Ray (what `histream serve` does)."""
+"""Starting and stopping the service on a local Ray (what `histream serve` does).
+
+Every listener binds to the configured host (127.0.0.1 by default): Serve's HTTP proxy, and the
+gRPC API through `GrpcFront` in this process (Serve's gRPC proxy would listen on every
+interface). Ray's own ports listen on every interface and Ray offers no way to bind them; a
+local Ray therefore runs with Ray's token authentication (`RAY_AUTH_MODE=token`, its token file
+readable by this user only), so nothing without the token can call into the cluster.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +19,12 @@ import ray
 from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
-from services.app import APP_NAME, GRPC_SERVICERS, build_app
+from services.app import APP_NAME, build_app
+from services.local.grpc_front import GrpcFront
 from services.settings import ServeSettings
 
 log = logging.getLogger("histream.server")
+_fronts: list[GrpcFront] = []  # the gRPC front of the local service, while it runs
 
 
 def start(
@@ -26,14 +35,15 @@ def start(
     route_prefix: str = "/",
     log_to_driver: bool = True,
 ) -> None:
-    """Start (or join) Ray, start Serve's HTTP and gRPC proxies, deploy the application.
+    """Start (or join) Ray, Serve's HTTP proxy and the gRPC front, deploy the application.
 
     Returns once every deployment is healthy. A second call with another `app_name` and
-    `route_prefix` adds another application beside the first (the proxies are shared).
+    `route_prefix` adds another application beside the first (the listeners are shared; gRPC
+    calls name theirs in the `application` metadata).
     """
     if not ray.is_initialized():
-        # Token auth guards multi-user clusters; a local embedded Ray has no other users.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # A new local Ray runs with token auth unless RAY_AUTH_MODE says otherwise (Ray's own
+        # default); joining a cluster takes the cluster's token from the environment.
         ray.init(
             address=ray_address,
             num_cpus=num_cpus,
@@ -41,25 +51,39 @@ def start(
             logging_level=logging.WARNING,
             log_to_driver=log_to_driver,  # replica logs stay in Ray's session log files either way
         )
+        _protect_token()
+        # No gRPC servicers: Serve starts no gRPC proxy; the front below serves the API.
         serve.start(
             http_options=HTTPOptions(host=settings.http_host, port=settings.http_port),
-            grpc_options=gRPCOptions(
-                port=settings.grpc_port, grpc_servicer_functions=GRPC_SERVICERS
-            ),
+            grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=[]),
         )
     serve.run(build_app(settings), name=app_name, route_prefix=route_prefix)
+    if not _fronts:
+        front = GrpcFront(settings.grpc_bind_host, settings.grpc_port, default_app=app_name)
+        front.start()
+        _fronts.append(front)
     log.info(
-        "serving %s (preset %s) on http://%s:%d and gRPC :%d",
+        "serving %s (preset %s) on http://%s:%d and gRPC %s:%d",
         app_name,
         settings.preset,
         settings.http_host,
         settings.http_port,
+        settings.grpc_bind_host,
         settings.grpc_port,
     )
 
 
+def _protect_token() -> None:
+    """Ray writes its token file readable by everyone; only this user needs to read it."""
+    token = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    if os.path.isfile(token):
+        os.chmod(token, 0o600)
+
+
 def stop() -> None:
-    """Shut Serve down (draining replicas) and stop the local Ray."""
+    """Stop the gRPC front, shut Serve down (draining replicas) and stop the local Ray."""
+    while _fronts:
+        _fronts.pop().stop()
     if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
@@ -73,7 +97,8 @@ def serve_forever(settings: ServeSettings, ray_address: str | None = None) -> No
     start(settings, ray_address=ray_address)
     print(
         f"HiStream Serve ({settings.served_model}) on http://{settings.http_host}:"
-        f"{settings.http_port} and gRPC {settings.http_host}:{settings.grpc_port}; Ctrl-C stops",
+        f"{settings.http_port} and gRPC {settings.grpc_bind_host}:{settings.grpc_port}; "
+        "Ctrl-C stops",
         flush=True,
     )
     stopping.wait()

@@ -55,11 +55,14 @@ class SessionStarted(_Event):
     num_chunks: int
     num_frames: int
     playlist_key: str  # where the HLS playlist grows in storage
+    session_token: str  # the secret that prompt updates and closes by id must quote
 
     @classmethod
-    def of(cls, session_id: str, shape: VideoShape, fps: int, playlist_key: str) -> SessionStarted:
+    def of(
+        cls, session_id: str, shape: VideoShape, fps: int, playlist_key: str, token: str
+    ) -> SessionStarted:
         frames, chunks = shape.num_frames, shape.num_chunks
-        return cls(session_id, shape.width, shape.height, fps, chunks, frames, playlist_key)
+        return cls(session_id, shape.width, shape.height, fps, chunks, frames, playlist_key, token)
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import secrets
 from collections.abc import AsyncIterator, Callable
 
-from services.errors import NotFound
+from services.errors import InvalidArgument, NotFound
 from services.protocol import (
     ChunkReady,
     EndReason,
@@ -61,6 +63,8 @@ class LiveSession:
         self.stop_reason: EndReason | None = None
         self._stop = asyncio.Event()
         self.queue_position: Callable[[], int] = lambda: 1  # set by the registry
+        # what a client must quote to change or close the session by id (not over its socket)
+        self.token = secrets.token_urlsafe(24)
 
     def request_stop(self, reason: EndReason = EndReason.CLOSED) -> None:
         """Stop generating: DISCONNECTED sends nothing more; any other reason seals what was
@@ -76,7 +80,11 @@ class LiveSession:
         try:
             async for position in self._open(deadline_s):
                 yield SessionQueued(position)
-            yield SessionStarted.of(self.id, shape, driver.plan.fps, self.playlist_key)
+            if self._stop.is_set():  # stopped while it waited: nothing was generated
+                if self.stop_reason != EndReason.DISCONNECTED:
+                    yield SessionEnded(self.stop_reason or EndReason.CLOSED)
+                return
+            yield SessionStarted.of(self.id, shape, driver.plan.fps, self.playlist_key, self.token)
             yield InitSegment(driver.init_segment)
             version = 0
             async with contextlib.aclosing(until_set(driver.chunks(), self._stop)) as chunks:
@@ -97,23 +105,27 @@ class LiveSession:
             await driver.close(self.stop_reason or EndReason.DISCONNECTED)
 
     async def _open(self, deadline_s: float) -> AsyncIterator[int]:
-        """Open the session; while it waits for capacity, its place in line when it changes."""
+        """Open the session; while it waits for capacity, its place in line when it changes.
+        A stop request (a close, a lost client) ends the wait."""
         waits: asyncio.Queue[None] = asyncio.Queue()
         opening = asyncio.ensure_future(
             self.driver.open(deadline_s, lambda: waits.put_nowait(None))
         )
+        stopped = asyncio.ensure_future(self._stop.wait())
         told = 0
         try:
-            while not opening.done():
+            while not opening.done() and not stopped.done():
                 waited = asyncio.ensure_future(waits.get())
-                await asyncio.wait({opening, waited}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({opening, waited, stopped}, return_when=asyncio.FIRST_COMPLETED)
                 waited.cancel()
                 position = self.queue_position()
                 if waited.done() and not waited.cancelled() and position != told:
                     told = position
                     yield position
-            await opening
+            if opening.done():
+                await opening
         finally:
+            stopped.cancel()
             if not opening.done():
                 opening.cancel()
                 with contextlib.suppress(BaseException):
@@ -142,9 +154,15 @@ class SessionRegistry:
     def remove(self, session_id: str) -> None:
         self._live.pop(session_id, None)
 
-    def get(self, session_id: str) -> LiveSession:
+    def get(self, session_id: str, token: str | None) -> LiveSession:
+        """The session, for a caller quoting its token. A wrong token answers exactly as an
+        unknown id does, so ids reveal nothing."""
+        if not token:
+            raise InvalidArgument(
+                "session_token is required: quote the one session.started gave", "session_token"
+            )
         live = self._live.get(session_id)
-        if live is None:
+        if live is None or not hmac.compare_digest(live.token, token):
             raise NotFound(f"no running session with id {session_id!r}", param="session_id")
         return live
 

@@ -306,7 +306,12 @@ def test_grpc_session_streams_chunks_and_updates_the_prompt(service, tmp_path):
         if event.WhichOneof("event") == "chunk" and update is None:
             session_id = events[0].started.session_id
             update = stub.UpdateSessionPrompt(
-                api_pb2.UpdateSessionPromptRequest(session_id=session_id, prompt=OTHER), metadata=md
+                api_pb2.UpdateSessionPromptRequest(
+                    session_id=session_id,
+                    prompt=OTHER,
+                    session_token=events[0].started.session_token,
+                ),
+                metadata=md,
             )
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds[:2] == ["started", "init"] and kinds[-1] == "ended"
@@ -419,8 +424,11 @@ def test_unknown_ids_are_not_found(service):
     for rpc, request in (
         (stub.GetVideo, api_pb2.GetVideoRequest(id="video_nope")),
         (stub.DeleteVideo, api_pb2.DeleteVideoRequest(id="video_nope")),
-        (stub.UpdateSessionPrompt, api_pb2.UpdateSessionPromptRequest(session_id="s", prompt="x")),
-        (stub.CloseSession, api_pb2.CloseSessionRequest(session_id="sess_nope")),
+        (
+            stub.UpdateSessionPrompt,
+            api_pb2.UpdateSessionPromptRequest(session_id="s", prompt="x", session_token="t"),
+        ),
+        (stub.CloseSession, api_pb2.CloseSessionRequest(session_id="sess_nope", session_token="t")),
     ):
         with pytest.raises(grpc.RpcError) as err:
             rpc(request, metadata=md)

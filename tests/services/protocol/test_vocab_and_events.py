@@ -15,6 +15,7 @@ from services.protocol import (
     InitSegment,
     PromptApplied,
     SessionEnded,
+    SessionQueued,
     SessionStarted,
     StageName,
     StreamKind,
@@ -62,7 +63,8 @@ def chunk() -> ChunkReady:
 
 
 EVENTS = [
-    SessionStarted("sess_1", 192, 128, 16, 10, 117, "tenants/default/sessions/sess_1/p.m3u8"),
+    SessionStarted("sess_1", 192, 128, 16, 10, 117, "tenants/default/sessions/sess_1/p.m3u8", "tk"),
+    SessionQueued(position=3),
     InitSegment(b"ftyp...moov"),
     chunk(),
     PromptApplied(prompt_version=1, from_chunk=2),
@@ -76,7 +78,7 @@ def test_websocket_and_grpc_encodings_agree(event):
     oneof = wire.WhichOneof("event")
     expected_oneof = {
         "session.started": "started", "init": "init", "chunk": "chunk",
-        "prompt.applied": "prompt_updated", "session.ended": "ended",
+        "prompt.applied": "prompt_updated", "session.ended": "ended", "queued": "queued",
     }[message["type"]]  # fmt: skip
     assert oneof == expected_oneof
     body = getattr(wire, oneof)

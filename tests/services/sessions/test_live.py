@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from services.errors import AtCapacity, NotFound
+from services.errors import AtCapacity, InvalidArgument, NotFound
 from services.protocol import (
     ChunkReady,
     EndReason,
@@ -75,7 +75,7 @@ def test_a_completed_session_announces_each_prompt_before_its_first_chunk():
         ("chunk", 1, 1), ("chunk", 2, 1), ("ended", EndReason.COMPLETED),
     ]  # fmt: skip
     started, init = events[0], events[1]
-    assert started == SessionStarted("sess_1", 96, 64, 16, 3, 33, PLAYLIST)
+    assert started == SessionStarted("sess_1", 96, 64, 16, 3, 33, PLAYLIST, live.token)
     assert init == InitSegment(b"init")
     assert [e.media for e in events if isinstance(e, ChunkReady)][1] == b"seg:1/1/a dog"
     assert len(stages.handles.decode.called("FinishStream")) == 1
@@ -163,15 +163,22 @@ def test_a_real_session_stores_its_segments_and_a_sealed_playlist(tmp_path):
     assert stages.held() == NOTHING_HELD
 
 
-def test_the_registry_finds_live_sessions_by_id():
+def test_the_registry_finds_live_sessions_by_id_and_token():
     registry = SessionRegistry()
     live = live_session(fake_stages())
     registry.add(live)
-    assert registry.get("sess_1") is live and len(registry) == 1
+    assert registry.get("sess_1", live.token) is live and len(registry) == 1
+    assert len(live.token) >= 32 and live.token != live_session(fake_stages()).token
+    # a wrong token answers exactly as an unknown id; a missing one is the client's mistake
+    with pytest.raises(NotFound, match="no running session with id 'sess_1'"):
+        registry.get("sess_1", "guess")
+    with pytest.raises(InvalidArgument, match="session_token is required") as err:
+        registry.get("sess_1", "")
+    assert err.value.param == "session_token"
     registry.remove("sess_1")
     registry.remove("sess_1")  # removing twice is fine
     with pytest.raises(NotFound, match="no running session with id 'sess_1'") as err:
-        registry.get("sess_1")
+        registry.get("sess_1", live.token)
     assert err.value.param == "session_id" and len(registry) == 0
 
 
@@ -212,3 +219,24 @@ def test_waiting_sessions_are_told_their_place_in_line(monkeypatch):
     assert queued == {"sess_a": [1], "sess_b": [2, 1]}
     assert all(isinstance(seen[sid][-1], SessionEnded) for sid in full)
     assert clock.sleeps  # they waited (on the fake clock)
+
+
+@pytest.mark.parametrize("reason", [EndReason.CLOSED, EndReason.DISCONNECTED])
+def test_a_stop_while_waiting_for_capacity_ends_the_wait(monkeypatch, reason):
+    FakeClock().install(monkeypatch, driver_module)
+    stages = fake_stages()
+    stages.refine.fail("OpenSession", lambda: AtCapacity("refine stage full"))
+    live = live_session(stages)
+    events: list = []
+
+    async def go():
+        async for event in live.events(deadline_s=3600):
+            events.append(event)
+            if isinstance(event, SessionQueued):
+                live.request_stop(reason)
+
+    run(go())
+    ended = [SessionEnded(EndReason.CLOSED)] if reason == EndReason.CLOSED else []
+    assert events == [SessionQueued(position=1), *ended]
+    assert live.driver.status == SessionStatus.CLOSED and stages.held() == NOTHING_HELD
+    assert not stages.handles.decode.called("FinishStream")
