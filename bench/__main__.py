@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import breakdown, memory, real_flops, serving, table2
+from bench import breakdown, health, memory, real_flops, serving, table2
 from bench.report import stamp, write_section
 
 Section = Callable[[argparse.Namespace], str]
@@ -30,6 +30,7 @@ SECTIONS: dict[str, Section] = {
     "memory": lambda a: memory.section(_log),
     "breakdown": lambda a: breakdown.section(a.preset, a.breakdown_repeats, a.frames, _log),
     "serving": lambda a: serving.section(a.preset, a.serving_repeats, a.frames, _log),
+    "health": lambda a: health.section(log=_log),
 }
 
 MODEL_ONLY = {"real-flops"}  # sections computed by the FLOP model, not measured
