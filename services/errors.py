@@ -12,13 +12,34 @@ import grpc
 T = TypeVar("T")
 
 
+S = grpc.StatusCode
+CLIENT = "invalid_request_error"  # OpenAI's error type for the client's mistakes
+
+
 class ServiceError(Exception):
-    """An error a client is told about: a stable code and a message naming the problem."""
+    """An error a client is told about: a stable code and a message naming the problem.
+
+    Each kind is a subclass that states its code, HTTP status, gRPC status and OpenAI error
+    type in its class line: `class NotFound(ServiceError, code="not_found", http=404, ...)`.
+    """
 
     code = "internal_error"
     http_status = 500
-    grpc_status = grpc.StatusCode.INTERNAL
+    grpc_status = S.INTERNAL
     error_type = "server_error"
+
+    def __init_subclass__(
+        cls,
+        code: str | None = None,
+        http: int | None = None,
+        grpc_status: grpc.StatusCode | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        super().__init_subclass__()
+        for name, value in (("code", code), ("http_status", http), ("grpc_status", grpc_status),
+                            ("error_type", error_type)):  # fmt: skip
+            if value is not None:
+                setattr(cls, name, value)
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -40,27 +61,26 @@ class ServiceError(Exception):
         return (type(self), (self.message, self.param))
 
 
-class InvalidArgument(ServiceError):
-    code = "invalid_value"
-    http_status = 400
-    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
-    error_type = "invalid_request_error"
+class InvalidArgument(
+    ServiceError, code="invalid_value", http=400, grpc_status=S.INVALID_ARGUMENT, error_type=CLIENT
+):
+    """A request field or message the service cannot take; the message names it."""
 
 
-class NotFound(ServiceError):
-    code = "not_found"
-    http_status = 404
-    grpc_status = grpc.StatusCode.NOT_FOUND
-    error_type = "invalid_request_error"
+class NotFound(
+    ServiceError, code="not_found", http=404, grpc_status=S.NOT_FOUND, error_type=CLIENT
+):
+    """No such video, session or model (or not one the caller may see)."""
 
 
-class TooLarge(ServiceError):
+class TooLarge(
+    ServiceError,
+    code="request_too_large",
+    http=413,
+    grpc_status=S.INVALID_ARGUMENT,
+    error_type=CLIENT,
+):
     """A request body or message over the size the service accepts."""
-
-    code = "request_too_large"
-    http_status = 413
-    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
-    error_type = "invalid_request_error"
 
 
 class Internal(ServiceError):
@@ -73,13 +93,14 @@ class Internal(ServiceError):
         return cls(f"internal error while {during}; quote {error_id} when reporting it")
 
 
-class QueueFull(ServiceError):
+class QueueFull(
+    ServiceError,
+    code="queue_full",
+    http=429,
+    grpc_status=S.RESOURCE_EXHAUSTED,
+    error_type="rate_limit_error",
+):
     """Every place to wait is taken: try again after `retry_after_s`."""
-
-    code = "queue_full"
-    http_status = 429
-    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
-    error_type = "rate_limit_error"
 
     def __init__(self, message: str, param: str | None = None, retry_after_s: int = 5) -> None:
         super().__init__(message, param)
@@ -89,36 +110,22 @@ class QueueFull(ServiceError):
         return (type(self), (self.message, self.param, self.retry_after_s))
 
 
-class QueueTimeout(ServiceError):
+class QueueTimeout(ServiceError, code="queue_timeout", http=503, grpc_status=S.DEADLINE_EXCEEDED):
     """Work waited past its deadline for a place to run."""
 
-    code = "queue_timeout"
-    http_status = 503
-    grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
 
-
-class Unavailable(ServiceError):
+class Unavailable(ServiceError, code="service_unavailable", http=503, grpc_status=S.UNAVAILABLE):
     """Something the service depends on (storage, a stage) does not answer."""
 
-    code = "service_unavailable"
-    http_status = 503
-    grpc_status = grpc.StatusCode.UNAVAILABLE
 
-
-class AtCapacity(ServiceError):
+class AtCapacity(ServiceError, code="at_capacity", http=503, grpc_status=S.RESOURCE_EXHAUSTED):
     """A replica holds as many sessions as its memory budget allows."""
 
-    code = "at_capacity"
-    http_status = 503
-    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-
-class SessionNotHeld(ServiceError):
+class SessionNotHeld(
+    ServiceError, code="session_not_held", http=409, grpc_status=S.FAILED_PRECONDITION
+):
     """A stage was asked about a session whose caches it does not hold."""
-
-    code = "session_not_held"
-    http_status = 409
-    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
 
 
 async def remote_result(response: Awaitable[T]) -> T:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf import json_format
 
@@ -63,84 +63,81 @@ def status_of_errors(context, during: str, request: object = None):
         raise failure from None
 
 
-class GrpcAdapter:
-    def __init__(self, core: GatewayCore) -> None:
-        self.core = core
+def unary(method: Callable[[Any, Any], Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """An RPC of `histream.v1.HiStream`: Serve hands it the call's `grpc_context`, on which
+    errors set the status. Not functools.wraps: Serve reads the signature for `grpc_context`."""
 
-    async def unary(self, request: object, context, work: Callable[[], Awaitable[T]]) -> T:
-        with status_of_errors(context, "a gRPC call", request):
-            return await work()
+    async def call(self, request, grpc_context=None) -> T:
+        with status_of_errors(grpc_context, method.__name__, request):
+            return await method(self, request)
 
-    async def create_video(self, request: api_pb2.CreateVideoRequest, context) -> api_pb2.Video:
-        async def work() -> api_pb2.Video:
-            body = VideoCreate.parse(fields_of(request))
-            return video_message(await self.core.create_video(body))
+    call.__name__, call.__qualname__, call.__doc__ = (
+        method.__name__,
+        method.__qualname__,
+        method.__doc__,
+    )
+    return call
 
-        return await self.unary(request, context, work)
 
-    async def get_video(self, request: api_pb2.GetVideoRequest, context) -> api_pb2.Video:
-        async def work() -> api_pb2.Video:
-            return video_message(await self.core.get_video(request.id))
+class GrpcApi:
+    """`histream.v1.HiStream` over the gateway core: the gateway deployment inherits these
+    methods, named as the RPCs Serve's gRPC proxy (or the local front) calls."""
 
-        return await self.unary(request, context, work)
+    core: GatewayCore
 
-    async def list_videos(
-        self, request: api_pb2.ListVideosRequest, context
-    ) -> api_pb2.ListVideosResponse:
-        async def work() -> api_pb2.ListVideosResponse:
-            page = await self.core.list_videos(
-                request.limit or 20, request.after or None, request.order or "desc"
-            )
-            return api_pb2.ListVideosResponse(
-                data=[video_message(VideoRecord(**d, tenant="")) for d in page["data"]],
-                has_more=page["has_more"],
-                first_id=page["first_id"] or "",
-                last_id=page["last_id"] or "",
-            )
+    @unary
+    async def CreateVideo(self, request: api_pb2.CreateVideoRequest) -> api_pb2.Video:
+        body = VideoCreate.parse(fields_of(request))
+        return video_message(await self.core.create_video(body))
 
-        return await self.unary(request, context, work)
+    @unary
+    async def GetVideo(self, request: api_pb2.GetVideoRequest) -> api_pb2.Video:
+        return video_message(await self.core.get_video(request.id))
 
-    async def delete_video(
-        self, request: api_pb2.DeleteVideoRequest, context
-    ) -> api_pb2.DeleteVideoResponse:
-        async def work() -> api_pb2.DeleteVideoResponse:
-            return api_pb2.DeleteVideoResponse(**await self.core.delete_video(request.id))
+    @unary
+    async def ListVideos(self, request: api_pb2.ListVideosRequest) -> api_pb2.ListVideosResponse:
+        page = await self.core.list_videos(
+            request.limit or 20, request.after or None, request.order or "desc"
+        )
+        return api_pb2.ListVideosResponse(
+            data=[video_message(VideoRecord(**d, tenant="")) for d in page["data"]],
+            has_more=page["has_more"],
+            first_id=page["first_id"] or "",
+            last_id=page["last_id"] or "",
+        )
 
-        return await self.unary(request, context, work)
+    @unary
+    async def DeleteVideo(self, request: api_pb2.DeleteVideoRequest) -> api_pb2.DeleteVideoResponse:
+        return api_pb2.DeleteVideoResponse(**await self.core.delete_video(request.id))
 
-    async def stream_session(
-        self, request: api_pb2.StreamSessionRequest, context
+    async def StreamSession(
+        self, request: api_pb2.StreamSessionRequest, grpc_context=None
     ) -> AsyncIterator[api_pb2.SessionEvent]:
-        with status_of_errors(context, "a gRPC session", request):
+        with status_of_errors(grpc_context, "StreamSession", request):
             live = self.core.open_session(SessionStart.parse(fields_of(request)))
             async with contextlib.aclosing(self.core.session_events(live)) as events:
                 async for event in events:
                     yield event.proto()
 
-    async def update_prompt(
-        self, request: api_pb2.UpdateSessionPromptRequest, context
+    @unary
+    async def UpdateSessionPrompt(
+        self, request: api_pb2.UpdateSessionPromptRequest
     ) -> api_pb2.UpdateSessionPromptResponse:
-        async def work() -> api_pb2.UpdateSessionPromptResponse:
-            live = self.core.session(request.session_id, request.session_token)
-            version, start = await self.core.update_prompt(live, request.prompt)
-            return api_pb2.UpdateSessionPromptResponse(
-                session_id=request.session_id, prompt_version=version, from_chunk=start
-            )
+        live = self.core.session(request.session_id, request.session_token)
+        version, start = await self.core.update_prompt(live, request.prompt)
+        return api_pb2.UpdateSessionPromptResponse(
+            session_id=request.session_id, prompt_version=version, from_chunk=start
+        )
 
-        return await self.unary(request, context, work)
-
-    async def close_session(
-        self, request: api_pb2.CloseSessionRequest, context
+    @unary
+    async def CloseSession(
+        self, request: api_pb2.CloseSessionRequest
     ) -> api_pb2.CloseSessionResponse:
-        async def work() -> api_pb2.CloseSessionResponse:
-            self.core.session(request.session_id, request.session_token).request_stop()
-            return api_pb2.CloseSessionResponse(session_id=request.session_id, closed=True)
+        self.core.session(request.session_id, request.session_token).request_stop()
+        return api_pb2.CloseSessionResponse(session_id=request.session_id, closed=True)
 
-        return await self.unary(request, context, work)
-
-    async def list_models(
-        self, request: api_pb2.ListModelsRequest, context
-    ) -> api_pb2.ListModelsResponse:
-        fields = ("id", "object", "created", "owned_by")
-        models = [api_pb2.Model(**{f: m[f] for f in fields}) for m in self.core.models()]
+    @unary
+    async def ListModels(self, request: api_pb2.ListModelsRequest) -> api_pb2.ListModelsResponse:
+        names = ("id", "object", "created", "owned_by")
+        models = [api_pb2.Model(**{n: m[n] for n in names}) for m in self.core.models()]
         return api_pb2.ListModelsResponse(data=models)

@@ -1,93 +1,118 @@
-"""The HTTP adapter: the OpenAI Videos and Models API over the gateway core. Bodies in, the
-OpenAI JSON shapes out; service errors become OpenAI error bodies with their HTTP status, and
-every request is counted by route, method and status."""
+"""The HTTP API: the OpenAI Videos and Models API, health and metrics over the gateway core.
 
-from __future__ import annotations
+Bodies in, the OpenAI JSON shapes out; service errors become OpenAI error bodies with their
+HTTP status, anything unexpected a 500 body with an error id, and every request is counted by
+route, method and status. The routes are methods of `HttpApi`, which the gateway deployment
+inherits (Serve binds them to the replica).
 
+No `from __future__ import annotations` here: FastAPI reads the routes' annotations at runtime.
+"""
+
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
 
-from fastapi import Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 
-from services.errors import Internal, ServiceError
+from services.errors import Internal, InvalidArgument, ServiceError
 from services.gateway.bodies import read_fields
 from services.gateway.core import GatewayCore
 from services.gateway.requests import VideoCreate, text, whole
 
 log = logging.getLogger("histream.gateway")
+api = FastAPI(title="HiStream Serve", version="1")
 
 
-class HttpAdapter:
-    def __init__(self, core: GatewayCore) -> None:
-        self.core = core
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, err: RequestValidationError) -> Response:
+    """FastAPI's own checks answer like every other bad request: 400, OpenAI's error body."""
+    first = err.errors()[0] if err.errors() else {}
+    param = str(first.get("loc", ["", ""])[-1]) or None
+    return error_response(InvalidArgument(f"{param}: {first.get('msg', 'invalid')}", param))
 
-    async def respond(self, request: Request, work: Callable[[], Awaitable]) -> Response:
-        """Run a route's work: a dict becomes JSON, a service error its OpenAI error body, any
-        other failure a 500 body with an error id (the details go to the server log only)."""
+
+def answered(method: Callable[..., Awaitable]) -> Callable[..., Awaitable[Response]]:
+    """A route whose result (a dict, or a Response) or error becomes the HTTP answer."""
+
+    @functools.wraps(method)  # FastAPI reads the route's parameters through __wrapped__
+    async def route(self, request: Request, *args, **kwargs) -> Response:
         try:
-            result = await work()
+            result = await method(self, request, *args, **kwargs)
             response = result if isinstance(result, Response) else JSONResponse(result)
         except ServiceError as err:
             response = error_response(err)
         except Exception as err:
             during = f"{request.method} {request.url.path}"
             response = error_response(Internal.logged(log, err, during))
-        route = getattr(request.scope.get("route"), "path", request.url.path)
-        self.core.metrics.requests.labels(route, request.method, str(response.status_code)).inc()
+        path = getattr(request.scope.get("route"), "path", request.url.path)
+        self.core.metrics.requests.labels(path, request.method, str(response.status_code)).inc()
         return response
 
-    async def create_video(self, request: Request) -> Response:
-        async def work() -> dict:
-            data = await read_fields(request, self.core.settings.max_request_bytes)
-            record = await self.core.create_video(VideoCreate.parse(data))
-            return record.public()
+    return route
 
-        return await self.respond(request, work)
 
-    async def list_videos(self, request: Request) -> Response:
-        async def work() -> dict:
-            query = dict(request.query_params)
-            limit = whole(query, "limit")
-            after, order = text(query, "after"), text(query, "order")
-            return await self.core.list_videos(
-                20 if limit is None else limit, after, order or "desc"
-            )
+class HttpApi:
+    core: GatewayCore
 
-        return await self.respond(request, work)
+    @api.post("/v1/videos")
+    @answered
+    async def create_video(self, request: Request) -> dict:
+        data = await read_fields(request, self.core.settings.max_request_bytes)
+        return (await self.core.create_video(VideoCreate.parse(data))).public()
 
-    async def get_video(self, request: Request, video_id: str) -> Response:
-        async def work() -> dict:
-            return (await self.core.get_video(video_id)).public()
+    @api.get("/v1/videos")
+    @answered
+    async def list_videos(self, request: Request) -> dict:
+        query = dict(request.query_params)
+        limit = whole(query, "limit")
+        after, order = text(query, "after"), text(query, "order")
+        return await self.core.list_videos(20 if limit is None else limit, after, order or "desc")
 
-        return await self.respond(request, work)
+    @api.get("/v1/videos/{video_id}")
+    @answered
+    async def get_video(self, request: Request, video_id: str) -> dict:
+        return (await self.core.get_video(video_id)).public()
 
-    async def delete_video(self, request: Request, video_id: str) -> Response:
-        return await self.respond(request, lambda: self.core.delete_video(video_id))
+    @api.delete("/v1/videos/{video_id}")
+    @answered
+    async def delete_video(self, request: Request, video_id: str) -> dict:
+        return await self.core.delete_video(video_id)
 
+    @api.get("/v1/videos/{video_id}/content")
+    @answered
     async def video_content(self, request: Request, video_id: str) -> Response:
-        async def work() -> Response:
-            variant = text(dict(request.query_params), "variant") or "video"
-            content = await self.core.video_content(video_id, variant)
-            if content.url is not None:
-                return RedirectResponse(content.url, status_code=307)
-            assert content.data is not None
-            return ranged(content.data, request.headers.get("range"))
+        variant = text(dict(request.query_params), "variant") or "video"
+        content = await self.core.video_content(video_id, variant)
+        if content.url is not None:
+            return RedirectResponse(content.url, status_code=307)
+        assert content.data is not None
+        return ranged(content.data, request.headers.get("range"))
 
-        return await self.respond(request, work)
+    @api.get("/v1/models")
+    @answered
+    async def list_models(self, request: Request) -> dict:
+        return {"object": "list", "data": self.core.models()}
 
-    async def list_models(self, request: Request) -> Response:
-        async def work() -> dict:
-            return {"object": "list", "data": self.core.models()}
+    @api.get("/v1/models/{model_id}")
+    @answered
+    async def get_model(self, request: Request, model_id: str) -> dict:
+        return self.core.model(model_id)
 
-        return await self.respond(request, work)
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return self.core.health()
 
-    async def get_model(self, request: Request, model_id: str) -> Response:
-        async def work() -> dict:
-            return self.core.model(model_id)
+    @api.get("/readyz")
+    async def readyz(self) -> Response:
+        ready, body = await self.core.readiness()
+        return JSONResponse(body, status_code=200 if ready else 503)
 
-        return await self.respond(request, work)
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        return PlainTextResponse(self.core.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII)

@@ -13,7 +13,8 @@ import math
 import re
 import unicodedata
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Self
 
 from histream_model.config import MODES, Preset, check_video_shape, get_mode
 from services.errors import InvalidArgument
@@ -82,55 +83,50 @@ def whole(data: Mapping[str, object], name: str) -> int | None:
     return int(digits)
 
 
-@dataclass(frozen=True)
-class VideoCreate:
-    """POST /v1/videos (JSON or a form) and gRPC CreateVideo; unknown fields are ignored."""
+def prompt_text(data: Mapping[str, object], name: str) -> str | None:
+    return text(data, name, PROMPT_WHITESPACE)
 
-    prompt: str | None = None
-    model: str | None = None
-    seconds: int | None = None
-    size: str | None = None
-    seed: int | None = None
-    mode: str | None = None
 
+def _field(reader: Callable[[Mapping[str, object], str], object]):
+    """A request field read by `reader` (text, whole, prompt_text); absent: None."""
+    return field(default=None, metadata={"read": reader})
+
+
+class _Request:
     @classmethod
-    def parse(cls, data: Mapping[str, object]) -> VideoCreate:
-        return cls(
-            prompt=text(data, "prompt", PROMPT_WHITESPACE),
-            model=text(data, "model"),
-            seconds=whole(data, "seconds"),
-            size=text(data, "size"),
-            seed=whole(data, "seed"),
-            mode=text(data, "mode"),
-        )
+    def parse(cls, data: Mapping[str, object]) -> Self:
+        """The request from any transport's fields (a dict); unknown fields are ignored."""
+        return cls(**{f.name: f.metadata["read"](data, f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
-class SessionStart:
+class _Generating(_Request):
+    """The fields every generation request has."""
+
+    prompt: str | None = _field(prompt_text)
+    model: str | None = _field(text)  # the served model, or a mode's id (GET /v1/models)
+    size: str | None = _field(text)  # "WIDTHxHEIGHT"
+    seed: int | None = _field(whole)
+    mode: str | None = _field(text)
+
+
+@dataclass(frozen=True)
+class VideoCreate(_Generating):
+    """POST /v1/videos (JSON or a form) and gRPC CreateVideo."""
+
+    seconds: int | None = _field(whole)
+
+
+@dataclass(frozen=True)
+class SessionStart(_Generating):
     """The first message of a WebSocket session, and gRPC StreamSession."""
 
-    prompt: str | None = None
-    model: str | None = None
-    size: str | None = None
-    seed: int | None = None
-    mode: str | None = None
-    num_frames: int | None = None
-
-    @classmethod
-    def parse(cls, data: Mapping[str, object]) -> SessionStart:
-        return cls(
-            prompt=text(data, "prompt", PROMPT_WHITESPACE),
-            model=text(data, "model"),
-            size=text(data, "size"),
-            seed=whole(data, "seed"),
-            mode=text(data, "mode"),
-            num_frames=whole(data, "num_frames"),
-        )
+    num_frames: int | None = _field(whole)
 
 
 def check_prompt_field(prompt: object, max_chars: int) -> str:
     """A prompt from any transport: a non-empty string of text within the limit."""
-    value = text({"prompt": prompt}, "prompt", PROMPT_WHITESPACE)
+    value = prompt_text({"prompt": prompt}, "prompt")
     stripped = (value or "").strip()
     if not stripped:
         raise InvalidArgument("prompt must be a non-empty string", param="prompt")

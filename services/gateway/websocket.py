@@ -4,10 +4,11 @@ The client's first message starts the session; then it may send prompt changes a
 Each session event goes out as its JSON message, followed by its media as a binary message
 when it has one. A malformed client message gets an `error` event naming the problem and the
 session goes on; after `MAX_PROTOCOL_ERRORS` of them it ends (`session.ended`, reason
-`protocol_error`). A disconnect ends the session and frees its caches at once.
-"""
+`protocol_error`). A disconnect ends the session and frees its caches at once. The route is a
+method of `WebSocketApi`, which the gateway deployment inherits.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: FastAPI reads the route's annotations at runtime.
+"""
 
 import asyncio
 import contextlib
@@ -18,6 +19,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 from services.errors import InvalidArgument, ServiceError, TooLarge
 from services.gateway.bodies import parse_object
 from services.gateway.core import GatewayCore
+from services.gateway.http import api
 from services.gateway.requests import SessionStart
 from services.protocol import EndReason
 from services.sessions import LiveSession
@@ -30,11 +32,11 @@ class Disconnected(Exception):
     """The client went away."""
 
 
-class WebSocketAdapter:
-    def __init__(self, core: GatewayCore) -> None:
-        self.core = core
+class WebSocketApi:
+    core: GatewayCore
 
-    async def serve(self, ws: WebSocket) -> None:
+    @api.websocket("/v1/sessions")
+    async def session_socket(self, ws: WebSocket) -> None:
         await ws.accept()
         send_lock = asyncio.Lock()
 
@@ -47,12 +49,12 @@ class WebSocketAdapter:
         live: LiveSession | None = None
         reader: asyncio.Task | None = None
         try:
-            start = await self._message(ws)
+            start = await self._ws_message(ws)
             if start.get("type") != "start":
                 raise InvalidArgument('the first message must be {"type": "start", ...}', "type")
             live = self.core.open_session(SessionStart.parse(start))
             # read from the start: a client may close, or go away, while its session waits
-            reader = asyncio.create_task(self._read(ws, live, send))
+            reader = asyncio.create_task(self._ws_read(ws, live, send))
             events = self.core.session_events(live)
             async with contextlib.aclosing(events):
                 async for event in events:
@@ -68,7 +70,7 @@ class WebSocketAdapter:
             if reader is not None:
                 reader.cancel()
 
-    async def _message(self, ws: WebSocket) -> dict:
+    async def _ws_message(self, ws: WebSocket) -> dict:
         """The client's next message as a JSON object; a malformed one raises InvalidArgument
         (or TooLarge), a disconnect `Disconnected`."""
         frame = await ws.receive()
@@ -82,7 +84,7 @@ class WebSocketAdapter:
             raise TooLarge(f"a message of {len(raw)} characters; the limit is {limit}")
         return parse_object(raw, "the message")
 
-    async def _read(self, ws: WebSocket, live: LiveSession, send) -> None:
+    async def _ws_read(self, ws: WebSocket, live: LiveSession, send) -> None:
         """Prompt changes and close requests from the client; a disconnect ends the session."""
 
         async def prompt(text: object) -> None:
@@ -99,7 +101,7 @@ class WebSocketAdapter:
         try:
             while True:
                 try:
-                    message = await self._message(ws)
+                    message = await self._ws_message(ws)
                     kind = message.get("type")
                     if kind == "prompt":
                         task = asyncio.create_task(prompt(message.get("prompt")))

@@ -16,11 +16,11 @@ from services.protocol import (
     InitSegment,
     PromptApplied,
     SessionEnded,
-    SessionEvent,
     SessionQueued,
     SessionStarted,
     SessionStatus,
 )
+from services.protocol.events import SessionEvent
 from services.sessions.driver import SessionDriver
 
 
