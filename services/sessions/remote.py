@@ -111,14 +111,16 @@ class SessionStages:
         )
         calls = {name: self._pinned(name).OpenSession.remote(opened) for name in plan.denoisers}
         calls[StageName.DECODE] = self._pinned(StageName.DECODE).OpenStream.remote(stream)
+        # Counted as held from the moment they are asked: if this call is cancelled while the
+        # stages open, `release` still closes every one (a stage refuses a later open then).
+        self.held.extend(calls)
         results = await asyncio.gather(*map(remote_result, calls.values()), return_exceptions=True)
         errors, kv_bytes, init = [], 0, b""
         for name, result in zip(calls, results, strict=True):
             if isinstance(result, BaseException):
                 errors.append(result)
-                continue
-            self.held.append(name)
-            if name == StageName.DECODE:
+                self.held.remove(name)
+            elif name == StageName.DECODE:
                 init = result.init_segment
             else:
                 kv_bytes += result.kv_bytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -11,6 +12,10 @@ from ray import serve
 from services.errors import AtCapacity, InvalidArgument, SessionNotHeld
 
 T = TypeVar("T")
+# Session ids closed before they were opened here, remembered so that an open still in flight
+# (its caller cancelled it, then closed) cannot add the session afterwards. Ids are never
+# reused: a few thousand cover any such race.
+FORGOTTEN = 4096
 
 
 def replica_name() -> str:
@@ -31,9 +36,14 @@ class SessionTable(Generic[T]):
         self.clock = clock
         self._items: dict[str, T] = {}
         self._used: dict[str, float] = {}
+        self._closed: OrderedDict[str, None] = OrderedDict()  # see FORGOTTEN
 
     def check_room(self, session_id: str) -> None:
         """Fail fast, before any work, when `session_id` could not be added."""
+        if session_id in self._closed:
+            raise SessionNotHeld(
+                f"session {session_id!r} was closed on this {self.stage} before it opened"
+            )
         if session_id in self._items:
             raise InvalidArgument(f"session {session_id!r} is already open on this {self.stage}")
         if len(self._items) >= self.capacity:
@@ -58,8 +68,14 @@ class SessionTable(Generic[T]):
         return item
 
     def pop(self, session_id: str) -> T | None:
+        """Remove and return the session; closing one not held here keeps it from opening."""
         self._used.pop(session_id, None)
-        return self._items.pop(session_id, None)
+        item = self._items.pop(session_id, None)
+        if item is None:
+            self._closed[session_id] = None
+            while len(self._closed) > FORGOTTEN:
+                self._closed.popitem(last=False)
+        return item
 
     def idle(self, timeout_s: float) -> list[str]:
         """Sessions not used for longer than `timeout_s`."""

@@ -21,13 +21,21 @@ class LocalHandle:
     awaiting the call, as with a `DeploymentResponse`.
     """
 
-    def __init__(self, target: Any, calls: list | None = None, session_id: str | None = None):
+    def __init__(
+        self,
+        target: Any,
+        calls: list | None = None,
+        session_id: str | None = None,
+        detached: bool = False,
+    ):
         self.target = target
         self.calls: list[tuple[str, str | None, tuple]] = [] if calls is None else calls
         self.session_id = session_id
+        # like a replica: the call runs on when its caller is cancelled
+        self.detached = detached
 
     def options(self, session_id: str | None = None, **_: object) -> LocalHandle:
-        return LocalHandle(self.target, self.calls, session_id)
+        return LocalHandle(self.target, self.calls, session_id, self.detached)
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self.target, name)
@@ -37,7 +45,10 @@ class LocalHandle:
             @staticmethod
             def remote(*args: Any) -> Any:
                 handle.calls.append((name, handle.session_id, args))
-                return method(*args)
+                result = method(*args)
+                if handle.detached and asyncio.iscoroutine(result):
+                    return asyncio.shield(asyncio.ensure_future(result))
+                return result
 
         return Remote
 

@@ -5,6 +5,7 @@ cancellation). Prompt updates: test_prompts.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -16,9 +17,9 @@ from protos.histream.v1 import stages_pb2
 from services.errors import AtCapacity, SessionNotHeld
 from services.media import read_video
 from services.protocol import EndReason, IllegalTransition, SessionStatus, from_proto
-from services.sessions import SessionDriver
+from services.sessions import SessionDriver, StageHandles
 from services.sessions import driver as driver_module
-from tests.services.fakes import fake_stages, real_stages
+from tests.services.fakes import LocalHandle, fake_stages, real_stages
 from tests.services.harness import FakeClock, record_statuses, run, session_plan, settle
 
 NOTHING_HELD = {"structure": 0, "refine": 0, "decode": 0}
@@ -278,3 +279,30 @@ def test_close_completes_its_releases_while_its_task_is_cancelled():
     assert closes == [("decode", "CloseStream", sid), ("refine", "CloseSession", sid),
                       ("structure", "CloseSession", sid)]  # fmt: skip
     assert len(journal.find("CloseSession", what="exit")) == 2
+
+
+def test_an_open_cancelled_while_a_stage_opens_leaves_nothing_held(tmp_path):
+    """As with Serve, a stage call runs on when its caller is cancelled: a session closed while
+    its open was still in flight must not be added by that open afterwards."""
+    stages = real_stages(tmp_path / "store")
+    stages.handles = StageHandles(
+        *(LocalHandle(getattr(stages, s), detached=True) for s in ("structure", "refine", "decode"))
+    )
+    gate = stages.refine.gate("OpenSession")
+    driver = SessionDriver(stages.handles, session_plan())
+
+    async def go():
+        opening = asyncio.create_task(driver.open())
+        await stages.journal.reached("OpenSession", stage="refine")
+        opening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await opening
+        await driver.close()  # closes every stage it asked, the refine stage too
+        gate.set()  # the refine stage's open goes on, and is refused
+        await stages.journal.until(
+            lambda: stages.journal.find("OpenSession", stage="refine", what="raise")
+        )
+
+    run(go())
+    assert stages.held() == NOTHING_HELD
+    assert driver.status == SessionStatus.CLOSED

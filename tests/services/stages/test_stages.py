@@ -178,3 +178,12 @@ def test_decode_stage_writes_a_video_with_its_manifest(settings, tmp_path):
     path = tmp_path / "store" / "tenants/default/videos/video_1/video.mp4"
     assert read_video(path) == (21, W, H)
     assert decode.stats()["sessions"] == 0
+
+
+def test_a_session_closed_before_it_opened_cannot_be_added():
+    table: SessionTable[str] = SessionTable("test stage", capacity=4)
+    assert table.pop("late") is None  # the close arrived first
+    with pytest.raises(SessionNotHeld, match="'late' was closed on this test stage before"):
+        table.add("late", "x")
+    table.add("other", "y")  # other ids are unaffected
+    assert len(table) == 1
