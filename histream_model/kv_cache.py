@@ -125,6 +125,13 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    def skip_to(self, frame: int) -> None:
+        """Treat the frames before `frame` as committed without writing them: a restore that
+        replays only some chunks (re-prefill) leaves the others' slots as they are."""
+        if frame < self.frames_committed:
+            raise ValueError(f"cannot skip back to frame {frame}; {self.frames_committed} are in")
+        self.frames_committed = frame
+
     def slots(self, frame_start: int, num_frames: int) -> ChunkSlots:
         """Plan the next chunk; chunks must arrive in order, one after the committed history."""
         if frame_start != self.frames_committed:

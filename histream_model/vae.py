@@ -139,6 +139,22 @@ class WanVAE(nn.Module):
         frames, state = self.decode_chunk(z.to(device=weight.device, dtype=weight.dtype), state)
         return frames[0].transpose(0, 1).float().cpu(), state  # (F, 3, H, W)
 
+    @torch.no_grad()
+    def resume_decode_state(self, tail: Tensor, decoded_before: int) -> VAEDecodeState:
+        """A stream's state rebuilt from its last latent frames: `tail` (B, z, K, h, w) are
+        the K latent frames decoded last, after `decoded_before` others. The causal convs'
+        history is re-made by decoding the tail again (the frames are thrown away); with the
+        whole stream as the tail (`decoded_before` 0) the state is exact, otherwise the history
+        begins at zeros K frames back, which the decoder forgets as K grows."""
+        if decoded_before < 0:
+            raise ValueError(f"decoded_before={decoded_before} must be >= 0")
+        start = VAEDecodeState(
+            history=(None,) * self.decoder.num_slots, latent_frames=decoded_before
+        )
+        weight = self.conv2.weight
+        _, state = self.decode_chunk(tail.to(device=weight.device, dtype=weight.dtype), start)
+        return state
+
     def decode(self, z: Tensor) -> Tensor:
         """Normalized latents (B, z, T, h, w) -> frames (B, 3, 1 + 4(T - 1), 8h, 8w) in [-1, 1]."""
         frames, _ = self.decode_chunk(z, self.new_decode_state())

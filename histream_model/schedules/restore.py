@@ -1,0 +1,68 @@
+"""Rebuilding a session's caches from latents (re-prefill), for a session resumed elsewhere.
+
+The caches are not stored: they are large (KV_high alone is ~9 GB at 1080p) and every one of
+their entries was written by a chunk's commit passes, which are a function of that chunk's clean
+latents, its prompt and the cache before it. Replaying the commit passes of every chunk so far,
+in order, therefore rebuilds the caches bit for bit. Under AGSW only the anchor and the latest
+window are ever read again, so a snapshot keeps the anchor chunk and the last few chunks, and
+replays just those: the anchor is exact (its commit saw no earlier context), the window close
+(its keys were first computed against older windows). `tests/histream_model/schedules` and
+BENCHMARKS.md measure how close.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from histream_model.config import VideoShape
+from histream_model.dit import WanDiT
+from histream_model.schedules.execute import ResolutionState, _commit, _Pass, handoff
+from histream_model.schedules.plan import ChunkPlan
+
+
+def snapshot_chunks(num_chunks_done: int, anchor_chunks: int, window_chunks: int) -> list[int]:
+    """Which chunks' latents a snapshot keeps once `num_chunks_done` chunks are generated: the
+    first `anchor_chunks` and the last `window_chunks` (all of them while that is fewer)."""
+    done = range(num_chunks_done)
+    keep = set(done[:anchor_chunks]) | set(done[max(0, num_chunks_done - window_chunks) :])
+    return sorted(keep)
+
+
+@torch.no_grad()
+def reprefill(
+    model: WanDiT,
+    state: ResolutionState,
+    shape: VideoShape,
+    plans: Callable[[int], ChunkPlan],
+    latents: Mapping[int, torch.Tensor],
+    contexts: Callable[[int], torch.Tensor],
+    next_chunk: int,
+) -> int:
+    """Replay, in chunk order, the commit passes at `state`'s resolution of the chunks whose
+    clean high-res latents are given; `contexts(k)` is the text context chunk k was generated
+    under. The cache is then ready for chunk `next_chunk`. Returns the passes run. `state`
+    should be fresh (an empty cache)."""
+    passes, text_of = 0, None
+    for index in sorted(latents):
+        plan = plans(index)
+        context = contexts(index)
+        if text_of is not context:
+            state.text = model.text_kv(context.to(state.cache.k.device))
+            text_of = context
+        x0 = latents[index].to(device=state.cache.k.device, dtype=torch.float32)
+        state.cache.skip_to(plan.frame_start)  # chunks not kept are not replayed
+        for i, phase in enumerate(plan.phases):
+            if not phase.commit or phase.resolution != state.resolution:
+                continue
+            if i < plan.output:
+                raise ValueError(
+                    f"phase {i} of chunk {index} commits before the chunk's output exists; "
+                    "it cannot be replayed from the clean latents"
+                )
+            x = x0 if i == plan.output else handoff(shape, phase, x0)
+            _commit(_Pass.of(model, state, plan, phase), x)
+            passes += 1
+    state.cache.skip_to(plans(next_chunk).frame_start if next_chunk < shape.num_chunks else 0)
+    return passes
