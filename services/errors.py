@@ -8,6 +8,7 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 import grpc
+from ray.exceptions import RayActorError
 
 T = TypeVar("T")
 
@@ -130,14 +131,23 @@ class SessionNotHeld(
 
 async def remote_result(response: Awaitable[T]) -> T:
     """Await a stage call (a Serve deployment response), re-raising the service error it
-    carried as itself rather than inside Ray's wrappers."""
+    carried as itself rather than inside Ray's wrappers; a replica that died under the call is
+    `ReplicaLost` (whatever it held must be rebuilt elsewhere)."""
     try:
         return await response
     except Exception as err:
         cause = unwrap(err)
         if cause is not err and isinstance(cause, ServiceError):
             raise cause from None
+        if isinstance(cause, RayActorError):
+            raise ReplicaLost(
+                f"the replica serving the call is gone ({type(cause).__name__})"
+            ) from err
         raise
+
+
+class ReplicaLost(SessionNotHeld, code="replica_lost"):
+    """The replica holding a session died (killed, evicted, crashed) during a call."""
 
 
 def unwrap(err: BaseException) -> BaseException:

@@ -260,6 +260,11 @@ class FragmentedMp4Encoder(_Encoder):
         self._header.start_encoding()
         self._init = header.getvalue()
 
+    def resume_at(self, frames: int, segments: int) -> None:
+        """Go on after `segments` segments holding `frames` frames (made by another encoder
+        with the same parameters, e.g. on a replica that was lost)."""
+        self.frames_encoded, self.segments_encoded = frames, segments
+
     def init_segment(self) -> bytes:
         """ftyp + moov (with the codec configuration); send once, before any segment."""
         return self._init

@@ -24,7 +24,15 @@ from services.gateway.requests import (
 )
 from services.jobs import JobRunner, RecordStore, VideoRecord, VideoStatus
 from services.protocol import ChunkReady, SessionEvent, StageName, StreamKind
-from services.sessions import LiveSession, SessionDriver, SessionPlan, SessionRegistry, StageHandles
+from services.sessions import (
+    Durability,
+    LiveSession,
+    SessionDriver,
+    SessionPlan,
+    SessionRegistry,
+    SnapshotStore,
+    StageHandles,
+)
 from services.settings import ServeSettings
 from services.storage import Layout, open_storage
 
@@ -59,7 +67,14 @@ class GatewayCore:
         self.records = RecordStore(self.storage, self.layout)
         self.handles = handles
         self.metrics = Metrics()
-        self.jobs = JobRunner(handles, self.records, settings, observer=self.metrics)
+        self.durability = Durability(
+            window_chunks=settings.snapshot_window_chunks,
+            decode_frames=settings.snapshot_decode_frames,
+            store=SnapshotStore(self.storage, self.layout),
+        )
+        self.jobs = JobRunner(
+            handles, self.records, settings, observer=self.metrics, durability=self.durability
+        )
         self.sessions = SessionRegistry()
 
     # -- models -----------------------------------------------------------------------------------
@@ -159,7 +174,7 @@ class GatewayCore:
         )
         live = LiveSession(
             session_id,
-            SessionDriver(self.handles, plan),
+            SessionDriver(self.handles, plan, self.durability, self.metrics.restored),
             playlist_key=self.layout.session_playlist_key(session_id),
         )
         self.sessions.add(live)

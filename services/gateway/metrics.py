@@ -16,7 +16,7 @@ from prometheus_client import (
 )
 
 from services.jobs import VideoStatus
-from services.protocol import ChunkReady, StreamKind
+from services.protocol import ChunkReady, StageName, StreamKind
 
 disable_created_metrics()  # the *_created series add nothing a scraper needs
 
@@ -60,6 +60,13 @@ class Metrics:
             "KV cache bytes held on the denoising stages by this replica's active sessions",
             registry=self.registry,
         )
+        self.restore_seconds = Histogram(
+            "histream_restore_seconds",
+            "Rebuilds of a session's share on a stage that lost it (a replica lost or replaced)",
+            ["stage"],
+            buckets=CHUNK_BUCKETS,
+            registry=self.registry,
+        )
         self.videos = Counter(
             "histream_videos", "Finished video jobs by status", ["status"], registry=self.registry
         )
@@ -88,6 +95,9 @@ class Metrics:
 
     def finished(self, status: VideoStatus) -> None:
         self.videos.labels(status=str(status)).inc()
+
+    def restored(self, stage: StageName, seconds: float) -> None:
+        self.restore_seconds.labels(stage=str(stage)).observe(seconds)
 
     def render(self) -> bytes:
         for kind in StreamKind:

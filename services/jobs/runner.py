@@ -15,8 +15,8 @@ from typing import Protocol
 from protos.histream.v1 import stages_pb2
 from services.errors import Internal, QueueFull, QueueTimeout, ServiceError
 from services.jobs.records import RecordStore, VideoError, VideoRecord, VideoStatus, new_video_id
-from services.protocol import ChunkReady, EndReason, Generation, StreamKind
-from services.sessions import SessionDriver, SessionPlan, StageHandles
+from services.protocol import ChunkReady, EndReason, Generation, StageName, StreamKind
+from services.sessions import Durability, SessionDriver, SessionPlan, StageHandles
 from services.settings import ServeSettings
 
 log = logging.getLogger("histream.jobs")
@@ -35,6 +35,10 @@ class JobObserver(Protocol):
 
     def finished(self, status: VideoStatus) -> None: ...
 
+    def restored(self, stage: StageName, seconds: float) -> None:
+        """A stage rebuilt a job's session from its record (a replica was lost)."""
+        ...
+
 
 class _Unobserved:
     def running(self, driver: SessionDriver) -> AbstractContextManager:
@@ -44,6 +48,9 @@ class _Unobserved:
         pass
 
     def finished(self, status: VideoStatus) -> None:
+        pass
+
+    def restored(self, stage: StageName, seconds: float) -> None:
         pass
 
 
@@ -60,8 +67,10 @@ class JobRunner:
         records: RecordStore,
         settings: ServeSettings,
         observer: JobObserver | None = None,
+        durability: Durability | None = None,
     ) -> None:
         self.handles = handles
+        self.durability = durability or Durability()
         self.records = records
         self.preset = settings.get_preset()
         self.slots = asyncio.Semaphore(settings.max_running_jobs)
@@ -110,7 +119,7 @@ class JobRunner:
         await self.records.put(record)
 
     async def _run(self, record: VideoRecord, plan: SessionPlan) -> None:
-        driver = SessionDriver(self.handles, plan)
+        driver = SessionDriver(self.handles, plan, self.durability, self.observer.restored)
         reason = EndReason.FAILED
         try:
             async with self._slot(record.id) as deadline_s:

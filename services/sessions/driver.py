@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -28,10 +29,15 @@ from services.protocol import (
     EndReason,
     Lifecycle,
     SessionStatus,
+    StageName,
     digest,
 )
 from services.sessions.prompts import PromptVersions, too_late
+from services.sessions.record import SessionRecord
 from services.sessions.remote import SessionPlan, SessionStages, StageHandles
+from services.sessions.restore import Durability, Restorer
+
+log = logging.getLogger("histream.sessions")
 
 
 class SessionDriver:
@@ -39,9 +45,21 @@ class SessionDriver:
 
     lookahead = 2  # chunks denoised ahead of the slowest consumer
 
-    def __init__(self, handles: StageHandles, plan: SessionPlan) -> None:
+    def __init__(
+        self,
+        handles: StageHandles,
+        plan: SessionPlan,
+        durability: Durability | None = None,
+        on_restore: Callable[[StageName, float], None] | None = None,
+    ) -> None:
         self.plan = plan
         self.stages = SessionStages(handles, plan)
+        durability = durability or Durability()
+        self.store = durability.store
+        self.record = SessionRecord(
+            plan, durability.window_chunks, durability.decode_frames, self.lookahead
+        )
+        self.restorer = Restorer(self.stages, self.record, on_restore)
         self.lifecycle = Lifecycle(
             SessionStatus.OPENING, SESSION_TRANSITIONS, f"session {plan.object_id}"
         )
@@ -62,6 +80,10 @@ class SessionDriver:
         return self.stages.session_id
 
     @property
+    def _kind(self) -> str:
+        return str(self.plan.kind)
+
+    @property
     def cache_bytes(self) -> int:
         """KV bytes the denoising stages hold for this session right now."""
         return self.kv_bytes if set(self.plan.denoisers) & set(self.stages.held) else 0
@@ -76,6 +98,7 @@ class SessionDriver:
         before each wait.
         """
         context = await self.stages.encode(self.plan.prompt)
+        self.record.prompt(0, 0, self.plan.prompt, context)
         started, delay = time.monotonic(), 0.05
         while True:
             routing_id = f"{self.plan.object_id}.{uuid.uuid4().hex[:8]}"
@@ -104,27 +127,38 @@ class SessionDriver:
                 param="prompt",
             )
         context = await self.stages.encode(prompt)
-        return await asyncio.shield(self.prompts.submit(context))
+        return await asyncio.shield(self.prompts.submit(context, prompt))
 
     async def _apply_prompt(self, chunk: int) -> None:
         pending = self.prompts.take()
         if pending is None:
             return
+        self.record.prompt(pending.version, chunk, pending.text, pending.context)
         try:
-            await self.stages.set_prompt(pending.context)
+            await self.restorer.retried(
+                lambda: self.stages.set_prompt(pending.context),
+                lambda: self.restorer.denoisers(chunk),  # rebuilt under the new prompt
+            )
         except BaseException as err:
             self.prompts.failed(pending, err if isinstance(err, Exception) else too_late())
             raise
         self.prompts.applied(pending, chunk)
 
     async def denoise(self, index: int) -> tuple[stages_pb2.ChunkLatents, float]:
-        """The chunk's phases up to its output, each on its resolution's stage."""
+        """The chunk's phases up to its output, each on its resolution's stage (again from the
+        first, on rebuilt stages, if a stage lost the session)."""
         started = time.perf_counter()
         plan = plan_chunk(self.plan.shape, index)
-        latents: stages_pb2.Tensor | None = None
-        for i in range(plan.output + 1):
-            out = await self.stages.run_phase(plan.phases[i].resolution, index, i, latents)
-            latents = out.latents if out.HasField("latents") else None
+
+        async def phases() -> stages_pb2.ChunkLatents:
+            latents: stages_pb2.Tensor | None = None
+            for i in range(plan.output + 1):
+                out = await self.stages.run_phase(plan.phases[i].resolution, index, i, latents)
+                latents = out.latents if out.HasField("latents") else None
+            return out
+
+        out = await self.restorer.retried(phases, lambda: self.restorer.denoisers(index))
+        self.record.denoised_chunk(index, out.latents)
         return out, time.perf_counter() - started
 
     async def _decode(
@@ -136,7 +170,12 @@ class SessionDriver:
     ) -> ChunkReady:
         if previous is not None:
             await previous  # decode calls of a session stay in chunk order
-        seg = await self.stages.decode(out)
+        seg = await self.restorer.retried(lambda: self.stages.decode(out), self.restorer.decoder)
+        self.record.decoded_chunk(out.chunk_index, seg.num_frames)
+        if self.store is not None:  # the session as the client has it, for a resume
+            await self.store.save(
+                self.record.snapshot(self.record.decoded, self.session_id), self._kind
+            )
         return ChunkReady(
             index=out.chunk_index,
             first_frame=seg.first_frame,
@@ -214,6 +253,7 @@ class SessionDriver:
         self.lifecycle.to(SessionStatus.FINISHING)
         frames = await self.stages.finish(video)
         await self.stages.release()
+        await self._forget()
         if self.lifecycle.allows(SessionStatus.ENDED):  # else closed meanwhile, by a disconnect
             self.end_reason = reason
             self.lifecycle.to(SessionStatus.ENDED)
@@ -227,3 +267,12 @@ class SessionDriver:
             self.lifecycle.to(SessionStatus.FAILED if failed else SessionStatus.CLOSED)
             self.end_reason = reason
         await self.stages.release()
+        await self._forget()
+
+    async def _forget(self) -> None:
+        """An ended session's snapshot goes (never raises: storage may be what failed)."""
+        if self.store is not None:
+            try:
+                await self.store.delete(self._kind, self.plan.object_id)
+            except Exception:
+                log.exception("could not delete the snapshot of %s", self.plan.object_id)

@@ -15,6 +15,7 @@ from services.errors import InvalidArgument
 class PendingPrompt:
     context: stages_pb2.Tensor  # the encoded prompt
     version: int
+    text: str  # the prompt itself (a restore on another replica re-encodes nothing)
     # resolves to (version, first chunk generated under it) once the stages condition on it
     applied: asyncio.Future = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -30,13 +31,13 @@ class PromptVersions:
         self.closed = False  # no chunk is left to apply an update to
         self._pending: PendingPrompt | None = None
 
-    def submit(self, context: stages_pb2.Tensor) -> asyncio.Future:
+    def submit(self, context: stages_pb2.Tensor, text: str = "") -> asyncio.Future:
         """Queue a new prompt; the future gives (its version, the chunk it applies from)."""
         if self.closed:
             raise too_late()
         previous = self._pending
         self.issued += 1
-        self._pending = PendingPrompt(context=context, version=self.issued)
+        self._pending = PendingPrompt(context=context, version=self.issued, text=text)
         if previous is not None and not previous.applied.done():
             self._pending.applied = previous.applied  # superseded: both resolve together
         return self._pending.applied

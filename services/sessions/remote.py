@@ -86,6 +86,10 @@ class SessionStages:
     def _pinned(self, name: StageName) -> Any:
         return self.handles[name].options(session_id=self.session_id)
 
+    async def call(self, name: StageName, method: str, request: object) -> Any:
+        """Any method of a stage, pinned to the session's replica."""
+        return await remote_result(getattr(self._pinned(name), method).remote(request))
+
     async def encode(self, prompt: str) -> stages_pb2.Tensor:
         """The prompt's text context (any structure replica: no session state involved)."""
         request = stages_pb2.EncodePromptRequest(prompt=prompt)

@@ -1,8 +1,11 @@
 """The decode pool: per session, streaming VAE decode -> fMP4 encode -> storage; scaled on its
 own. Implements `DecodeStage` of `stages.proto`.
 
-A video job's segments are kept until `FinishStream` publishes them as one MP4, then its
-manifest; a streaming session's segments are stored as they come, with a growing HLS playlist.
+Every segment is stored as it is made: a streaming session's as HLS segments with a growing
+playlist, a video job's as parts that `FinishStream` joins into one MP4 (then its manifest). So
+a replica that is lost loses no media, and `RestoreStream` takes a stream up on any replica from
+its snapshot: the decoder re-primed from the last latent frames, the encoder and the playlist
+going on where they stopped.
 """
 
 from __future__ import annotations
@@ -18,9 +21,17 @@ from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument
 from services.media import FragmentedMp4Encoder, progressive_mp4
 from services.protocol import StageName, StreamKind, from_proto
+from services.protocol.snapshot import decode_tail
 from services.settings import ServeSettings
 from services.stages.base import SessionStage, rpc
-from services.storage import Layout, SessionWriter, VideoManifest, open_storage, publish_video
+from services.storage import (
+    Layout,
+    SessionWriter,
+    VideoManifest,
+    VideoParts,
+    open_storage,
+    publish_video,
+)
 
 log = logging.getLogger("histream.stages")
 
@@ -34,11 +45,12 @@ class DecodeStream:
     encoder: FragmentedMp4Encoder
     init: bytes
     vae_state: VAEDecodeState
-    writer: SessionWriter | None  # kind SESSION: segments + HLS playlist in storage
+    writer: SessionWriter | None  # kind SESSION: segments + HLS playlist
+    parts: VideoParts | None  # kind VIDEO: segments until FinishStream joins them
     layout: Layout
     fps: int
-    segments: list[bytes] = field(default_factory=list)  # kind VIDEO: kept for the MP4
-    frames: int = 0
+    frames: int = 0  # video frames encoded so far
+    segments: int = 0  # media segments stored so far
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -54,38 +66,95 @@ class DecodeStage(SessionStage[DecodeStream]):
         self.vae = vae_for(preset, settings.weight_paths(), settings.device, settings.torch_dtype())
         self.storage = open_storage(settings.storage)
 
+    async def _start(
+        self,
+        session_id: str,
+        kind: StreamKind,
+        object_id: str,
+        size: tuple[int, int],
+        fps: int,
+        tenant: str,
+        resume: stages_pb2.SessionSnapshot | None = None,
+    ) -> DecodeStream:
+        """A new stream, or one taken up from a snapshot; stores the init segment first."""
+        if not object_id:
+            raise InvalidArgument("a stream needs the object_id to store media under")
+        self._start_reaper()
+        self.sessions.check_room(session_id)
+        encoder = FragmentedMp4Encoder(*size, fps=fps)
+        layout = Layout(tenant or self.settings.tenant)
+        stream = DecodeStream(
+            kind=kind,
+            object_id=object_id,
+            encoder=encoder,
+            init=encoder.init_segment(),
+            vae_state=self.vae.new_decode_state(),
+            writer=SessionWriter(self.storage, layout, object_id, fps)
+            if kind == StreamKind.SESSION
+            else None,
+            parts=VideoParts(self.storage, layout, object_id) if kind == StreamKind.VIDEO else None,
+            layout=layout,
+            fps=fps,
+        )
+        try:
+            if resume is not None and resume.next_chunk:
+                await asyncio.to_thread(self._take_up, stream, resume)
+            elif stream.writer is not None:
+                await asyncio.to_thread(stream.writer.write_init, stream.init)
+            else:
+                assert stream.parts is not None
+                await asyncio.to_thread(stream.parts.write, 0, stream.init)
+            self.sessions.add(session_id, stream)
+        except BaseException:
+            encoder.close()
+            raise
+        return stream
+
+    def _take_up(self, stream: DecodeStream, snapshot: stages_pb2.SessionSnapshot) -> None:
+        frames = [c.num_frames for c in snapshot.chunks][: snapshot.next_chunk]
+        stream.frames, stream.segments = sum(frames), len(frames)
+        stream.encoder.resume_at(stream.frames, stream.segments)
+        tail, before = decode_tail(snapshot, self.settings.snapshot_decode_frames)
+        if tail is None:
+            raise InvalidArgument("the snapshot keeps no latents to resume the decoder from")
+        stream.vae_state = self.vae.resume_decode_state(tail, before)
+        if stream.writer is not None:
+            stream.writer.resume(frames)
+
     @rpc
     async def OpenStream(
         self, request: stages_pb2.OpenStreamRequest
     ) -> stages_pb2.OpenStreamResponse:
         kind = StreamKind.from_proto(request.kind)
-        if not request.object_id:
-            raise InvalidArgument("OpenStream needs the object_id to store media under")
-        self._start_reaper()
-        self.sessions.check_room(request.session_id)
-        encoder = FragmentedMp4Encoder(request.width, request.height, fps=request.fps)
-        init = encoder.init_segment()
-        layout = Layout(request.tenant or self.settings.tenant)
-        writer = None
-        if kind == StreamKind.SESSION:
-            writer = SessionWriter(self.storage, layout, request.object_id, request.fps)
-            await asyncio.to_thread(writer.write_init, init)
-        stream = DecodeStream(
-            kind=kind,
-            object_id=request.object_id,
-            encoder=encoder,
-            init=init,
-            vae_state=self.vae.new_decode_state(),
-            writer=writer,
-            layout=layout,
-            fps=request.fps,
+        size = (request.width, request.height)
+        stream = await self._start(
+            request.session_id, kind, request.object_id, size, request.fps, request.tenant
         )
-        try:
-            self.sessions.add(request.session_id, stream)
-        except BaseException:
-            encoder.close()
-            raise
-        return stages_pb2.OpenStreamResponse(session_id=request.session_id, init_segment=init)
+        return stages_pb2.OpenStreamResponse(
+            session_id=request.session_id, init_segment=stream.init
+        )
+
+    @rpc
+    async def RestoreStream(self, request: stages_pb2.RestoreRequest) -> stages_pb2.RestoreResponse:
+        """Take the stream up from its snapshot, replacing what this replica holds of it."""
+        snapshot, started = request.snapshot, time.perf_counter()
+        replaced = self.sessions.discard(request.session_id)
+        if replaced is not None:
+            replaced.encoder.close()
+        spec = snapshot.spec
+        await self._start(
+            request.session_id,
+            StreamKind.from_proto(snapshot.kind),
+            snapshot.object_id,
+            (spec.width, spec.height),
+            snapshot.fps,
+            spec.tenant,
+            resume=snapshot,
+        )
+        log.info("decode pool restored %s at chunk %d", request.session_id, snapshot.next_chunk)
+        return stages_pb2.RestoreResponse(
+            session_id=request.session_id, seconds=time.perf_counter() - started
+        )
 
     @rpc
     async def DecodeChunk(self, request: stages_pb2.ChunkLatents) -> stages_pb2.DecodedSegment:
@@ -108,15 +177,15 @@ class DecodeStage(SessionStage[DecodeStream]):
             segment = await asyncio.to_thread(run)
             segment.session_id, segment.chunk_index = request.session_id, request.chunk_index
             segment.first_frame, stream.frames = stream.frames, stream.frames + segment.num_frames
+            index = request.chunk_index + 1
             if stream.writer is not None:
                 segment.object_key = await asyncio.to_thread(
-                    stream.writer.write_segment,
-                    request.chunk_index + 1,
-                    segment.data,
-                    segment.num_frames,
+                    stream.writer.write_segment, index, segment.data, segment.num_frames
                 )
             else:
-                stream.segments.append(segment.data)
+                assert stream.parts is not None
+                await asyncio.to_thread(stream.parts.write, index, segment.data)
+            stream.segments = index
         return segment
 
     @rpc
@@ -138,7 +207,8 @@ class DecodeStage(SessionStage[DecodeStream]):
         )
 
     def _publish(self, stream: DecodeStream, video: stages_pb2.VideoMetadata) -> None:
-        """The MP4 (init + every segment), then its manifest, last."""
+        """The MP4 (its stored parts joined, remuxed moov-first), then its manifest, last."""
+        assert stream.parts is not None
         manifest = VideoManifest(
             id=video.id or stream.object_id,
             model=video.model,
@@ -149,15 +219,19 @@ class DecodeStage(SessionStage[DecodeStream]):
             created_at=video.created_at,
             num_frames=stream.frames,
         )
-        mp4 = progressive_mp4(stream.init + b"".join(stream.segments))
+        mp4 = progressive_mp4(stream.parts.join(stream.segments))
         media = {"video.mp4": (mp4, "video/mp4")}
         publish_video(self.storage, stream.layout, stream.object_id, media, manifest.fields())
+        stream.parts.remove()
 
     @rpc
     async def CloseStream(self, request: stages_pb2.ReleaseRequest) -> stages_pb2.StageAck:
+        """The session ends unfinished: its playlist is sealed, a video's parts removed."""
         stream = self.sessions.pop(request.session_id)
         if stream is not None:
             await asyncio.to_thread(self._seal, stream)
+            if stream.parts is not None:
+                await asyncio.to_thread(stream.parts.remove)
         return stages_pb2.StageAck(session_id=request.session_id)
 
     def _drop(self, session_id: str) -> None:

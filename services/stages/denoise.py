@@ -34,10 +34,12 @@ from histream_model.schedules import (
     plan_chunk,
     run_phase,
 )
+from histream_model.schedules.restore import reprefill, snapshot_chunks
 from histream_model.text import check_prompt
 from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument, remote_result
 from services.protocol import StageName, from_proto, shape_of, to_proto
+from services.protocol.snapshot import kept_latents, prompt_index
 from services.settings import ServeSettings
 from services.stages.base import SessionStage, rpc
 
@@ -168,6 +170,49 @@ class DenoiseStage(SessionStage[DenoiseSession]):
             done = await remote_result(pinned.RunPhase.remote(request))
             passes += done.passes
         return passes
+
+    @rpc
+    async def RestoreSession(
+        self, request: stages_pb2.RestoreRequest
+    ) -> stages_pb2.RestoreResponse:
+        """Rebuild the session from its snapshot (re-prefill), replacing what this replica
+        holds of it: ready for chunk `snapshot.next_chunk`."""
+        snapshot = request.snapshot
+        shape = shape_of(snapshot.spec, self.preset)
+        if len(request.contexts) != len(snapshot.prompts) or not snapshot.prompts:
+            raise InvalidArgument("a restore needs the text context of every prompt", "contexts")
+        contexts = [from_proto(c) for c in request.contexts]
+        done = snapshot.next_chunk
+        kept = kept_latents(snapshot)
+        if shape.mode.sliding_window:
+            window = self.settings.snapshot_window_chunks
+            kept = {k: v for k, v in kept.items() if k in snapshot_chunks(done, 1, window)}
+
+        def prompt_of(chunk: int) -> torch.Tensor:
+            return contexts[prompt_index(snapshot, chunk)]
+
+        def rebuild() -> tuple[ResolutionState, int]:
+            with torch.no_grad():
+                state = new_resolution_state(self.model, shape, self.resolution, prompt_of(done))
+                passes = reprefill(
+                    self.model, state, shape, lambda k: plan_chunk(shape, k), kept, prompt_of, done
+                )
+                state.text = self.model.text_kv(prompt_of(done).to(state.cache.k.device))
+            return state, passes
+
+        started = time.perf_counter()
+        self._start_reaper()
+        self.sessions.discard(request.session_id)
+        self.sessions.check_room(request.session_id)
+        state, passes = await self._compute(rebuild)
+        self.sessions.add(request.session_id, DenoiseSession(shape, snapshot.spec.seed, state))
+        log.info("%s restored session %s at chunk %d", self.label, request.session_id, done)
+        return stages_pb2.RestoreResponse(
+            session_id=request.session_id,
+            kv_bytes=state.cache.nbytes,
+            passes=passes,
+            seconds=time.perf_counter() - started,
+        )
 
     @rpc
     async def SetPrompt(self, request: stages_pb2.SetPromptRequest) -> stages_pb2.StageAck:

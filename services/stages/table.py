@@ -77,6 +77,11 @@ class SessionTable(Generic[T]):
                 self._closed.popitem(last=False)
         return item
 
+    def discard(self, session_id: str) -> T | None:
+        """Remove the session if held, as a restore that replaces it does (no tombstone)."""
+        self._used.pop(session_id, None)
+        return self._items.pop(session_id, None)
+
     def idle(self, timeout_s: float) -> list[str]:
         """Sessions not used for longer than `timeout_s`."""
         now = self.clock()

@@ -17,7 +17,7 @@ from services.storage.base import (
     check_key,
     check_prefix,
 )
-from services.storage.hls import HlsPlaylist, SessionWriter
+from services.storage.hls import HlsPlaylist, SessionWriter, VideoParts
 from services.storage.layout import Layout
 from services.storage.local import LocalStorage
 from services.storage.publish import (
@@ -43,6 +43,7 @@ __all__ = [
     "StorageSettings",
     "StoredObject",
     "VideoManifest",
+    "VideoParts",
     "check_key",
     "check_prefix",
     "delete_video",

@@ -93,6 +93,17 @@ class SessionWriter:
         self._init_written = False
         self._lock = threading.Lock()
 
+    def resume(self, segment_frames: list[int]) -> None:
+        """Take up a session whose init and first segments are stored already (their frame
+        counts given in order), as a restore on another replica does."""
+        with self._lock:
+            self._init_written = True
+            if segment_frames:
+                durations = [n / self.fps for n in segment_frames]
+                self._playlist = HlsPlaylist(self._target_duration_s or durations[0])
+                for index, duration in enumerate(durations, start=1):
+                    self._playlist.add_segment(self.layout.segment_name(index), duration)
+
     def write_init(self, data: bytes) -> str:
         key = self.layout.session_init_key(self.session_id)
         with self._lock:
@@ -142,3 +153,26 @@ class SessionWriter:
         assert self._playlist is not None
         body = self._playlist.render().encode()
         self.storage.put(self.playlist_key, body, "application/vnd.apple.mpegurl")
+
+
+class VideoParts:
+    """A video job's fMP4 init and segments, stored as they are made (a decode pool that is
+    lost loses nothing), joined into one stream at the end, then removed."""
+
+    def __init__(self, storage: Storage, layout: Layout, video_id: str) -> None:
+        self.storage, self.layout, self.video_id = storage, layout, video_id
+
+    def write(self, index: int, data: bytes) -> str:
+        """Part 0 is the init segment, part n the n-th media segment."""
+        key = self.layout.video_part_key(self.video_id, index)
+        self.storage.put(key, data, "video/mp4" if index == 0 else "video/iso.segment")
+        return key
+
+    def join(self, count: int) -> bytes:
+        """The init segment and the first `count` media segments, in order."""
+        return b"".join(
+            self.storage.get(self.layout.video_part_key(self.video_id, i)) for i in range(count + 1)
+        )
+
+    def remove(self) -> None:
+        self.storage.delete_prefix(self.layout.video_parts_prefix(self.video_id))

@@ -51,6 +51,20 @@ class Layout:
         """The gateway's job record for the video."""
         return self.video_object_key(video_id, "record.json")
 
+    def video_parts_prefix(self, video_id: str) -> str:
+        """Where a running video job's fMP4 init and segments wait to be joined into its MP4."""
+        return self.video_prefix(video_id) + "parts/"
+
+    def video_part_key(self, video_id: str, index: int) -> str:
+        """Part 0 is the init segment; part n the n-th media segment."""
+        name = "init.mp4" if index == 0 else self.segment_name(index)
+        return self.video_parts_prefix(video_id) + name
+
+    def snapshot_key(self, kind: str, object_id: str) -> str:
+        """A running session's snapshot (kind "video" or "session")."""
+        prefix = self.video_prefix if kind == "video" else self.session_prefix
+        return prefix(object_id) + "snapshot.pb"
+
     def sessions_prefix(self) -> str:
         return f"{self.tenant_prefix()}sessions/"
 

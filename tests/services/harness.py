@@ -106,8 +106,8 @@ def watch_prompts(driver: Any, journal: Journal) -> None:
     """Wake `journal.until` waiters whenever `driver` queues a prompt update."""
     submit = driver.prompts.submit
 
-    def submitted(context: Any) -> Any:
-        future = submit(context)
+    def submitted(context: Any, text: str = "") -> Any:
+        future = submit(context, text)
         journal.notify()
         return future
 

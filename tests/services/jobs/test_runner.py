@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from histream_model.config import get_preset
-from services.errors import AtCapacity, QueueFull, SessionNotHeld
+from services.errors import AtCapacity, QueueFull, Unavailable
 from services.jobs import JobRunner, RecordStore, VideoRecord, VideoStatus
 from services.protocol import Generation, video_shape
 from services.sessions import driver as driver_module
@@ -59,6 +59,7 @@ class Observer:
     def __init__(self) -> None:
         self.chunks: list[int] = []
         self.ended: list[VideoStatus] = []
+        self.restores: list = []
         self.drivers: list = []
 
     def running(self, driver):
@@ -70,6 +71,9 @@ class Observer:
 
     def finished(self, status) -> None:
         self.ended.append(status)
+
+    def restored(self, stage, seconds) -> None:
+        self.restores.append(stage)
 
 
 class Jobs:
@@ -147,7 +151,11 @@ def test_a_job_goes_queued_in_progress_completed_and_publishes(tmp_path):
 @pytest.mark.parametrize(
     ("error", "code", "message"),
     [
-        (lambda: SessionNotHeld("refine lost it"), "session_not_held", "^refine lost it$"),
+        (
+            lambda: Unavailable("refine lost its GPU"),
+            "service_unavailable",
+            "^refine lost its GPU$",
+        ),
         # an unexpected failure is not described to the client: an error id stands for it
         (
             lambda: ValueError("bad tensor"),

@@ -14,7 +14,7 @@ import torch
 from histream_model.components import load_components
 from histream_model.generator import HiStreamGenerator
 from protos.histream.v1 import stages_pb2
-from services.errors import AtCapacity, SessionNotHeld
+from services.errors import AtCapacity, Unavailable
 from services.media import read_video
 from services.protocol import EndReason, IllegalTransition, SessionStatus, from_proto
 from services.sessions import SessionDriver, StageHandles
@@ -132,7 +132,7 @@ def test_open_gives_up_at_capacity_after_its_deadline(monkeypatch):
 def test_a_stage_error_during_chunks_fails_the_session():
     stages = fake_stages()
     stages.refine.fail(
-        "RunPhase", lambda: SessionNotHeld("refine lost it"), when=lambda r: r.chunk_index == 1
+        "RunPhase", lambda: Unavailable("refine lost its GPU"), when=lambda r: r.chunk_index == 1
     )
     driver = SessionDriver(stages.handles, session_plan())
     statuses = record_statuses(driver)
@@ -140,7 +140,7 @@ def test_a_stage_error_during_chunks_fails_the_session():
 
     async def go():
         await driver.open()
-        with pytest.raises(SessionNotHeld, match="refine lost it"):
+        with pytest.raises(Unavailable, match="refine lost its GPU"):
             async for chunk in driver.chunks():
                 got.append(chunk.index)
         await driver.close(EndReason.FAILED)

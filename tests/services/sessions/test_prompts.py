@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from services.errors import InvalidArgument, ServiceError, SessionNotHeld
+from services.errors import InvalidArgument, ServiceError, Unavailable
 from services.protocol import EndReason
 from services.sessions import SessionDriver
 from tests.services.fakes import fake_stages
@@ -146,7 +146,7 @@ def test_an_update_whose_set_prompt_fails_is_answered():
     stages = fake_stages()
     journal = stages.journal
     gate = stages.refine.gate("RunPhase", when=lambda r: r.chunk_index == 0)
-    stages.structure.fail("SetPrompt", lambda: SessionNotHeld("structure lost it"))
+    stages.structure.fail("SetPrompt", lambda: Unavailable("structure lost its GPU"))
     driver = started(stages)
 
     async def go():
@@ -156,7 +156,7 @@ def test_an_update_whose_set_prompt_fails_is_answered():
         update = asyncio.create_task(driver.update_prompt("a dog"))
         await journal.until(lambda: driver.prompts.issued == 1)
         gate.set()
-        with pytest.raises(SessionNotHeld):
+        with pytest.raises(Unavailable):
             await consumer
         await driver.close(EndReason.FAILED)
         return await _outcome(update)
