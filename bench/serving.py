@@ -81,7 +81,7 @@ def service_denoise(preset, mode: str, frames: int, tag: str) -> list[float]:
         driver = SessionDriver(handles, plan)
         await driver.open()
         try:
-            return [(await driver.denoise(i))[1] for i in range(shape.num_chunks)]
+            return [(await driver.work.denoise(i))[1] for i in range(shape.num_chunks)]
         finally:
             await driver.close()
 

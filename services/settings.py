@@ -70,6 +70,7 @@ class ServeSettings(BaseSettings):
     # latent frames a decoder re-decodes to resume a stream (24: error < 1/255 on every preset)
     snapshot_decode_frames: int = Field(24, ge=0)
     queue_timeout_s: float = Field(600.0, gt=0)  # a job waiting for capacity fails after this
+    drain_timeout_s: float = Field(30.0, gt=0)  # on shutdown, suspending sessions and jobs
     video_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # expires_at of finished videos
     max_prompt_chars: int = Field(2000, ge=1)
     max_request_bytes: int = Field(1 << 20, ge=1024)  # HTTP bodies; larger ones answer 413

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
-from services.errors import InvalidArgument, NotFound, QueueFull, remote_result
+from services.errors import InvalidArgument, NotFound, QueueFull, Unavailable, remote_result
 from services.gateway.metrics import Metrics
 from services.gateway.requests import (
     SessionStart,
@@ -23,7 +23,7 @@ from services.gateway.requests import (
     resolve_video,
 )
 from services.jobs import JobRunner, RecordStore, VideoRecord, VideoStatus
-from services.protocol import ChunkReady, SessionEvent, StageName, StreamKind
+from services.protocol import ChunkReady, EndReason, SessionEvent, StageName, StreamKind
 from services.sessions import (
     Durability,
     LiveSession,
@@ -76,6 +76,7 @@ class GatewayCore:
             handles, self.records, settings, observer=self.metrics, durability=self.durability
         )
         self.sessions = SessionRegistry()
+        self.draining = False
 
     # -- models -----------------------------------------------------------------------------------
 
@@ -159,6 +160,8 @@ class GatewayCore:
     def open_session(self, body: SessionStart) -> LiveSession:
         """Validate a session request (nothing reaches a stage on bad input) and register it."""
         s = self.settings
+        if self.draining:
+            raise Unavailable("this gateway replica is shutting down; start the session again")
         if len(self.sessions) >= s.max_live_sessions:
             raise QueueFull(
                 f"this gateway replica has {len(self.sessions)} open sessions, its limit "
@@ -200,6 +203,24 @@ class GatewayCore:
     async def update_prompt(self, live: LiveSession, prompt: object) -> tuple[int, int]:
         text = check_prompt_field(prompt, self.settings.max_prompt_chars)
         return await live.driver.update_prompt(text)
+
+    async def drain(self, timeout_s: float) -> dict[str, int]:
+        """Shutting down: admit nothing more; suspend every session and job where it stands
+        (snapshots kept: sessions resume by id, jobs go on after a restart), within
+        `timeout_s`. Returns how many of each were suspended."""
+        self.draining = True
+        live = self.sessions.all()
+        for session in live:
+            session.request_stop(EndReason.DRAINING)
+        jobs = asyncio.ensure_future(self.jobs.drain())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.sessions.emptied(), timeout_s)
+        try:
+            suspended_jobs = await asyncio.wait_for(jobs, timeout_s)
+        except TimeoutError:
+            suspended_jobs = len(self.jobs.tasks)
+        log.info("drained: %d sessions, %d jobs suspended", len(live), suspended_jobs)
+        return {"sessions": len(live), "jobs": suspended_jobs}
 
     # -- health, for tests and benchmarks ---------------------------------------------------------
 

@@ -18,6 +18,15 @@ class Gateway(HttpApi, WebSocketApi, GrpcApi):
         handles = StageHandles(structure=structure, refine=refine, decode=decode)
         self.core = GatewayCore(settings, handles)
 
+    async def drain(self) -> dict[str, int]:
+        """Shutting down (`histream serve` on SIGTERM): see GatewayCore.drain."""
+        return await self.core.drain(self.core.settings.drain_timeout_s)
+
+    async def __del__(self) -> None:
+        """Serve's graceful shutdown of this replica (a scale-down, a rolling update)."""
+        if not self.core.draining:
+            await self.core.drain(self.core.settings.drain_timeout_s)
+
     def active_sessions(self) -> dict[str, int]:
         """Sessions this replica drives, by kind (for tests and benchmarks)."""
         return self.core.active_sessions()

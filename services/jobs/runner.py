@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 from typing import Protocol
 
 from protos.histream.v1 import stages_pb2
-from services.errors import Internal, QueueFull, QueueTimeout, ServiceError
+from services.errors import Internal, QueueFull, QueueTimeout, ServiceError, Unavailable
 from services.jobs.records import RecordStore, VideoError, VideoRecord, VideoStatus, new_video_id
 from services.protocol import ChunkReady, EndReason, Generation, StageName, StreamKind
 from services.sessions import Durability, SessionDriver, SessionPlan, StageHandles
@@ -82,10 +82,13 @@ class JobRunner:
         self.fps = settings.frame_rate
         self.observer = observer or _Unobserved()
         self.tasks: dict[str, asyncio.Task] = {}
+        self.draining = False  # no new jobs; running ones are suspended, not cancelled
 
     async def submit(self, generation: Generation) -> VideoRecord:
         """Store a queued record and start the job; returns the record at once. QueueFull when
         `max_queued_jobs` jobs already wait for a slot on this replica."""
+        if self.draining:
+            raise Unavailable("this gateway replica is shutting down; submit the job again")
         if self.waiting >= self.max_queued:
             raise QueueFull(
                 f"{self.waiting} video jobs are waiting on this gateway replica, its limit "
@@ -132,7 +135,11 @@ class JobRunner:
             self.observer.finished(VideoStatus.completed)
             reason = EndReason.COMPLETED
         except asyncio.CancelledError:
-            log.info("video %s cancelled", record.id)
+            if self.draining:  # stopped to go on after a restart, from its snapshot
+                log.info("video %s suspended by a drain at chunk %d", record.id, driver.next_chunk)
+                await driver.suspend()
+            else:
+                log.info("video %s cancelled", record.id)
             reason = EndReason.CANCELLED
             raise
         except JobDeleted:
@@ -188,6 +195,16 @@ class JobRunner:
         described = record.model_dump(include={"id", "model", "mode", "seed", "size", "created_at"})
         metadata = stages_pb2.VideoMetadata(fps=plan.fps, **described)
         await driver.finish(EndReason.COMPLETED, video=metadata)
+
+    async def drain(self) -> int:
+        """Stop every job here for a shutdown: each is suspended where it stands (its record
+        stays in_progress, its snapshot and stored parts stay to go on from). Returns how many."""
+        self.draining = True
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return len(tasks)
 
     async def cancel(self, video_id: str) -> bool:
         """Cancel a job running on this replica; True if one was."""

@@ -21,10 +21,12 @@ from ray.serve.config import HTTPOptions, gRPCOptions
 
 from services.app import APP_NAME, build_app
 from services.local.grpc_front import GrpcFront
+from services.protocol import StageName
 from services.settings import ServeSettings
 
 log = logging.getLogger("histream.server")
 _fronts: list[GrpcFront] = []  # the gRPC front of the local service, while it runs
+_apps: list[str] = []  # the applications started here
 
 
 def start(
@@ -58,6 +60,7 @@ def start(
             grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=[]),
         )
     serve.run(build_app(settings), name=app_name, route_prefix=route_prefix)
+    _apps.append(app_name)
     if not _fronts:
         front = GrpcFront(settings.grpc_bind_host, settings.grpc_port, default_app=app_name)
         front.start()
@@ -80,8 +83,24 @@ def _protect_token() -> None:
         os.chmod(token, 0o600)
 
 
+def drain(timeout_s: float) -> dict[str, int]:
+    """Suspend every session and job of every application here (see GatewayCore.drain)."""
+    total = {"sessions": 0, "jobs": 0}
+    for app in _apps:
+        gateway = serve.get_deployment_handle(str(StageName.GATEWAY), app_name=app)
+        try:
+            drained = gateway.drain.remote().result(timeout_s=timeout_s + 10)
+        except Exception:
+            log.exception("draining application %s failed", app)
+            continue
+        for kind, count in drained.items():
+            total[kind] += count
+    return total
+
+
 def stop() -> None:
     """Stop the gRPC front, shut Serve down (draining replicas) and stop the local Ray."""
+    _apps.clear()
     while _fronts:
         _fronts.pop().stop()
     if ray.is_initialized():
@@ -90,11 +109,13 @@ def stop() -> None:
 
 
 def serve_forever(settings: ServeSettings, ray_address: str | None = None) -> None:
-    """Serve until SIGINT/SIGTERM, then shut down cleanly."""
+    """Serve until SIGINT/SIGTERM, then drain (sessions and jobs suspended where they stand,
+    to go on later) and shut down cleanly."""
     stopping = threading.Event()
+    start(settings, ray_address=ray_address)
+    # after Ray's own start: ray.init installs a SIGTERM handler that exits at once
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
-    start(settings, ray_address=ray_address)
     print(
         f"HiStream Serve ({settings.served_model}) on http://{settings.http_host}:"
         f"{settings.http_port} and gRPC {settings.grpc_bind_host}:{settings.grpc_port}; "
@@ -103,7 +124,13 @@ def serve_forever(settings: ServeSettings, ray_address: str | None = None) -> No
     )
     stopping.wait()
     print("shutting down...", flush=True)
+    drained = drain(settings.drain_timeout_s)
     stop()
+    print(
+        f"stopped: {drained['sessions']} sessions and {drained['jobs']} jobs suspended "
+        "(resume them by id / they go on after a restart)",
+        flush=True,
+    )
 
 
 def free_port() -> int:

@@ -18,6 +18,7 @@ class SessionStatus(enum.StrEnum):
     FINISHING = "finishing"  # media being sealed: MP4 + manifest, or the playlist's ENDLIST
     ENDED = "ended"  # sealed: every chunk, or those before a requested close
     CLOSED = "closed"  # stopped unsealed: the client went away or the job was cancelled
+    SUSPENDED = "suspended"  # stopped to go on later from its snapshot (a drain)
     FAILED = "failed"  # an error stopped it
 
 
@@ -26,13 +27,19 @@ SESSION_TRANSITIONS: dict[SessionStatus, frozenset[SessionStatus]] = {
         {SessionStatus.RUNNING, SessionStatus.CLOSED, SessionStatus.FAILED}
     ),
     SessionStatus.RUNNING: frozenset(
-        {SessionStatus.FINISHING, SessionStatus.CLOSED, SessionStatus.FAILED}
+        {
+            SessionStatus.FINISHING,
+            SessionStatus.CLOSED,
+            SessionStatus.SUSPENDED,
+            SessionStatus.FAILED,
+        }
     ),
     SessionStatus.FINISHING: frozenset(
         {SessionStatus.ENDED, SessionStatus.CLOSED, SessionStatus.FAILED}
     ),
     SessionStatus.ENDED: frozenset(),
     SessionStatus.CLOSED: frozenset(),
+    SessionStatus.SUSPENDED: frozenset(),
     SessionStatus.FAILED: frozenset(),
 }
 

@@ -61,6 +61,7 @@ class EndReason(enum.StrEnum):
     CLOSED = "closed"  # the client asked to stop; what was generated is sealed
     PROTOCOL_ERROR = "protocol_error"  # too many malformed client messages; the rest is sealed
     DISCONNECTED = "disconnected"  # the client went away; nothing more is sent
+    DRAINING = "draining"  # the service is shutting down: resume the session by id later
     CANCELLED = "cancelled"  # a video job was deleted or cancelled while it ran
     FAILED = "failed"  # an error stopped it
 

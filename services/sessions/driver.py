@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from histream_model.schedules import plan_chunk
 from protos.histream.v1 import stages_pb2
 from services.errors import AtCapacity, InvalidArgument
 from services.protocol import (
@@ -30,8 +29,8 @@ from services.protocol import (
     Lifecycle,
     SessionStatus,
     StageName,
-    digest,
 )
+from services.sessions.chunks import ChunkWork
 from services.sessions.prompts import PromptVersions, too_late
 from services.sessions.record import SessionRecord
 from services.sessions.remote import SessionPlan, SessionStages, StageHandles
@@ -60,6 +59,7 @@ class SessionDriver:
             plan, durability.window_chunks, durability.decode_frames, self.lookahead
         )
         self.restorer = Restorer(self.stages, self.record, on_restore)
+        self.work = ChunkWork(self.stages, self.record, self.restorer, self.store)
         self.lifecycle = Lifecycle(
             SessionStatus.OPENING, SESSION_TRANSITIONS, f"session {plan.object_id}"
         )
@@ -78,10 +78,6 @@ class SessionDriver:
     def session_id(self) -> str:
         """The routing id the stages know the session by (a new one per capacity retry)."""
         return self.stages.session_id
-
-    @property
-    def _kind(self) -> str:
-        return str(self.plan.kind)
 
     @property
     def cache_bytes(self) -> int:
@@ -144,52 +140,6 @@ class SessionDriver:
             raise
         self.prompts.applied(pending, chunk)
 
-    async def denoise(self, index: int) -> tuple[stages_pb2.ChunkLatents, float]:
-        """The chunk's phases up to its output, each on its resolution's stage (again from the
-        first, on rebuilt stages, if a stage lost the session)."""
-        started = time.perf_counter()
-        plan = plan_chunk(self.plan.shape, index)
-
-        async def phases() -> stages_pb2.ChunkLatents:
-            latents: stages_pb2.Tensor | None = None
-            for i in range(plan.output + 1):
-                out = await self.stages.run_phase(plan.phases[i].resolution, index, i, latents)
-                latents = out.latents if out.HasField("latents") else None
-            return out
-
-        out = await self.restorer.retried(phases, lambda: self.restorer.denoisers(index))
-        self.record.denoised_chunk(index, out.latents)
-        return out, time.perf_counter() - started
-
-    async def _decode(
-        self,
-        out: stages_pb2.ChunkLatents,
-        previous: asyncio.Task | None,
-        version: int,
-        denoise_s: float,
-    ) -> ChunkReady:
-        if previous is not None:
-            await previous  # decode calls of a session stay in chunk order
-        seg = await self.restorer.retried(lambda: self.stages.decode(out), self.restorer.decoder)
-        self.record.decoded_chunk(out.chunk_index, seg.num_frames)
-        if self.store is not None:  # the session as the client has it, for a resume
-            await self.store.save(
-                self.record.snapshot(self.record.decoded, self.session_id), self._kind
-            )
-        return ChunkReady(
-            index=out.chunk_index,
-            first_frame=seg.first_frame,
-            num_frames=seg.num_frames,
-            media=seg.data,
-            object_key=seg.object_key,
-            prompt_version=version,
-            latents=out.latents,
-            latents_sha256=digest(out.latents),
-            denoise_seconds=denoise_s,
-            decode_seconds=seg.decode_seconds + seg.encode_seconds,
-            kv_bytes=self.kv_bytes,
-        )
-
     async def chunks(self) -> AsyncIterator[ChunkReady]:
         """Generate every chunk; yields decoded chunks in order as soon as each is ready."""
         if self.status != SessionStatus.RUNNING:
@@ -209,8 +159,9 @@ class SessionDriver:
                     await self._apply_prompt(index)
                     self.next_chunk = index + 1
                     version = self.prompts.current
-                    out, denoise_s = await self.denoise(index)
-                    task = asyncio.create_task(self._decode(out, previous, version, denoise_s))
+                    out, denoise_s = await self.work.denoise(index)
+                    decoded = self.work.decode(out, previous, version, denoise_s, self.kv_bytes)
+                    task = asyncio.create_task(decoded)
                     decodes.append(task)
                     previous = task
                     queue.put_nowait(task)
@@ -269,10 +220,22 @@ class SessionDriver:
         await self.stages.release()
         await self._forget()
 
+    async def suspend(self) -> None:
+        """Stop here to go on later from the snapshot (a drain): the stages are freed, the
+        media stays open, the snapshot is kept. A session still opening has nothing to go on
+        from and is closed instead."""
+        if self.status != SessionStatus.RUNNING or self.store is None:
+            await self.close(EndReason.DRAINING)
+            return
+        self.lifecycle.to(SessionStatus.SUSPENDED)
+        self.end_reason = EndReason.DRAINING
+        await self.stages.release(suspend=True)
+
     async def _forget(self) -> None:
-        """An ended session's snapshot goes (never raises: storage may be what failed)."""
-        if self.store is not None:
+        """An ended session's snapshot goes (never raises: storage may be what failed); a
+        suspended one's stays, to go on from."""
+        if self.store is not None and self.status != SessionStatus.SUSPENDED:
             try:
-                await self.store.delete(self._kind, self.plan.object_id)
+                await self.store.delete(str(self.plan.kind), self.plan.object_id)
             except Exception:
                 log.exception("could not delete the snapshot of %s", self.plan.object_id)

@@ -95,6 +95,10 @@ class LiveSession:
                     yield chunk
             if self.stop_reason == EndReason.DISCONNECTED:
                 return
+            if self.stop_reason == EndReason.DRAINING:  # to be resumed by id, unsealed
+                await driver.suspend()
+                yield SessionEnded(EndReason.DRAINING)
+                return
             reason = self.stop_reason or EndReason.COMPLETED
             await driver.finish(reason)
             yield SessionEnded(reason)
@@ -137,6 +141,7 @@ class SessionRegistry:
 
     def __init__(self) -> None:
         self._live: dict[str, LiveSession] = {}
+        self._changed = asyncio.Event()
 
     def add(self, live: LiveSession) -> None:
         self._live[live.id] = live
@@ -153,6 +158,16 @@ class SessionRegistry:
 
     def remove(self, session_id: str) -> None:
         self._live.pop(session_id, None)
+        self._changed.set()
+
+    def all(self) -> list[LiveSession]:
+        return list(self._live.values())
+
+    async def emptied(self) -> None:
+        """Returns once no session is left."""
+        while self._live:
+            self._changed.clear()
+            await self._changed.wait()
 
     def get(self, session_id: str, token: str | None) -> LiveSession:
         """The session, for a caller quoting its token. A wrong token answers exactly as an

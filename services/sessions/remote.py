@@ -161,8 +161,9 @@ class SessionStages:
             self.held.remove(StageName.DECODE)
         return response.num_frames
 
-    async def release(self, names: list[StageName] | None = None) -> None:
+    async def release(self, names: list[StageName] | None = None, suspend: bool = False) -> None:
         """Free the session on the named stages (default: every stage holding it). Never raises.
+        `suspend`: the session goes on later from its snapshot, so its media stays open.
 
         Serve cancels a request's downstream calls when its client goes away; the close calls
         therefore run in a task with a fresh context (no parent request), shielded, so they
@@ -174,14 +175,14 @@ class SessionStages:
         if not names:
             return
         task = asyncio.get_running_loop().create_task(
-            self._close_calls(names), context=contextvars.Context()
+            self._close_calls(names, suspend), context=contextvars.Context()
         )
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
         await asyncio.shield(task)
 
-    async def _close_calls(self, names: list[StageName]) -> None:
-        request = stages_pb2.ReleaseRequest(session_id=self.session_id)
+    async def _close_calls(self, names: list[StageName], suspend: bool) -> None:
+        request = stages_pb2.ReleaseRequest(session_id=self.session_id, suspend=suspend)
         calls = []
         for name in names:
             stage = self._pinned(name)

@@ -226,9 +226,12 @@ class DecodeStage(SessionStage[DecodeStream]):
 
     @rpc
     async def CloseStream(self, request: stages_pb2.ReleaseRequest) -> stages_pb2.StageAck:
-        """The session ends unfinished: its playlist is sealed, a video's parts removed."""
+        """The session ends unfinished: its playlist is sealed, a video's parts removed; or it
+        is suspended (`suspend`), to go on later: its media stays as it is."""
         stream = self.sessions.pop(request.session_id)
-        if stream is not None:
+        if stream is not None and request.suspend:
+            stream.encoder.close()
+        elif stream is not None:
             await asyncio.to_thread(self._seal, stream)
             if stream.parts is not None:
                 await asyncio.to_thread(stream.parts.remove)

@@ -133,3 +133,67 @@ def test_serve_then_submit_then_ctrl_c_shuts_down_cleanly(tmp_path):
         log, _ = server.communicate(timeout=120)
     assert server.returncode == 0, log[-2000:]
     assert "shutting down" in log
+
+
+def test_sigterm_suspends_a_running_job_and_session_and_exits_0(tmp_path):
+    """What Kubernetes and process managers send: the service drains, suspending what runs
+    where it stands (snapshots kept, media left open), and exits 0 with one line."""
+    import time
+
+    import httpx
+    from websockets.sync.client import connect
+
+    from services.storage import Layout, LocalStorage
+    from tests.services.conftest import free_port
+
+    http, grpc_port, store = free_port(), free_port(), tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "services.local.cli", "serve", "--http-port", str(http),
+         "--grpc-port", str(grpc_port), "--storage", str(store)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{http}"
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                try:
+                    if client.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.5)
+            video = client.post("/v1/videos", json={"prompt": "a fox", "seconds": "29"}).json()
+            with connect(f"ws://127.0.0.1:{http}/v1/sessions") as ws:
+                ws.send(json.dumps({"type": "start", "prompt": "a cat", "num_frames": 477}))
+                started = None
+                while True:
+                    message = ws.recv(timeout=60)
+                    if isinstance(message, str):
+                        event = json.loads(message)
+                        started = started or (event if event["type"] == "session.started" else None)
+                        if event["type"] == "chunk":
+                            break
+                while client.get(f"/v1/videos/{video['id']}").json()["progress"] == 0:
+                    time.sleep(0.2)
+                server.send_signal(signal.SIGTERM)
+                ended = None
+                while ended is None:
+                    message = ws.recv(timeout=60)
+                    if isinstance(message, str) and json.loads(message)["type"] == "session.ended":
+                        ended = json.loads(message)
+        log, _ = server.communicate(timeout=120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 0, log[-2000:]
+    assert ended == {"type": "session.ended", "reason": "draining"}
+    assert "stopped: 1 sessions and 1 jobs suspended" in log
+    storage, layout = LocalStorage(store), Layout()
+    record = json.loads(storage.get(layout.video_record_key(video["id"])))
+    assert record["status"] == "in_progress"  # to go on after a restart, from its snapshot
+    assert storage.exists(layout.snapshot_key("video", video["id"]))
+    sid = started["session_id"]
+    assert storage.exists(layout.snapshot_key("session", sid))
+    playlist = storage.get(layout.session_playlist_key(sid)).decode()
+    assert "#EXT-X-ENDLIST" not in playlist  # not ended: it goes on when resumed

@@ -11,10 +11,12 @@ from services.protocol import SESSION_TRANSITIONS, IllegalTransition, Lifecycle,
 
 S = SessionStatus
 # The session lifecycle, written out: opening -> running -> finishing -> ended, and from any
-# status that is not final, closed (stopped unsealed) or failed.
+# status that is not final, closed (stopped unsealed) or failed; a running session may be
+# suspended (drained, to go on later from its snapshot).
 ALLOWED = {
     (S.OPENING, S.RUNNING), (S.OPENING, S.CLOSED), (S.OPENING, S.FAILED),
     (S.RUNNING, S.FINISHING), (S.RUNNING, S.CLOSED), (S.RUNNING, S.FAILED),
+    (S.RUNNING, S.SUSPENDED),
     (S.FINISHING, S.ENDED), (S.FINISHING, S.CLOSED), (S.FINISHING, S.FAILED),
 }  # fmt: skip
 
@@ -34,7 +36,7 @@ def test_session_transitions(old, new):
 def test_final_statuses_say_so():
     for status in SessionStatus:
         lifecycle = Lifecycle(status, SESSION_TRANSITIONS, "s")
-        assert lifecycle.terminal == (status in (S.ENDED, S.CLOSED, S.FAILED))
+        assert lifecycle.terminal == (status in (S.ENDED, S.CLOSED, S.SUSPENDED, S.FAILED))
     with pytest.raises(IllegalTransition, match=r"from ended: nothing \(final\)"):
         Lifecycle(S.ENDED, SESSION_TRANSITIONS, "s").to(S.RUNNING)
 

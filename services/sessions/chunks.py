@@ -1,0 +1,76 @@
+"""One session's chunk work on the stages: a chunk's phases up to its output, each on the stage
+holding its resolution, then its decode; either done again on rebuilt stages when a stage lost
+the session. Each chunk is recorded (for restores) and, once decoded, snapshotted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from histream_model.schedules import plan_chunk
+from protos.histream.v1 import stages_pb2
+from services.protocol import ChunkReady, digest
+from services.sessions.record import SessionRecord
+from services.sessions.remote import SessionStages
+from services.sessions.restore import Restorer, SnapshotStore
+
+
+class ChunkWork:
+    def __init__(
+        self,
+        stages: SessionStages,
+        record: SessionRecord,
+        restorer: Restorer,
+        store: SnapshotStore | None,
+    ) -> None:
+        self.stages = stages
+        self.record = record
+        self.restorer = restorer
+        self.store = store
+
+    async def denoise(self, index: int) -> tuple[stages_pb2.ChunkLatents, float]:
+        """The chunk's phases up to its output, each on its resolution's stage (again from the
+        first, on rebuilt stages, if a stage lost the session)."""
+        started = time.perf_counter()
+        plan = plan_chunk(self.stages.plan.shape, index)
+
+        async def phases() -> stages_pb2.ChunkLatents:
+            latents: stages_pb2.Tensor | None = None
+            for i in range(plan.output + 1):
+                out = await self.stages.run_phase(plan.phases[i].resolution, index, i, latents)
+                latents = out.latents if out.HasField("latents") else None
+            return out
+
+        out = await self.restorer.retried(phases, lambda: self.restorer.denoisers(index))
+        self.record.denoised_chunk(index, out.latents)
+        return out, time.perf_counter() - started
+
+    async def decode(
+        self,
+        out: stages_pb2.ChunkLatents,
+        previous: asyncio.Task | None,
+        version: int,
+        denoise_s: float,
+        kv_bytes: int,
+    ) -> ChunkReady:
+        """The chunk decoded after the one before it; the snapshot then follows it."""
+        if previous is not None:
+            await previous  # decode calls of a session stay in chunk order
+        seg = await self.restorer.retried(lambda: self.stages.decode(out), self.restorer.decoder)
+        self.record.decoded_chunk(out.chunk_index, seg.num_frames)
+        if self.store is not None:  # the session as the client has it, for a resume
+            snapshot = self.record.snapshot(self.record.decoded, self.stages.session_id)
+            await self.store.save(snapshot, str(self.stages.plan.kind))
+        return ChunkReady(
+            index=out.chunk_index,
+            first_frame=seg.first_frame,
+            num_frames=seg.num_frames,
+            media=seg.data,
+            object_key=seg.object_key,
+            prompt_version=version,
+            latents=out.latents,
+            latents_sha256=digest(out.latents),
+            denoise_seconds=denoise_s,
+            decode_seconds=seg.decode_seconds + seg.encode_seconds,
+            kv_bytes=kv_bytes,
+        )
