@@ -63,7 +63,9 @@ class ServeSettings(BaseSettings):
     max_queued_jobs: int = Field(256, ge=0)  # jobs waiting for a slot; past it: 429
     max_live_sessions: int = Field(256, ge=1)  # streaming sessions per gateway; past it: 429
     retry_after_s: int = Field(5, ge=1)  # what a 429 tells the client to wait
-    session_idle_timeout_s: float = Field(300.0, gt=0)  # stages free sessions unused this long
+    # stages free sessions untouched this long: a live driver touches its sessions every third
+    # of it, so only a dead driver's (a lost gateway replica) are freed, within seconds
+    session_idle_timeout_s: float = Field(15.0, gt=0)
     # A restore replays the anchor chunk and this many latest chunks (with sliding windows;
     # full-history modes replay every chunk): 2 is within 0.005% of an uninterrupted run.
     snapshot_window_chunks: int = Field(2, ge=0)
@@ -71,6 +73,10 @@ class ServeSettings(BaseSettings):
     snapshot_decode_frames: int = Field(24, ge=0)
     queue_timeout_s: float = Field(600.0, gt=0)  # a job waiting for capacity fails after this
     drain_timeout_s: float = Field(30.0, gt=0)  # on shutdown, suspending sessions and jobs
+    # a streaming session whose client went away may be resumed this long (then it ends)
+    session_resume_grace_s: float = Field(30.0, gt=0)
+    # a session suspended by a drain may be resumed this long after the service is back
+    session_snapshot_ttl_s: float = Field(3600.0, gt=0)
     video_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # expires_at of finished videos
     max_prompt_chars: int = Field(2000, ge=1)
     max_request_bytes: int = Field(1 << 20, ge=1024)  # HTTP bodies; larger ones answer 413

@@ -88,15 +88,15 @@ class GrpcApi:
     @unary
     async def CreateVideo(self, request: api_pb2.CreateVideoRequest) -> api_pb2.Video:
         body = VideoCreate.parse(fields_of(request))
-        return video_message(await self.core.create_video(body))
+        return video_message(await self.core.videos.create(body))
 
     @unary
     async def GetVideo(self, request: api_pb2.GetVideoRequest) -> api_pb2.Video:
-        return video_message(await self.core.get_video(request.id))
+        return video_message(await self.core.videos.get(request.id))
 
     @unary
     async def ListVideos(self, request: api_pb2.ListVideosRequest) -> api_pb2.ListVideosResponse:
-        page = await self.core.list_videos(
+        page = await self.core.videos.list(
             request.limit or 20, request.after or None, request.order or "desc"
         )
         return api_pb2.ListVideosResponse(
@@ -108,14 +108,26 @@ class GrpcApi:
 
     @unary
     async def DeleteVideo(self, request: api_pb2.DeleteVideoRequest) -> api_pb2.DeleteVideoResponse:
-        return api_pb2.DeleteVideoResponse(**await self.core.delete_video(request.id))
+        return api_pb2.DeleteVideoResponse(**await self.core.videos.delete(request.id))
 
     async def StreamSession(
         self, request: api_pb2.StreamSessionRequest, grpc_context=None
     ) -> AsyncIterator[api_pb2.SessionEvent]:
         with status_of_errors(grpc_context, "StreamSession", request):
-            live = self.core.open_session(SessionStart.parse(fields_of(request)))
-            async with contextlib.aclosing(self.core.session_events(live)) as events:
+            live = self.core.streams.open(SessionStart.parse(fields_of(request)))
+            async with contextlib.aclosing(self.core.streams.events(live)) as events:
+                async for event in events:
+                    yield event.proto()
+
+    async def ResumeSession(
+        self, request: api_pb2.ResumeSessionRequest, grpc_context=None
+    ) -> AsyncIterator[api_pb2.SessionEvent]:
+        with status_of_errors(grpc_context, "ResumeSession", request):
+            streams = self.core.streams
+            live = await streams.resume(
+                request.session_id, request.session_token, request.last_chunk
+            )
+            async with contextlib.aclosing(streams.events(live)) as events:
                 async for event in events:
                     yield event.proto()
 
@@ -123,8 +135,8 @@ class GrpcApi:
     async def UpdateSessionPrompt(
         self, request: api_pb2.UpdateSessionPromptRequest
     ) -> api_pb2.UpdateSessionPromptResponse:
-        live = self.core.session(request.session_id, request.session_token)
-        version, start = await self.core.update_prompt(live, request.prompt)
+        live = self.core.streams.session(request.session_id, request.session_token)
+        version, start = await self.core.streams.update_prompt(live, request.prompt)
         return api_pb2.UpdateSessionPromptResponse(
             session_id=request.session_id, prompt_version=version, from_chunk=start
         )
@@ -133,7 +145,7 @@ class GrpcApi:
     async def CloseSession(
         self, request: api_pb2.CloseSessionRequest
     ) -> api_pb2.CloseSessionResponse:
-        self.core.session(request.session_id, request.session_token).request_stop()
+        self.core.streams.session(request.session_id, request.session_token).request_stop()
         return api_pb2.CloseSessionResponse(session_id=request.session_id, closed=True)
 
     @unary

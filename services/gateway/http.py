@@ -61,7 +61,7 @@ class HttpApi:
     @answered
     async def create_video(self, request: Request) -> dict:
         data = await read_fields(request, self.core.settings.max_request_bytes)
-        return (await self.core.create_video(VideoCreate.parse(data))).public()
+        return (await self.core.videos.create(VideoCreate.parse(data))).public()
 
     @api.get("/v1/videos")
     @answered
@@ -69,23 +69,23 @@ class HttpApi:
         query = dict(request.query_params)
         limit = whole(query, "limit")
         after, order = text(query, "after"), text(query, "order")
-        return await self.core.list_videos(20 if limit is None else limit, after, order or "desc")
+        return await self.core.videos.list(20 if limit is None else limit, after, order or "desc")
 
     @api.get("/v1/videos/{video_id}")
     @answered
     async def get_video(self, request: Request, video_id: str) -> dict:
-        return (await self.core.get_video(video_id)).public()
+        return (await self.core.videos.get(video_id)).public()
 
     @api.delete("/v1/videos/{video_id}")
     @answered
     async def delete_video(self, request: Request, video_id: str) -> dict:
-        return await self.core.delete_video(video_id)
+        return await self.core.videos.delete(video_id)
 
     @api.get("/v1/videos/{video_id}/content")
     @answered
     async def video_content(self, request: Request, video_id: str) -> Response:
         variant = text(dict(request.query_params), "variant") or "video"
-        content = await self.core.video_content(video_id, variant)
+        content = await self.core.videos.content(video_id, variant)
         if content.url is not None:
             return RedirectResponse(content.url, status_code=307)
         assert content.data is not None

@@ -20,7 +20,7 @@ from services.errors import InvalidArgument, ServiceError, TooLarge
 from services.gateway.bodies import parse_object
 from services.gateway.core import GatewayCore
 from services.gateway.http import api
-from services.gateway.requests import SessionStart
+from services.gateway.requests import SessionStart, text
 from services.protocol import EndReason
 from services.sessions import LiveSession
 
@@ -50,12 +50,18 @@ class WebSocketApi:
         reader: asyncio.Task | None = None
         try:
             start = await self._ws_message(ws)
-            if start.get("type") != "start":
-                raise InvalidArgument('the first message must be {"type": "start", ...}', "type")
-            live = self.core.open_session(SessionStart.parse(start))
+            if start.get("type") == "resume":
+                live = await self.core.streams.resume(*resume_fields(start))
+            elif start.get("type") == "start":
+                live = self.core.streams.open(SessionStart.parse(start))
+            else:
+                raise InvalidArgument(
+                    'the first message must be {"type": "start", ...} or {"type": "resume", ...}',
+                    "type",
+                )
             # read from the start: a client may close, or go away, while its session waits
             reader = asyncio.create_task(self._ws_read(ws, live, send))
-            events = self.core.session_events(live)
+            events = self.core.streams.events(live)
             async with contextlib.aclosing(events):
                 async for event in events:
                     await send(event.message(), event.payload)
@@ -89,7 +95,7 @@ class WebSocketApi:
 
         async def prompt(text: object) -> None:
             try:
-                version, start = await self.core.update_prompt(live, text)
+                version, start = await self.core.streams.update_prompt(live, text)
                 await send(
                     {"type": "prompt.accepted", "prompt_version": version, "from_chunk": start}
                 )
@@ -119,11 +125,21 @@ class WebSocketApi:
                     if errors >= MAX_PROTOCOL_ERRORS:
                         live.request_stop(EndReason.PROTOCOL_ERROR)
         except (Disconnected, WebSocketDisconnect, RuntimeError):
-            live.request_stop(EndReason.DISCONNECTED)
-            await live.driver.close(EndReason.DISCONNECTED)  # free the caches now
+            live.request_stop(EndReason.DISCONNECTED)  # suspended at once, resumable by id
         finally:
             for task in updates:
                 task.cancel()
+
+
+def resume_fields(message: dict) -> tuple[str, str, int]:
+    """(session_id, session_token, last_chunk) of a resume message."""
+    session_id = text(message, "session_id")
+    if session_id is None:
+        raise InvalidArgument("session_id is required to resume a session", "session_id")
+    last_chunk = message.get("last_chunk", -1)
+    if isinstance(last_chunk, bool) or not isinstance(last_chunk, int):
+        raise InvalidArgument("last_chunk must be an integer (-1: none received)", "last_chunk")
+    return session_id, text(message, "session_token") or "", last_chunk
 
 
 def error_event(err: ServiceError) -> dict:

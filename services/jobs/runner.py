@@ -137,7 +137,7 @@ class JobRunner:
         except asyncio.CancelledError:
             if self.draining:  # stopped to go on after a restart, from its snapshot
                 log.info("video %s suspended by a drain at chunk %d", record.id, driver.next_chunk)
-                await driver.suspend()
+                await driver.suspend(EndReason.DRAINING, self.durability.snapshot_ttl_s)
             else:
                 log.info("video %s cancelled", record.id)
             reason = EndReason.CANCELLED

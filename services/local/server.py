@@ -112,10 +112,16 @@ def serve_forever(settings: ServeSettings, ray_address: str | None = None) -> No
     """Serve until SIGINT/SIGTERM, then drain (sessions and jobs suspended where they stand,
     to go on later) and shut down cleanly."""
     stopping = threading.Event()
-    start(settings, ray_address=ray_address)
-    # after Ray's own start: ray.init installs a SIGTERM handler that exits at once
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
+    stops = {signal.SIGINT, signal.SIGTERM}
+    # Held back while Ray starts (its threads inherit the mask), since ray.init installs a
+    # SIGTERM handler that exits at once; a signal sent meanwhile waits for ours below.
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        start(settings, ray_address=ray_address)
+        for sig in stops:
+            signal.signal(sig, lambda *_: stopping.set())
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
     print(
         f"HiStream Serve ({settings.served_model}) on http://{settings.http_host}:"
         f"{settings.http_port} and gRPC {settings.grpc_bind_host}:{settings.grpc_port}; "

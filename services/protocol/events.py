@@ -55,14 +55,21 @@ class SessionStarted(_Event):
     num_chunks: int
     num_frames: int
     playlist_key: str  # where the HLS playlist grows in storage
-    session_token: str  # the secret that prompt updates and closes by id must quote
+    session_token: str  # the secret that prompt updates, closes and resumes by id must quote
+    resumed: bool = False  # a resume: chunks go on after the client's last one
 
     @classmethod
     def of(
-        cls, session_id: str, shape: VideoShape, fps: int, playlist_key: str, token: str
+        cls,
+        session_id: str,
+        shape: VideoShape,
+        fps: int,
+        playlist_key: str,
+        token: str,
+        resumed: bool = False,
     ) -> SessionStarted:
-        frames, chunks = shape.num_frames, shape.num_chunks
-        return cls(session_id, shape.width, shape.height, fps, chunks, frames, playlist_key, token)
+        frames, chunks, size = shape.num_frames, shape.num_chunks, (shape.width, shape.height)
+        return cls(session_id, *size, fps, chunks, frames, playlist_key, token, resumed)
 
 
 @dataclass(frozen=True)

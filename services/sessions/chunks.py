@@ -10,9 +10,10 @@ import time
 from histream_model.schedules import plan_chunk
 from protos.histream.v1 import stages_pb2
 from services.protocol import ChunkReady, digest
+from services.sessions.prompts import PromptVersions, too_late
 from services.sessions.record import SessionRecord
 from services.sessions.remote import SessionStages
-from services.sessions.restore import Restorer, SnapshotStore
+from services.sessions.restore import Durability, Restorer
 
 
 class ChunkWork:
@@ -21,12 +22,28 @@ class ChunkWork:
         stages: SessionStages,
         record: SessionRecord,
         restorer: Restorer,
-        store: SnapshotStore | None,
+        durability: Durability,
     ) -> None:
         self.stages = stages
         self.record = record
         self.restorer = restorer
-        self.store = store
+        self.durability = durability
+
+    async def apply_prompt(self, chunk: int, prompts: PromptVersions) -> None:
+        """A prompt update waiting to apply conditions the stages from chunk `chunk` on."""
+        pending = prompts.take()
+        if pending is None:
+            return
+        self.record.prompt(pending.version, chunk, pending.text, pending.context)
+        try:
+            await self.restorer.retried(
+                lambda: self.stages.set_prompt(pending.context),
+                lambda: self.restorer.denoisers(chunk),  # rebuilt under the new prompt
+            )
+        except BaseException as err:
+            prompts.failed(pending, err if isinstance(err, Exception) else too_late())
+            raise
+        prompts.applied(pending, chunk)
 
     async def denoise(self, index: int) -> tuple[stages_pb2.ChunkLatents, float]:
         """The chunk's phases up to its output, each on its resolution's stage (again from the
@@ -57,10 +74,14 @@ class ChunkWork:
         if previous is not None:
             await previous  # decode calls of a session stay in chunk order
         seg = await self.restorer.retried(lambda: self.stages.decode(out), self.restorer.decoder)
-        self.record.decoded_chunk(out.chunk_index, seg.num_frames)
-        if self.store is not None:  # the session as the client has it, for a resume
+        sha256 = digest(out.latents)
+        self.record.decoded_chunk(out.chunk_index, seg.num_frames, sha256)
+        store = self.durability.store
+        if store is not None:  # the session as the client has it, for a resume
             snapshot = self.record.snapshot(self.record.decoded, self.stages.session_id)
-            await self.store.save(snapshot, str(self.stages.plan.kind))
+            lasting = self.durability.resume_grace_s + self.durability.live_slack_s
+            snapshot.resumable_until = int(time.time() + lasting)
+            await store.save(snapshot, str(self.stages.plan.kind))
         return ChunkReady(
             index=out.chunk_index,
             first_frame=seg.first_frame,
@@ -69,7 +90,7 @@ class ChunkWork:
             object_key=seg.object_key,
             prompt_version=version,
             latents=out.latents,
-            latents_sha256=digest(out.latents),
+            latents_sha256=sha256,
             denoise_seconds=denoise_s,
             decode_seconds=seg.decode_seconds + seg.encode_seconds,
             kv_bytes=kv_bytes,

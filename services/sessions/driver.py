@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from protos.histream.v1 import stages_pb2
 from services.errors import AtCapacity, InvalidArgument
@@ -31,12 +31,36 @@ from services.protocol import (
     StageName,
 )
 from services.sessions.chunks import ChunkWork
-from services.sessions.prompts import PromptVersions, too_late
+from services.sessions.prompts import PromptVersions
 from services.sessions.record import SessionRecord
-from services.sessions.remote import SessionPlan, SessionStages, StageHandles
+from services.sessions.remote import Opened, SessionPlan, SessionStages, StageHandles
 from services.sessions.restore import Durability, Restorer
 
 log = logging.getLogger("histream.sessions")
+
+
+async def admitted(
+    stages: SessionStages,
+    object_id: str,
+    attempt: Callable[[str], Awaitable[Opened]],
+    deadline_s: float,
+    on_wait: Callable[[], None] | None,
+) -> Opened:
+    """`attempt(routing_id)` until the stages admit the session. A replica at capacity is
+    answered by trying again under a new routing id (another replica, most likely), with
+    backoff, until `deadline_s` has passed; `on_wait` is called before each wait."""
+    started, delay = time.monotonic(), 0.05
+    while True:
+        try:
+            return await attempt(f"{object_id}.{uuid.uuid4().hex[:8]}")
+        except AtCapacity:
+            await stages.release()
+            if time.monotonic() - started > deadline_s:
+                raise
+            if on_wait is not None:
+                on_wait()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 class SessionDriver:
@@ -50,16 +74,22 @@ class SessionDriver:
         plan: SessionPlan,
         durability: Durability | None = None,
         on_restore: Callable[[StageName, float], None] | None = None,
+        snapshot: stages_pb2.SessionSnapshot | None = None,
     ) -> None:
+        """A new session, or (`snapshot`) one to `resume` where its snapshot stands."""
         self.plan = plan
         self.stages = SessionStages(handles, plan)
         durability = durability or Durability()
+        self.durability = durability
         self.store = durability.store
-        self.record = SessionRecord(
-            plan, durability.window_chunks, durability.decode_frames, self.lookahead
+        window, frames = durability.window_chunks, durability.decode_frames
+        self.record = (
+            SessionRecord(plan, window, frames, self.lookahead)
+            if snapshot is None
+            else SessionRecord.from_snapshot(plan, snapshot, window, frames, self.lookahead)
         )
         self.restorer = Restorer(self.stages, self.record, on_restore)
-        self.work = ChunkWork(self.stages, self.record, self.restorer, self.store)
+        self.work = ChunkWork(self.stages, self.record, self.restorer, durability)
         self.lifecycle = Lifecycle(
             SessionStatus.OPENING, SESSION_TRANSITIONS, f"session {plan.object_id}"
         )
@@ -87,29 +117,35 @@ class SessionDriver:
     async def open(
         self, deadline_s: float = 600.0, on_wait: Callable[[], None] | None = None
     ) -> None:
-        """Encode the prompt and open the session on every stage, waiting for capacity.
-
-        A replica at capacity is answered by trying again under a new routing id (another
-        replica, most likely), with backoff, until `deadline_s` has passed; `on_wait` is called
-        before each wait.
-        """
+        """Encode the prompt and open the session on every stage, waiting for capacity (see
+        `admitted`)."""
         context = await self.stages.encode(self.plan.prompt)
         self.record.prompt(0, 0, self.plan.prompt, context)
-        started, delay = time.monotonic(), 0.05
-        while True:
-            routing_id = f"{self.plan.object_id}.{uuid.uuid4().hex[:8]}"
-            try:
-                opened = await self.stages.open(routing_id, context)
-                break
-            except AtCapacity:
-                await self.stages.release()
-                if time.monotonic() - started > deadline_s:
-                    raise
-                if on_wait is not None:
-                    on_wait()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        opened = await admitted(
+            self.stages, self.plan.object_id, lambda rid: self.stages.open(rid, context),
+            deadline_s, on_wait,
+        )  # fmt: skip
         self.kv_bytes, self.init_segment = opened.kv_bytes, opened.init_segment
+        self.stages.beat(self.durability.heartbeat_s)
+        self.lifecycle.to(SessionStatus.RUNNING)
+
+    async def resume(
+        self, deadline_s: float = 600.0, on_wait: Callable[[], None] | None = None
+    ) -> None:
+        """Take the session up where its record stands (a record from a snapshot, whose driver
+        is gone): every stage rebuilt from it, waiting for capacity as `open` does. Chunks
+        then go on from the first one not decoded."""
+        record = self.record
+        if len(record.contexts) < len(record.prompts):  # a snapshot keeps the prompts' text
+            record.contexts = [await self.stages.encode(p.prompt) for p in record.prompts]
+        self.prompts.take_up(record)
+        opened = await admitted(
+            self.stages, self.plan.object_id, lambda rid: self.stages.resume(rid, record),
+            deadline_s, on_wait,
+        )  # fmt: skip
+        self.kv_bytes, self.init_segment = opened.kv_bytes, opened.init_segment
+        self.next_chunk = record.decoded
+        self.stages.beat(self.durability.heartbeat_s)
         self.lifecycle.to(SessionStatus.RUNNING)
 
     async def update_prompt(self, prompt: str) -> tuple[int, int]:
@@ -125,23 +161,9 @@ class SessionDriver:
         context = await self.stages.encode(prompt)
         return await asyncio.shield(self.prompts.submit(context, prompt))
 
-    async def _apply_prompt(self, chunk: int) -> None:
-        pending = self.prompts.take()
-        if pending is None:
-            return
-        self.record.prompt(pending.version, chunk, pending.text, pending.context)
-        try:
-            await self.restorer.retried(
-                lambda: self.stages.set_prompt(pending.context),
-                lambda: self.restorer.denoisers(chunk),  # rebuilt under the new prompt
-            )
-        except BaseException as err:
-            self.prompts.failed(pending, err if isinstance(err, Exception) else too_late())
-            raise
-        self.prompts.applied(pending, chunk)
-
     async def chunks(self) -> AsyncIterator[ChunkReady]:
-        """Generate every chunk; yields decoded chunks in order as soon as each is ready."""
+        """Generate every chunk from `next_chunk` on (0, or where a resume took up); yields
+        decoded chunks in order as soon as each is ready."""
         if self.status != SessionStatus.RUNNING:
             raise RuntimeError(f"chunks() of a session that is {self.status}, not running")
         started = time.perf_counter()
@@ -154,9 +176,9 @@ class SessionDriver:
         async def produce() -> None:
             previous = None
             try:
-                for index in range(self.plan.shape.num_chunks):
+                for index in range(self.next_chunk, self.plan.shape.num_chunks):
                     await ahead.acquire()
-                    await self._apply_prompt(index)
+                    await self.work.apply_prompt(index, self.prompts)
                     self.next_chunk = index + 1
                     version = self.prompts.current
                     out, denoise_s = await self.work.denoise(index)
@@ -220,16 +242,19 @@ class SessionDriver:
         await self.stages.release()
         await self._forget()
 
-    async def suspend(self) -> None:
-        """Stop here to go on later from the snapshot (a drain): the stages are freed, the
-        media stays open, the snapshot is kept. A session still opening has nothing to go on
-        from and is closed instead."""
+    async def suspend(self, reason: EndReason, resumable_s: float) -> None:
+        """Stop here to go on later from the snapshot (a drain, a client gone away): the
+        stages are freed, the media stays open, the snapshot is kept, resumable for
+        `resumable_s`. A session still opening has nothing to go on from: closed instead."""
         if self.status != SessionStatus.RUNNING or self.store is None:
-            await self.close(EndReason.DRAINING)
+            await self.close(reason)
             return
         self.lifecycle.to(SessionStatus.SUSPENDED)
-        self.end_reason = EndReason.DRAINING
+        self.end_reason = reason
         await self.stages.release(suspend=True)
+        snapshot = self.record.snapshot(self.record.decoded, self.session_id)
+        snapshot.resumable_until = int(time.time() + resumable_s)
+        await self.store.save(snapshot, str(self.plan.kind))
 
     async def _forget(self) -> None:
         """An ended session's snapshot goes (never raises: storage may be what failed); a

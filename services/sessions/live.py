@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument, NotFound
 from services.protocol import (
     ChunkReady,
@@ -53,51 +55,76 @@ async def until_set(
 
 
 class LiveSession:
-    """One streaming session: its driver, its public id, and whether it was asked to stop."""
+    """One streaming session: its driver, its public id, and whether it was asked to stop.
 
-    def __init__(self, session_id: str, driver: SessionDriver, playlist_key: str) -> None:
+    A client that goes away (or is cut off) leaves the session suspended, resumable for
+    `grace_s`; a drain leaves it resumable for `ttl_s`. A resume is a `LiveSession` over a
+    driver made from the session's snapshot, with `resume_after` the client's last chunk: its
+    events re-send the chunks the client missed (`replay`) before the live ones.
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        driver: SessionDriver,
+        playlist_key: str,
+        token: str | None = None,
+        resume_after: int | None = None,
+        replay: Callable[[int], Awaitable[bytes]] | None = None,
+    ) -> None:
         self.id = session_id
         self.driver = driver
         self.playlist_key = playlist_key
-        # CLOSED (asked), PROTOCOL_ERROR (misbehaved) or DISCONNECTED (went away)
+        # CLOSED (asked), PROTOCOL_ERROR (misbehaved), DRAINING (shutdown) or DISCONNECTED
         self.stop_reason: EndReason | None = None
         self._stop = asyncio.Event()
         self.queue_position: Callable[[], int] = lambda: 1  # set by the registry
-        # what a client must quote to change or close the session by id (not over its socket)
-        self.token = secrets.token_urlsafe(24)
+        # what a client must quote to change, close or resume the session by id
+        self.token = token or secrets.token_urlsafe(24)
+        driver.record.token_sha256 = hashlib.sha256(self.token.encode()).hexdigest()
+        self.resume_after = resume_after  # None: a new session
+        self.replay = replay  # a stored segment's bytes by chunk index (resumes)
 
     def request_stop(self, reason: EndReason = EndReason.CLOSED) -> None:
-        """Stop generating: DISCONNECTED sends nothing more; any other reason seals what was
-        generated and ends with that reason. A disconnect overrides an earlier reason."""
+        """Stop generating: DISCONNECTED and DRAINING suspend the session (resumable by id),
+        any other reason seals what was generated and ends with that reason. A disconnect
+        overrides an earlier reason."""
         if self.stop_reason is None or reason == EndReason.DISCONNECTED:
             self.stop_reason = reason
         self._stop.set()
 
-    async def events(self, deadline_s: float) -> AsyncIterator[SessionEvent]:
-        """Open (waiting up to `deadline_s` for capacity), then every event until the session
-        completes or is stopped. Leaving early frees the session on every stage."""
+    async def events(
+        self, deadline_s: float, grace_s: float = 30.0, ttl_s: float = 3600.0
+    ) -> AsyncIterator[SessionEvent]:
+        """Open (or resume; waiting up to `deadline_s` for capacity), then every event until
+        the session completes or is stopped. Leaving early suspends it (see the class)."""
         driver, shape = self.driver, self.driver.plan.shape
         try:
             async for position in self._open(deadline_s):
                 yield SessionQueued(position)
             if self._stop.is_set():  # stopped while it waited: nothing was generated
-                if self.stop_reason != EndReason.DISCONNECTED:
+                if self.stop_reason not in (EndReason.DISCONNECTED, EndReason.DRAINING):
                     yield SessionEnded(self.stop_reason or EndReason.CLOSED)
                 return
-            yield SessionStarted.of(self.id, shape, driver.plan.fps, self.playlist_key, self.token)
+            yield SessionStarted.of(
+                self.id, shape, driver.plan.fps, self.playlist_key, self.token,
+                resumed=self.resume_after is not None,
+            )  # fmt: skip
             yield InitSegment(driver.init_segment)
-            version = 0
+            async for missed in self._missed():
+                yield missed
+            version = driver.record.prompt_version(driver.next_chunk - 1)
             async with contextlib.aclosing(until_set(driver.chunks(), self._stop)) as chunks:
                 async for chunk in chunks:
                     if chunk.prompt_version != version:
                         version = chunk.prompt_version
                         yield PromptApplied(prompt_version=version, from_chunk=chunk.index)
                     yield chunk
-            if self.stop_reason == EndReason.DISCONNECTED:
-                return
-            if self.stop_reason == EndReason.DRAINING:  # to be resumed by id, unsealed
-                await driver.suspend()
+            if self.stop_reason == EndReason.DRAINING:  # resumed by id later, unsealed
+                await driver.suspend(EndReason.DRAINING, ttl_s)
                 yield SessionEnded(EndReason.DRAINING)
+                return
+            if self.stop_reason == EndReason.DISCONNECTED:
                 return
             reason = self.stop_reason or EndReason.COMPLETED
             await driver.finish(reason)
@@ -106,15 +133,33 @@ class LiveSession:
             await driver.close(EndReason.FAILED)
             raise
         finally:
+            if self.stop_reason in (None, EndReason.DISCONNECTED):  # the client is gone
+                await driver.suspend(EndReason.DISCONNECTED, grace_s)
             await driver.close(self.stop_reason or EndReason.DISCONNECTED)
 
+    async def _missed(self) -> AsyncIterator[ChunkReady]:
+        """A resume: the chunks decoded after the client's last one, from storage."""
+        if self.resume_after is None or self.replay is None:
+            return
+        record = self.driver.record
+        first_frame = sum(record.frames.get(i, 0) for i in range(self.resume_after + 1))
+        for index in range(self.resume_after + 1, record.decoded):
+            frames = record.frames[index]
+            yield ChunkReady(
+                index=index, first_frame=first_frame, num_frames=frames,
+                media=await self.replay(index), object_key="",
+                prompt_version=record.prompt_version(index), latents=stages_pb2.Tensor(),
+                latents_sha256=record.digests.get(index, ""), denoise_seconds=0.0,
+                decode_seconds=0.0, kv_bytes=self.driver.kv_bytes,
+            )  # fmt: skip
+            first_frame += frames
+
     async def _open(self, deadline_s: float) -> AsyncIterator[int]:
-        """Open the session; while it waits for capacity, its place in line when it changes.
-        A stop request (a close, a lost client) ends the wait."""
+        """Open (or resume) the session; while it waits for capacity, its place in line when
+        it changes. A stop request (a close, a lost client) ends the wait."""
         waits: asyncio.Queue[None] = asyncio.Queue()
-        opening = asyncio.ensure_future(
-            self.driver.open(deadline_s, lambda: waits.put_nowait(None))
-        )
+        begin = self.driver.open if self.resume_after is None else self.driver.resume
+        opening = asyncio.ensure_future(begin(deadline_s, lambda: waits.put_nowait(None)))
         stopped = asyncio.ensure_future(self._stop.wait())
         told = 0
         try:
@@ -159,6 +204,15 @@ class SessionRegistry:
     def remove(self, session_id: str) -> None:
         self._live.pop(session_id, None)
         self._changed.set()
+
+    def holds(self, session_id: str) -> bool:
+        return session_id in self._live
+
+    async def released(self, session_id: str) -> None:
+        """Returns once the session is no longer live here."""
+        while session_id in self._live:
+            self._changed.clear()
+            await self._changed.wait()
 
     def all(self) -> list[LiveSession]:
         return list(self._live.values())

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from services.sessions.record import SessionRecord
 
 
 @dataclass
@@ -41,6 +45,26 @@ class PromptVersions:
         if previous is not None and not previous.applied.done():
             self._pending.applied = previous.applied  # superseded: both resolve together
         return self._pending.applied
+
+    def take_up(self, record: SessionRecord) -> None:
+        """Go on from a record (a resume): the versions it handed out, the one its next chunk is
+        under; a change recorded for a later chunk (that chunk was never delivered) waits to
+        apply again, from the next chunk."""
+        if len(record.contexts) < len(record.prompts):
+            raise ValueError("a record's prompts need their contexts to be taken up")
+        start = record.decoded
+        keep = [i for i, p in enumerate(record.prompts) if p.from_chunk <= start]
+        later = [i for i, p in enumerate(record.prompts) if p.from_chunk > start]
+        self.issued = max((p.version for p in record.prompts), default=0)
+        self.current = record.prompt_version(start) if keep else 0
+        if later:
+            change = record.prompts[later[-1]]
+            self._pending = PendingPrompt(
+                context=record.contexts[later[-1]], version=change.version, text=change.prompt
+            )
+        record.prompts = [record.prompts[i] for i in keep]
+        record.contexts = [record.contexts[i] for i in keep]
+        record.denoised = start
 
     def take(self) -> PendingPrompt | None:
         """The prompt to apply before the next chunk, if one is waiting."""

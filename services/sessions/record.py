@@ -7,6 +7,7 @@ chunk each applies from. Never caches: they are a function of these.
 from __future__ import annotations
 
 import math
+import time
 
 from histream_model.schedules.restore import snapshot_chunks
 from protos.histream.v1 import stages_pb2
@@ -30,8 +31,31 @@ class SessionRecord:
         self.contexts: list[stages_pb2.Tensor] = []  # the text context of each prompt
         self.latents: dict[int, stages_pb2.Tensor] = {}  # kept chunks' clean high-res latents
         self.frames: dict[int, int] = {}  # decoded chunks' video frames
+        self.digests: dict[int, str] = {}  # decoded chunks' latents_sha256, as sent
         self.denoised = 0  # chunks generated so far
         self.decoded = 0  # chunks decoded so far
+        self.token_sha256 = ""  # streaming sessions: the hash a resume's token must match
+
+    @classmethod
+    def from_snapshot(
+        cls,
+        plan: SessionPlan,
+        snapshot: stages_pb2.SessionSnapshot,
+        window_chunks: int,
+        decode_frames: int,
+        lookahead: int,
+    ) -> SessionRecord:
+        """The record a snapshot was made from (its prompts' contexts still to be encoded)."""
+        record = cls(plan, window_chunks, decode_frames, lookahead)
+        record.prompts = list(snapshot.prompts)
+        for chunk in snapshot.chunks:
+            if chunk.HasField("latents"):
+                record.latents[chunk.index] = chunk.latents
+            record.frames[chunk.index] = chunk.num_frames
+            record.digests[chunk.index] = chunk.latents_sha256
+        record.denoised = record.decoded = snapshot.next_chunk
+        record.token_sha256 = snapshot.token_sha256
+        return record
 
     def prompt(self, version: int, from_chunk: int, text: str, context: stages_pb2.Tensor) -> None:
         change = stages_pb2.PromptChange(version=version, from_chunk=from_chunk, prompt=text)
@@ -46,16 +70,28 @@ class SessionRecord:
             for old in [k for k in self.latents if k not in keep]:
                 del self.latents[old]
 
-    def decoded_chunk(self, index: int, num_frames: int) -> None:
+    def decoded_chunk(self, index: int, num_frames: int, sha256: str = "") -> None:
         self.frames[index] = num_frames
+        self.digests[index] = sha256
         self.decoded = max(self.decoded, index + 1)
+
+    def prompt_version(self, chunk: int) -> int:
+        """The version of the prompt chunk `chunk` was generated under."""
+        version = 0
+        for change in self.prompts:
+            if change.from_chunk <= chunk:
+                version = change.version
+        return version
 
     def snapshot(self, next_chunk: int, routing_id: str) -> stages_pb2.SessionSnapshot:
         """The session as it stood before chunk `next_chunk`."""
         plan = self.plan
         chunks = [
             stages_pb2.ChunkRecord(
-                index=i, num_frames=self.frames.get(i, 0), latents=self.latents.get(i)
+                index=i,
+                num_frames=self.frames.get(i, 0),
+                latents=self.latents.get(i),
+                latents_sha256=self.digests.get(i, ""),
             )
             for i in range(next_chunk)
         ]
@@ -67,6 +103,8 @@ class SessionRecord:
             next_chunk=next_chunk,
             prompts=self.prompts,  # those from later chunks are not read
             chunks=chunks,
+            token_sha256=self.token_sha256,
+            saved_at=int(time.time()),
         )
 
     def restore(self, next_chunk: int, routing_id: str) -> stages_pb2.RestoreRequest:

@@ -12,12 +12,15 @@ import asyncio
 import contextvars
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from histream_model.config import Resolution, VideoShape
 from protos.histream.v1 import stages_pb2
 from services.errors import AtCapacity, SessionNotHeld, remote_result
 from services.protocol import Generation, StageName, StreamKind, session_spec
+
+if TYPE_CHECKING:
+    from services.sessions.record import SessionRecord
 
 log = logging.getLogger("histream.sessions")
 
@@ -82,6 +85,7 @@ class SessionStages:
         self.plan = plan
         self.session_id = ""  # chosen at `open`; a new one per attempt
         self.held: list[StageName] = []  # stages that hold the session now
+        self._beating: asyncio.Task | None = None
 
     def _pinned(self, name: StageName) -> Any:
         return self.handles[name].options(session_id=self.session_id)
@@ -115,6 +119,11 @@ class SessionStages:
         )
         calls = {name: self._pinned(name).OpenSession.remote(opened) for name in plan.denoisers}
         calls[StageName.DECODE] = self._pinned(StageName.DECODE).OpenStream.remote(stream)
+        return await self._admit(calls)
+
+    async def _admit(self, calls: dict[StageName, Any]) -> Opened:
+        """Await opening (or restoring) calls on every stage at once. If any refuses, raises
+        (AtCapacity first); the stages that did open stay in `held` for `release`."""
         # Counted as held from the moment they are asked: if this call is cancelled while the
         # stages open, `release` still closes every one (a stage refuses a later open then).
         self.held.extend(calls)
@@ -132,6 +141,16 @@ class SessionStages:
             capacity = [e for e in errors if isinstance(e, AtCapacity)]
             raise capacity[0] if capacity else errors[0]
         return Opened(kv_bytes=kv_bytes, init_segment=init)
+
+    async def resume(self, session_id: str, record: SessionRecord) -> Opened:
+        """Take the session up on every stage from `record` (see `open` for failures)."""
+        self.session_id = session_id
+        request = record.restore(record.decoded, session_id)
+        calls = {
+            name: self._pinned(name).RestoreSession.remote(request) for name in self.plan.denoisers
+        }
+        calls[StageName.DECODE] = self._pinned(StageName.DECODE).RestoreStream.remote(request)
+        return await self._admit(calls)
 
     async def run_phase(
         self, resolution: Resolution, chunk: int, phase: int, latents: stages_pb2.Tensor | None
@@ -161,6 +180,23 @@ class SessionStages:
             self.held.remove(StageName.DECODE)
         return response.num_frames
 
+    def beat(self, interval_s: float) -> None:
+        """Touch the stages every `interval_s` while they hold the session."""
+        if self._beating is None or self._beating.done():
+            self._beating = asyncio.get_running_loop().create_task(self._beat(interval_s))
+
+    async def _beat(self, interval_s: float) -> None:
+        while self.held:
+            await asyncio.sleep(interval_s)
+            await self.touch()
+
+    async def touch(self) -> None:
+        """Tell every stage holding the session that its driver is alive (never raises: a
+        stage that lost the session finds out on the next real call and is restored then)."""
+        request = stages_pb2.ReleaseRequest(session_id=self.session_id)
+        calls = [self.call(name, "Touch", request) for name in list(self.held)]
+        await asyncio.gather(*calls, return_exceptions=True)
+
     async def release(self, names: list[StageName] | None = None, suspend: bool = False) -> None:
         """Free the session on the named stages (default: every stage holding it). Never raises.
         `suspend`: the session goes on later from its snapshot, so its media stays open.
@@ -172,6 +208,8 @@ class SessionStages:
         names = [n for n in (self.held if names is None else names) if n in self.held]
         for name in names:
             self.held.remove(name)
+        if not self.held and self._beating is not None:
+            self._beating.cancel()
         if not names:
             return
         task = asyncio.get_running_loop().create_task(

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from protos.histream.v1 import stages_pb2
 from services.settings import ServeSettings
 from services.stages.table import SessionTable
 
@@ -62,6 +63,12 @@ class SessionStage(Generic[T]):
 
     def _drop(self, session_id: str) -> None:
         self.sessions.pop(session_id)
+
+    @rpc
+    async def Touch(self, request: stages_pb2.ReleaseRequest) -> stages_pb2.StageAck:
+        """The session's driver is alive (SessionNotHeld if this replica lost the session)."""
+        self.sessions.get(request.session_id)
+        return stages_pb2.StageAck(session_id=request.session_id)
 
     def stats(self) -> dict:
         """Sessions held and RPC calls served (this replica)."""

@@ -142,7 +142,7 @@ class DecodeStage(SessionStage[DecodeStream]):
         if replaced is not None:
             replaced.encoder.close()
         spec = snapshot.spec
-        await self._start(
+        stream = await self._start(
             request.session_id,
             StreamKind.from_proto(snapshot.kind),
             snapshot.object_id,
@@ -153,7 +153,9 @@ class DecodeStage(SessionStage[DecodeStream]):
         )
         log.info("decode pool restored %s at chunk %d", request.session_id, snapshot.next_chunk)
         return stages_pb2.RestoreResponse(
-            session_id=request.session_id, seconds=time.perf_counter() - started
+            session_id=request.session_id,
+            seconds=time.perf_counter() - started,
+            init_segment=stream.init,
         )
 
     @rpc

@@ -76,6 +76,7 @@ def service(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "grpc_port": free_port(),
         "max_sessions_per_replica": 4,
         "queue_timeout_s": 60,
+        "session_resume_grace_s": 4,  # short: a lost client's session ends (test_players)
         **{name: stage for name in ("gateway", "structure", "refine", "decode")},
     }
     s3_settings = ServeSettings(

@@ -73,9 +73,9 @@ def test_storage_down_is_503_with_an_error_id_not_the_details(tmp_path):
 
     async def go() -> None:
         with pytest.raises(Unavailable, match=r"storage is unavailable; retry later \(quote err_"):
-            await gateway.create_video(VideoCreate(prompt="a fox", seconds=1))
+            await gateway.videos.create(VideoCreate(prompt="a fox", seconds=1))
         with pytest.raises(Unavailable) as err:
-            await gateway.get_video("video_1")
+            await gateway.videos.get("video_1")
         assert err.value.http_status == 503 and "port 9" not in err.value.message
 
     asyncio.run(go())

@@ -1,0 +1,150 @@
+"""Streaming sessions as the API sees them: opened, resumed by id, their events, prompt
+updates, and the sweep that ends the ones nobody resumed in time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+
+from histream_model.config import Preset
+from services.errors import QueueFull, Unavailable
+from services.gateway.metrics import Metrics
+from services.gateway.requests import SessionStart, check_prompt_field, resolve_session
+from services.protocol import ChunkReady, EndReason, SessionEvent, StreamKind
+from services.sessions import (
+    Durability,
+    LiveSession,
+    SessionDriver,
+    SessionPlan,
+    SessionRegistry,
+    StageHandles,
+)
+from services.sessions.resume import Sweeper, plan_of, resumable
+from services.settings import ServeSettings
+from services.storage import Layout, Storage
+
+RESUME_WAIT_S = 10.0  # a resume waits this long for the session's old connection to let go
+
+
+def new_session_id() -> str:
+    return f"sess_{uuid.uuid4().hex}"
+
+
+class Streams:
+    def __init__(
+        self,
+        settings: ServeSettings,
+        preset: Preset,
+        handles: StageHandles,
+        durability: Durability,
+        storage: Storage,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.preset = preset
+        self.handles = handles
+        self.durability = durability
+        self.storage = storage
+        self.layout = Layout(settings.tenant)
+        self.metrics = metrics
+        self.sessions = SessionRegistry()
+        self.draining = False
+        assert durability.store is not None
+        self.sweeper = Sweeper(
+            durability.store,
+            live=self.sessions.holds,
+            period_s=max(0.5, settings.session_resume_grace_s / 3),
+        )
+
+    def _admit_session(self) -> None:
+        s = self.settings
+        self.sweeper.start()
+        if self.draining:
+            raise Unavailable("this gateway replica is shutting down; start the session again")
+        if len(self.sessions) >= s.max_live_sessions:
+            raise QueueFull(
+                f"this gateway replica has {len(self.sessions)} open sessions, its limit "
+                f"(max_live_sessions={s.max_live_sessions}); retry after {s.retry_after_s} s",
+                retry_after_s=s.retry_after_s,
+            )
+
+    def open(self, body: SessionStart) -> LiveSession:
+        """Validate a session request (nothing reaches a stage on bad input) and register it."""
+        s = self.settings
+        self._admit_session()
+        generation = resolve_session(
+            body, self.preset, s.served_model, s.frame_rate, s.max_prompt_chars
+        )
+        session_id = new_session_id()
+        plan = SessionPlan.of(
+            generation, session_id, StreamKind.SESSION, self.layout.tenant, s.frame_rate
+        )
+        live = LiveSession(
+            session_id,
+            SessionDriver(self.handles, plan, self.durability, self.metrics.restored),
+            playlist_key=self.layout.session_playlist_key(session_id),
+        )
+        self.sessions.add(live)
+        return live
+
+    async def resume(self, session_id: str, token: str, last_chunk: int) -> LiveSession:
+        """A session taken up from its snapshot by a client quoting its token; its events
+        re-send the chunks after `last_chunk`, then go on."""
+        self._admit_session()
+        if self.sessions.holds(session_id):  # the old connection is not gone yet here
+            self.sessions.get(session_id, token).request_stop(EndReason.DISCONNECTED)
+            await asyncio.wait_for(self.sessions.released(session_id), RESUME_WAIT_S)
+        store = self.durability.store
+        snapshot = await resumable(store, session_id, token, last_chunk)
+        plan = plan_of(snapshot, self.preset)
+        driver = SessionDriver(
+            self.handles, plan, self.durability, self.metrics.restored, snapshot=snapshot
+        )
+        storage, layout = self.storage, self.layout
+
+        async def replay(index: int) -> bytes:
+            key = layout.session_segment_key(session_id, index + 1)
+            return await asyncio.to_thread(storage.get, key)
+
+        live = LiveSession(
+            session_id, driver, layout.session_playlist_key(session_id), token=token,
+            resume_after=last_chunk, replay=replay,
+        )  # fmt: skip
+        self.sessions.add(live)
+        return live
+
+    async def events(self, live: LiveSession) -> AsyncIterator[SessionEvent]:
+        """The session's events until it ends; it is counted as active meanwhile."""
+        s = self.settings
+        try:
+            with self.metrics.track(StreamKind.SESSION, live.driver):
+                events = live.events(
+                    s.queue_timeout_s, s.session_resume_grace_s, s.session_snapshot_ttl_s
+                )
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        if isinstance(event, ChunkReady):
+                            self.metrics.chunk(event)
+                        yield event
+        finally:
+            self.sessions.remove(live.id)
+
+    def session(self, session_id: str, token: str | None) -> LiveSession:
+        """A live session, for a client quoting its token (prompt updates, closes by id)."""
+        return self.sessions.get(session_id, token)
+
+    async def update_prompt(self, live: LiveSession, prompt: object) -> tuple[int, int]:
+        text = check_prompt_field(prompt, self.settings.max_prompt_chars)
+        return await live.driver.update_prompt(text)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Suspend every session here (resumable by id for session_snapshot_ttl_s)."""
+        self.draining = True
+        live = self.sessions.all()
+        for session in live:
+            session.request_stop(EndReason.DRAINING)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.sessions.emptied(), timeout_s)
+        return len(live)

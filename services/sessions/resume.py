@@ -1,0 +1,114 @@
+"""Resuming a streaming session by id from its snapshot (its client went away, its gateway died,
+the service was drained), and ending for good the ones nobody resumed in time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Callable
+
+from histream_model.config import Preset
+from protos.histream.v1 import stages_pb2
+from services.errors import InvalidArgument, NotFound
+from services.protocol import StreamKind, shape_of
+from services.sessions.remote import SessionPlan
+from services.sessions.restore import SnapshotStore
+from services.storage import SessionWriter
+
+log = logging.getLogger("histream.sessions")
+
+
+async def resumable(
+    store: SnapshotStore, session_id: str, token: str, last_chunk: int
+) -> stages_pb2.SessionSnapshot:
+    """The session's snapshot, for a client quoting its token. An unknown id, a wrong token
+    and a session past its resume window all answer the same NotFound."""
+    if not token:
+        raise InvalidArgument(
+            "session_token is required: quote the one session.started gave", "session_token"
+        )
+    gone = NotFound(
+        f"no session {session_id!r} to resume (unknown, ended, or past its resume window)",
+        param="session_id",
+    )
+    try:
+        snapshot = await store.load(str(StreamKind.SESSION), session_id)
+    except ValueError:  # not a valid session id
+        raise gone from None
+    sha = hashlib.sha256(token.encode()).hexdigest()
+    if snapshot is None or not hmac.compare_digest(snapshot.token_sha256, sha):
+        raise gone
+    if time.time() > snapshot.resumable_until:
+        raise gone
+    if not -1 <= last_chunk < snapshot.next_chunk:
+        raise InvalidArgument(
+            f"last_chunk={last_chunk} must be in [-1, {snapshot.next_chunk - 1}]: the session "
+            f"has delivered chunks 0..{snapshot.next_chunk - 1}",
+            param="last_chunk",
+        )
+    return snapshot
+
+
+def plan_of(snapshot: stages_pb2.SessionSnapshot, preset: Preset) -> SessionPlan:
+    """The session a snapshot describes, as a driver takes it up."""
+    return SessionPlan(
+        object_id=snapshot.object_id,
+        kind=StreamKind.from_proto(snapshot.kind),
+        tenant=snapshot.spec.tenant,
+        shape=shape_of(snapshot.spec, preset),
+        seed=snapshot.spec.seed,
+        prompt=snapshot.prompts[0].prompt,
+        fps=snapshot.fps,
+    )
+
+
+class Sweeper:
+    """Ends for good the sessions nobody resumed in time: seals their playlists (ENDLIST) and
+    removes their snapshots. Any gateway replica may sweep; sealing twice is harmless."""
+
+    def __init__(self, store: SnapshotStore, live: Callable[[str], bool], period_s: float) -> None:
+        self.store = store
+        self.live = live  # whether this replica drives the session now
+        self.period_s = period_s
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._forever())
+
+    async def _forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.period_s)
+            with contextlib.suppress(Exception):  # storage down: try again next time
+                await self.sweep()
+
+    async def sweep(self) -> list[str]:
+        """End every expired session; returns their ids."""
+        storage, layout = self.store.storage, self.store.layout
+        keys = await asyncio.to_thread(storage.list, layout.sessions_prefix())
+        ended = []
+        for key in keys:
+            if not key.endswith("/snapshot.pb"):
+                continue
+            session_id = key.rsplit("/", 2)[-2]
+            if self.live(session_id):
+                continue
+            snapshot = await self.store.load(str(StreamKind.SESSION), session_id)
+            if snapshot is None or time.time() <= snapshot.resumable_until:
+                continue
+            await asyncio.to_thread(self._seal, snapshot)
+            await self.store.delete(str(StreamKind.SESSION), session_id)
+            log.info("session %s was not resumed in time; ended", session_id)
+            ended.append(session_id)
+        return ended
+
+    def _seal(self, snapshot: stages_pb2.SessionSnapshot) -> None:
+        writer = SessionWriter(
+            self.store.storage, self.store.layout, snapshot.object_id, snapshot.fps
+        )
+        writer.resume([c.num_frames for c in snapshot.chunks])
+        writer.end()

@@ -1,0 +1,166 @@
+"""Client resume on a local Ray: a client whose connection drops, or whose gateway replica dies,
+reconnects with the session id, its token and the last chunk it has, and gets every later chunk
+exactly once; the video it assembles decodes to every frame."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+from websockets.sync.client import connect
+
+from protos.histream.v1 import api_pb2
+from services.media import read_video
+from tests.services.test_service import PROMPT, grpc_stub, held_sessions, wait_until
+from tests.services.test_survival import kill_replica
+
+START = {"type": "start", "prompt": PROMPT, "size": "128x64", "num_frames": 117, "seed": 9}
+
+
+class Client:
+    """What a player keeps: the init segment, and each chunk's event and media by index."""
+
+    def __init__(self) -> None:
+        self.init = b""
+        self.chunks: dict[int, tuple[dict, bytes]] = {}
+        self.started: dict = {}
+        self.ended: dict | None = None
+
+    def receive(self, ws, stop_after: int | None = None) -> None:
+        """Events until the session ends, or (`stop_after`) until that chunk arrived."""
+        pending = None
+        while True:
+            message = ws.recv(timeout=120)
+            if isinstance(message, bytes):
+                if pending is None:
+                    self.init = self.init or message
+                else:
+                    assert pending["index"] not in self.chunks, "a chunk arrived twice"
+                    self.chunks[pending["index"]] = (pending, message)
+                    if pending["index"] == stop_after:
+                        return
+                    pending = None
+                continue
+            event = json.loads(message)
+            if event["type"] == "session.started":
+                self.started = event
+            elif event["type"] == "chunk":
+                pending = event
+            elif event["type"] in ("session.ended", "error"):
+                self.ended = event
+                return
+
+    @property
+    def last(self) -> int:
+        return max(self.chunks, default=-1)
+
+    def video(self, path) -> tuple:
+        path.write_bytes(self.init + b"".join(self.chunks[i][1] for i in sorted(self.chunks)))
+        return read_video(path)
+
+
+def ws_url(service) -> str:
+    return f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions"
+
+
+def resume(client: Client, service) -> None:
+    started = client.started
+    message = {"type": "resume", "session_id": started["session_id"],
+               "session_token": started["session_token"], "last_chunk": client.last}  # fmt: skip
+    with connect(ws_url(service)) as ws:
+        ws.send(json.dumps(message))
+        client.receive(ws)
+
+
+def test_a_client_whose_connection_drops_resumes_and_gets_every_chunk_once(service, tmp_path):
+    client = Client()
+    with connect(ws_url(service)) as ws:
+        ws.send(json.dumps(START))
+        client.receive(ws, stop_after=3)
+    first_id = client.started["session_id"]  # the socket closed: the session is suspended
+    resume(client, service)
+    assert client.started["resumed"] and client.started["session_id"] == first_id
+    assert client.ended == {"type": "session.ended", "reason": "completed"}
+    assert sorted(client.chunks) == list(range(10))  # every chunk once (asserted on arrival)
+    frames = [client.chunks[i][0]["first_frame"] for i in range(10)]
+    assert frames == [0] + [9 + 12 * i for i in range(9)]
+    assert client.video(tmp_path / "resumed.mp4") == (117, 128, 64)
+    assert wait_until(lambda: held_sessions() == 0, timeout=60)
+
+
+def test_a_resume_with_a_wrong_token_or_after_the_end_is_not_found(service):
+    client = Client()
+    with connect(ws_url(service)) as ws:
+        ws.send(json.dumps({**START, "num_frames": 21}))
+        client.receive(ws)
+    assert client.ended["reason"] == "completed"
+    for token in ("somebody-elses-guess", client.started["session_token"]):
+        with connect(ws_url(service)) as ws:
+            ws.send(json.dumps({"type": "resume", "session_id": client.started["session_id"],
+                                "session_token": token, "last_chunk": 0}))  # fmt: skip
+            error = json.loads(ws.recv(timeout=30))
+        assert (error["type"], error["code"]) == ("error", "not_found")
+
+
+def test_a_grpc_client_resumes_after_cancelling(service, tmp_path):
+    stub, md = grpc_stub(service)
+    request = api_pb2.StreamSessionRequest(prompt=PROMPT, size="128x64", num_frames=117, seed=9)
+    call = stub.StreamSession(request, metadata=md, timeout=120)
+    started, init, chunks = None, b"", {}
+    for event in call:
+        kind = event.WhichOneof("event")
+        started = started or (event.started if kind == "started" else None)
+        init = init or (event.init.data if kind == "init" else b"")
+        if kind == "chunk":
+            chunks[event.chunk.index] = event.chunk.data
+            if event.chunk.index == 2:
+                break
+    call.cancel()
+    again = api_pb2.ResumeSessionRequest(
+        session_id=started.session_id, session_token=started.session_token, last_chunk=2
+    )
+    kinds = []
+    for event in stub.ResumeSession(again, metadata=md, timeout=120):
+        kind = event.WhichOneof("event")
+        kinds.append(kind)
+        if kind == "chunk":
+            assert event.chunk.index not in chunks
+            chunks[event.chunk.index] = event.chunk.data
+        if kind == "started":
+            assert event.started.resumed
+    assert kinds[-1] == "ended" and sorted(chunks) == list(range(10))
+    video = tmp_path / "grpc-resumed.mp4"
+    video.write_bytes(init + b"".join(chunks[i] for i in range(10)))
+    assert read_video(video) == (117, 128, 64)
+    with pytest.raises(grpc.RpcError) as err:  # it has ended: nothing left to resume
+        list(stub.ResumeSession(again, metadata=md, timeout=30))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_session_survives_the_loss_of_its_gateway_replica(service, tmp_path):
+    client = Client()
+    try:
+        with connect(ws_url(service)) as ws:
+            ws.send(json.dumps(START))
+            client.receive(ws, stop_after=2)
+            kill_replica("histream", "Gateway")
+            client.receive(ws)  # the connection breaks
+    except Exception:
+        pass
+    assert client.last >= 2
+    # Serve starts another gateway replica; the session is taken up from its snapshot there
+    assert wait_until(lambda: _healthy(service), timeout=120)
+    resume(client, service)
+    assert client.ended == {"type": "session.ended", "reason": "completed"}, client.ended
+    assert sorted(client.chunks) == list(range(10))
+    assert client.video(tmp_path / "gateway-lost.mp4") == (117, 128, 64)
+
+
+def _healthy(service) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{service.url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
