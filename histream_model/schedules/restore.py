@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from histream_model.config import VideoShape
+from histream_model.config import Resolution, VideoShape
 from histream_model.dit import WanDiT
 from histream_model.schedules.execute import ResolutionState, _commit, _Pass, handoff
 from histream_model.schedules.plan import ChunkPlan
@@ -28,6 +28,20 @@ def snapshot_chunks(num_chunks_done: int, anchor_chunks: int, window_chunks: int
     done = range(num_chunks_done)
     keep = set(done[:anchor_chunks]) | set(done[max(0, num_chunks_done - window_chunks) :])
     return sorted(keep)
+
+
+def position_after(
+    plans: Callable[[int], ChunkPlan], resolution: Resolution, num_chunks_done: int
+) -> tuple[int, int] | None:
+    """Where one resolution's state stands once chunks 0 .. num_chunks_done - 1 are complete:
+    the last phase (chunk, phase index) they ran at `resolution`; None before any. A state whose
+    last phase run is this one holds exactly those chunks, so it can go on as it is."""
+    for chunk in reversed(range(num_chunks_done)):
+        phases = plans(chunk).phases
+        here = [i for i, phase in enumerate(phases) if phase.resolution == resolution]
+        if here:
+            return chunk, max(here)
+    return None
 
 
 @torch.no_grad()

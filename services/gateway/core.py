@@ -46,6 +46,7 @@ class GatewayCore:
             resume_grace_s=settings.session_resume_grace_s,
             snapshot_ttl_s=settings.session_snapshot_ttl_s,
             heartbeat_s=settings.session_idle_timeout_s / 3,
+            settle_s=settings.drain_timeout_s,
         )
         self.jobs = JobRunner(
             handles, self.records, settings, observer=self.metrics, durability=self.durability

@@ -79,8 +79,7 @@ class ChunkWork:
         store = self.durability.store
         if store is not None:  # the session as the client has it, for a resume
             snapshot = self.record.snapshot(self.record.decoded, self.stages.session_id)
-            lasting = self.durability.resume_grace_s + self.durability.live_slack_s
-            snapshot.resumable_until = int(time.time() + lasting)
+            snapshot.resumable_until = int(time.time() + self.durability.snapshot_ttl_s)
             await store.save(snapshot, str(self.stages.plan.kind))
         return ChunkReady(
             index=out.chunk_index,

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from protos.histream.v1 import stages_pb2
-from services.errors import AtCapacity, InvalidArgument
+from services.errors import AtCapacity, InvalidArgument, SessionNotHeld
 from services.protocol import (
     SESSION_TRANSITIONS,
     ChunkReady,
@@ -99,6 +99,9 @@ class SessionDriver:
         self.init_segment = b""
         self.next_chunk = 0  # first chunk whose denoising has not started
         self.first_chunk_seconds: float | None = None
+        self.on_restore = on_restore or (lambda stage, seconds: None)
+        self.resumed_from = snapshot.spec.session_id if snapshot is not None else ""
+        self.settling = False  # see settle()
 
     @property
     def status(self) -> SessionStatus:
@@ -139,14 +142,26 @@ class SessionDriver:
         if len(record.contexts) < len(record.prompts):  # a snapshot keeps the prompts' text
             record.contexts = [await self.stages.encode(p.prompt) for p in record.prompts]
         self.prompts.take_up(record)
-        opened = await admitted(
-            self.stages, self.plan.object_id, lambda rid: self.stages.resume(rid, record),
-            deadline_s, on_wait,
-        )  # fmt: skip
+        try:  # where it was: the stages may still keep it as it stood (nothing to rebuild)
+            opened = await self.stages.resume(self.resumed_from, record)
+        except (AtCapacity, SessionNotHeld):
+            await self.stages.release()
+            opened = await admitted(
+                self.stages, self.plan.object_id, lambda rid: self.stages.resume(rid, record),
+                deadline_s, on_wait,
+            )  # fmt: skip
+        for stage, seconds in opened.rebuilt.items():
+            self.on_restore(stage, seconds)
         self.kv_bytes, self.init_segment = opened.kv_bytes, opened.init_segment
         self.next_chunk = record.decoded
         self.stages.beat(self.durability.heartbeat_s)
         self.lifecycle.to(SessionStatus.RUNNING)
+
+    def settle(self) -> None:
+        """Start no more chunks: when `chunks()` is closed, the chunks already started are
+        finished first (decoded, stored, snapshotted; up to `Durability.settle_s`), so that a
+        suspended session's stages stand exactly where its snapshot does."""
+        self.settling = True
 
     async def update_prompt(self, prompt: str) -> tuple[int, int]:
         """Queue a new prompt; returns (its version, the chunk it applies from)."""
@@ -178,6 +193,8 @@ class SessionDriver:
             try:
                 for index in range(self.next_chunk, self.plan.shape.num_chunks):
                     await ahead.acquire()
+                    if self.settling:
+                        return
                     await self.work.apply_prompt(index, self.prompts)
                     self.next_chunk = index + 1
                     version = self.prompts.current
@@ -203,12 +220,22 @@ class SessionDriver:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                event = await item
+                event = await asyncio.shield(item)  # a stop may settle it (see settle)
                 if self.first_chunk_seconds is None:
                     self.first_chunk_seconds = time.perf_counter() - started
                 yield event
                 ahead.release()
         finally:
+            if self.settling:  # finish the chunks already started (see settle)
+                for _ in range(self.lookahead + 1):
+                    ahead.release()
+
+                async def started_work() -> None:
+                    await producer  # may start one more decode
+                    await asyncio.gather(*decodes)
+
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(started_work(), self.durability.settle_s)
             producer.cancel()
             for task in decodes:
                 task.cancel()
@@ -242,16 +269,17 @@ class SessionDriver:
         await self.stages.release()
         await self._forget()
 
-    async def suspend(self, reason: EndReason, resumable_s: float) -> None:
+    async def suspend(self, reason: EndReason, resumable_s: float, keep_s: float = 0.0) -> None:
         """Stop here to go on later from the snapshot (a drain, a client gone away): the
-        stages are freed, the media stays open, the snapshot is kept, resumable for
-        `resumable_s`. A session still opening has nothing to go on from: closed instead."""
+        media stays open, the snapshot is kept, resumable for `resumable_s`; the stages keep
+        the session's state `keep_s` seconds (a resume within it takes it up as is), then free
+        it. A session still opening has nothing to go on from: closed instead."""
         if self.status != SessionStatus.RUNNING or self.store is None:
             await self.close(reason)
             return
         self.lifecycle.to(SessionStatus.SUSPENDED)
         self.end_reason = reason
-        await self.stages.release(suspend=True)
+        await self.stages.release(suspend=True, keep_s=keep_s)
         snapshot = self.record.snapshot(self.record.decoded, self.session_id)
         snapshot.resumable_until = int(time.time() + resumable_s)
         await self.store.save(snapshot, str(self.plan.kind))

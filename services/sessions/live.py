@@ -57,8 +57,10 @@ async def until_set(
 class LiveSession:
     """One streaming session: its driver, its public id, and whether it was asked to stop.
 
-    A client that goes away (or is cut off) leaves the session suspended, resumable for
-    `grace_s`; a drain leaves it resumable for `ttl_s`. A resume is a `LiveSession` over a
+    A client that goes away (or is cut off), or a drain, leaves the session suspended: the
+    chunks already started are finished, the stages keep its state for `grace_s` (a resume
+    within it goes on at once), and it is resumable from its snapshot for `ttl_s`. A resume
+    is a `LiveSession` over a
     driver made from the session's snapshot, with `resume_after` the client's last chunk: its
     events re-send the chunks the client missed (`replay`) before the live ones.
     """
@@ -91,6 +93,8 @@ class LiveSession:
         overrides an earlier reason."""
         if self.stop_reason is None or reason == EndReason.DISCONNECTED:
             self.stop_reason = reason
+        if self.stop_reason in (EndReason.DISCONNECTED, EndReason.DRAINING):
+            self.driver.settle()
         self._stop.set()
 
     async def events(
@@ -115,13 +119,17 @@ class LiveSession:
                 yield missed
             version = driver.record.prompt_version(driver.next_chunk - 1)
             async with contextlib.aclosing(until_set(driver.chunks(), self._stop)) as chunks:
-                async for chunk in chunks:
-                    if chunk.prompt_version != version:
-                        version = chunk.prompt_version
-                        yield PromptApplied(prompt_version=version, from_chunk=chunk.index)
-                    yield chunk
+                try:
+                    async for chunk in chunks:
+                        if chunk.prompt_version != version:
+                            version = chunk.prompt_version
+                            yield PromptApplied(prompt_version=version, from_chunk=chunk.index)
+                        yield chunk
+                except (GeneratorExit, asyncio.CancelledError):  # the consumer is gone
+                    self.request_stop(EndReason.DISCONNECTED)
+                    raise
             if self.stop_reason == EndReason.DRAINING:  # resumed by id later, unsealed
-                await driver.suspend(EndReason.DRAINING, ttl_s)
+                await driver.suspend(EndReason.DRAINING, ttl_s, grace_s)
                 yield SessionEnded(EndReason.DRAINING)
                 return
             if self.stop_reason == EndReason.DISCONNECTED:
@@ -134,7 +142,7 @@ class LiveSession:
             raise
         finally:
             if self.stop_reason in (None, EndReason.DISCONNECTED):  # the client is gone
-                await driver.suspend(EndReason.DISCONNECTED, grace_s)
+                await driver.suspend(EndReason.DISCONNECTED, ttl_s, grace_s)
             await driver.close(self.stop_reason or EndReason.DISCONNECTED)
 
     async def _missed(self) -> AsyncIterator[ChunkReady]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from histream_model.config import Resolution, VideoShape
@@ -72,6 +72,9 @@ class Opened:
 
     kv_bytes: int  # cache bytes the denoising stages hold for the session
     init_segment: bytes  # the fMP4 init segment from the decode pool
+    # restores: the seconds each stage took to rebuild its share (those that took up the
+    # state they kept since the suspend are not in it)
+    rebuilt: dict[StageName, float] = field(default_factory=dict)
 
 
 class SessionStages:
@@ -128,19 +131,22 @@ class SessionStages:
         # stages open, `release` still closes every one (a stage refuses a later open then).
         self.held.extend(calls)
         results = await asyncio.gather(*map(remote_result, calls.values()), return_exceptions=True)
-        errors, kv_bytes, init = [], 0, b""
+        errors, kv_bytes, init, rebuilt = [], 0, b"", {}
         for name, result in zip(calls, results, strict=True):
             if isinstance(result, BaseException):
                 errors.append(result)
                 self.held.remove(name)
-            elif name == StageName.DECODE:
+                continue
+            if isinstance(result, stages_pb2.RestoreResponse) and not result.adopted:
+                rebuilt[name] = result.seconds
+            if name == StageName.DECODE:
                 init = result.init_segment
             else:
                 kv_bytes += result.kv_bytes
         if errors:
             capacity = [e for e in errors if isinstance(e, AtCapacity)]
             raise capacity[0] if capacity else errors[0]
-        return Opened(kv_bytes=kv_bytes, init_segment=init)
+        return Opened(kv_bytes=kv_bytes, init_segment=init, rebuilt=rebuilt)
 
     async def resume(self, session_id: str, record: SessionRecord) -> Opened:
         """Take the session up on every stage from `record` (see `open` for failures)."""
@@ -197,9 +203,12 @@ class SessionStages:
         calls = [self.call(name, "Touch", request) for name in list(self.held)]
         await asyncio.gather(*calls, return_exceptions=True)
 
-    async def release(self, names: list[StageName] | None = None, suspend: bool = False) -> None:
+    async def release(
+        self, names: list[StageName] | None = None, suspend: bool = False, keep_s: float = 0.0
+    ) -> None:
         """Free the session on the named stages (default: every stage holding it). Never raises.
-        `suspend`: the session goes on later from its snapshot, so its media stays open.
+        `suspend`: the session goes on later from its snapshot, so its media stays open; the
+        stages keep its state `keep_s` more seconds for a resume to take up.
 
         Serve cancels a request's downstream calls when its client goes away; the close calls
         therefore run in a task with a fresh context (no parent request), shielded, so they
@@ -213,14 +222,16 @@ class SessionStages:
         if not names:
             return
         task = asyncio.get_running_loop().create_task(
-            self._close_calls(names, suspend), context=contextvars.Context()
+            self._close_calls(names, suspend, keep_s), context=contextvars.Context()
         )
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
         await asyncio.shield(task)
 
-    async def _close_calls(self, names: list[StageName], suspend: bool) -> None:
-        request = stages_pb2.ReleaseRequest(session_id=self.session_id, suspend=suspend)
+    async def _close_calls(self, names: list[StageName], suspend: bool, keep_s: float) -> None:
+        request = stages_pb2.ReleaseRequest(
+            session_id=self.session_id, suspend=suspend, keep_s=keep_s
+        )
         calls = []
         for name in names:
             stage = self._pinned(name)

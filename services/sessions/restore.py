@@ -56,14 +56,11 @@ class Durability:
     window_chunks: int = 2  # chunks a denoiser replays besides the anchor
     decode_frames: int = 24  # latent frames a decoder re-decodes
     store: SnapshotStore | None = None  # None: restores from the driver's memory only
-    resume_grace_s: float = 30.0  # a session whose client (or gateway) is gone stays resumable
-    snapshot_ttl_s: float = 3600.0  # a drained session stays resumable
-    # a running session's snapshot outlives its last chunk by the grace and this much more, so
-    # a session whose driver died ends (for good) a little after the grace too
-    live_slack_s: float = 60.0
-    heartbeat_s: float = (
-        5.0  # how often the driver touches its stages (a third of their idle timeout)
-    )
+    # a suspended session's stages keep its state this long, for a resume to take up as is
+    resume_grace_s: float = 30.0
+    snapshot_ttl_s: float = 3600.0  # a session whose client or driver is gone stays resumable
+    heartbeat_s: float = 5.0  # how often the driver touches its stages (a third of their idle)
+    settle_s: float = 30.0  # a suspend first finishes the chunks already started, this long
 
 
 class Restorer:

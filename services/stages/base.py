@@ -54,15 +54,31 @@ class SessionStage(Generic[T]):
             self.reap()
 
     def reap(self) -> list[str]:
-        """Free every session idle for longer than the timeout; returns their ids."""
+        """Free every session idle for longer than the timeout, or kept (suspended) past its
+        time; returns their ids."""
         expired = self.sessions.idle(self.settings.session_idle_timeout_s)
         for session_id in expired:
             log.warning("%s freed idle session %s", self.label, session_id)
-            self._drop(session_id)
+            self._free(session_id)
         return expired
 
-    def _drop(self, session_id: str) -> None:
+    def _free(self, session_id: str) -> None:
+        """Free a session whose driver will not close it (idle, or kept past its time)."""
         self.sessions.pop(session_id)
+
+    def _make_room(self, session_id: str) -> None:
+        """Fail fast unless `session_id` can be added; kept (suspended) sessions are freed
+        first when the replica is full: a resume rebuilds them from their snapshots."""
+        for kept in self.sessions.evictable():
+            log.info("%s freed suspended session %s for room", self.label, kept)
+            self._free(kept)
+        self.sessions.check_room(session_id)
+
+    def _kept(self, request: stages_pb2.ReleaseRequest) -> bool:
+        """A suspend asking to keep the session's state for a resume (see ReleaseRequest)."""
+        if not (request.suspend and request.keep_s > 0):
+            return False
+        return self.sessions.keep(request.session_id, request.keep_s)
 
     @rpc
     async def Touch(self, request: stages_pb2.ReleaseRequest) -> stages_pb2.StageAck:

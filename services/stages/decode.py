@@ -80,7 +80,7 @@ class DecodeStage(SessionStage[DecodeStream]):
         if not object_id:
             raise InvalidArgument("a stream needs the object_id to store media under")
         self._start_reaper()
-        self.sessions.check_room(session_id)
+        self._make_room(session_id)
         encoder = FragmentedMp4Encoder(*size, fps=fps)
         layout = Layout(tenant or self.settings.tenant)
         stream = DecodeStream(
@@ -136,8 +136,22 @@ class DecodeStage(SessionStage[DecodeStream]):
 
     @rpc
     async def RestoreStream(self, request: stages_pb2.RestoreRequest) -> stages_pb2.RestoreResponse:
-        """Take the stream up from its snapshot, replacing what this replica holds of it."""
+        """Take the stream up from its snapshot, replacing what this replica holds of it; a
+        stream kept here since its suspend, exactly where the snapshot stands, goes on as is."""
         snapshot, started = request.snapshot, time.perf_counter()
+        kept = self.sessions.take_up(request.session_id)
+        frames = sum(c.num_frames for c in snapshot.chunks[: snapshot.next_chunk])
+        if kept is not None:
+            async with kept.lock:  # a decode still running for the suspended driver ends first
+                adopt = (kept.segments, kept.frames) == (snapshot.next_chunk, frames)
+        if kept is not None and adopt:
+            log.info("decode pool took up kept stream %s", request.session_id)
+            return stages_pb2.RestoreResponse(
+                session_id=request.session_id,
+                seconds=time.perf_counter() - started,
+                init_segment=kept.init,
+                adopted=True,
+            )
         replaced = self.sessions.discard(request.session_id)
         if replaced is not None:
             replaced.encoder.close()
@@ -203,7 +217,8 @@ class DecodeStage(SessionStage[DecodeStream]):
             elif stream.writer is not None:
                 await asyncio.to_thread(stream.writer.end)
             frames = stream.frames
-        self._drop(request.session_id)
+        self.sessions.pop(request.session_id)
+        stream.encoder.close()
         return stages_pb2.FinishStreamResponse(
             session_id=request.session_id, num_frames=frames, manifest_key=manifest_key
         )
@@ -229,7 +244,10 @@ class DecodeStage(SessionStage[DecodeStream]):
     @rpc
     async def CloseStream(self, request: stages_pb2.ReleaseRequest) -> stages_pb2.StageAck:
         """The session ends unfinished: its playlist is sealed, a video's parts removed; or it
-        is suspended (`suspend`), to go on later: its media stays as it is."""
+        is suspended (`suspend`), to go on later: its media stays as it is (and its state here
+        for `keep_s`)."""
+        if self._kept(request):
+            return stages_pb2.StageAck(session_id=request.session_id)
         stream = self.sessions.pop(request.session_id)
         if stream is not None and request.suspend:
             stream.encoder.close()
@@ -239,13 +257,25 @@ class DecodeStage(SessionStage[DecodeStream]):
                 await asyncio.to_thread(stream.parts.remove)
         return stages_pb2.StageAck(session_id=request.session_id)
 
-    def _drop(self, session_id: str) -> None:
+    def _free(self, session_id: str) -> None:
+        """A stream nobody will close (kept past its time; its gateway vanished): freed, and
+        sealed unless a snapshot lets it go on (the gateway's sweeper seals it when that
+        expires; a video job is taken up or failed by the gateway)."""
         stream = self.sessions.pop(session_id)
-        if stream is not None:
+        if stream is None:
+            return
+        snapshot = stream.layout.snapshot_key(str(stream.kind), stream.object_id)
+        try:
+            resumable = self.storage.exists(snapshot)
+        except Exception:  # storage down: keep the media as it is
+            resumable = True
+        if resumable:
+            stream.encoder.close()
+        else:
             self._seal(stream)
 
     def _seal(self, stream: DecodeStream) -> None:
-        """However a stream ends (finished, closed, or reaped when its gateway vanished), its
+        """However a stream ends (finished, closed, or freed with nothing to go on from), its
         encoder is freed and a session's playlist gets its ENDLIST, so no player polls it
         forever."""
         stream.encoder.close()

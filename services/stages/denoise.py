@@ -34,7 +34,7 @@ from histream_model.schedules import (
     plan_chunk,
     run_phase,
 )
-from histream_model.schedules.restore import reprefill, snapshot_chunks
+from histream_model.schedules.restore import position_after, reprefill, snapshot_chunks
 from histream_model.text import check_prompt
 from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument, remote_result
@@ -55,6 +55,7 @@ class DenoiseSession:
     seed: int
     state: ResolutionState
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    position: tuple[int, int] | None = None  # the last (chunk, phase) run: see position_after
 
 
 class DenoiseStage(SessionStage[DenoiseSession]):
@@ -92,7 +93,7 @@ class DenoiseStage(SessionStage[DenoiseSession]):
                 return new_resolution_state(self.model, shape, self.resolution, context)
 
         self._start_reaper()
-        self.sessions.check_room(spec.session_id)
+        self._make_room(spec.session_id)
         state = await self._compute(build)
         self.sessions.add(spec.session_id, DenoiseSession(shape, spec.seed, state))
         log.info("%s opened session %s (%d bytes)", self.label, spec.session_id, state.cache.nbytes)
@@ -133,6 +134,7 @@ class DenoiseStage(SessionStage[DenoiseSession]):
             started = time.perf_counter()
             before = state.denoise_passes + state.commit_passes
             result = await self._compute(run)
+            session.position = (request.chunk_index, request.phase)
             passes = state.denoise_passes + state.commit_passes - before
             if request.phase == plan.output:
                 passes += await self._hand_on(request.session_id, session, plan, result)
@@ -183,35 +185,68 @@ class DenoiseStage(SessionStage[DenoiseSession]):
             raise InvalidArgument("a restore needs the text context of every prompt", "contexts")
         contexts = [from_proto(c) for c in request.contexts]
         done = snapshot.next_chunk
-        kept = kept_latents(snapshot)
+        kept_chunks = kept_latents(snapshot)
         if shape.mode.sliding_window:
             window = self.settings.snapshot_window_chunks
-            kept = {k: v for k, v in kept.items() if k in snapshot_chunks(done, 1, window)}
+            replayed = snapshot_chunks(done, 1, window)
+            kept_chunks = {k: v for k, v in kept_chunks.items() if k in replayed}
 
         def prompt_of(chunk: int) -> torch.Tensor:
             return contexts[prompt_index(snapshot, chunk)]
 
+        def plans(chunk: int) -> ChunkPlan:
+            return plan_chunk(shape, chunk)
+
+        started = time.perf_counter()
+        position = position_after(plans, self.resolution, done)
+        kept = self.sessions.take_up(request.session_id)
+        if kept is not None:
+            async with kept.lock:  # a phase still running for the suspended driver ends first
+                adopt = kept.position == position and kept.shape == shape
+            if adopt:
+                return await self._adopt(request.session_id, kept, prompt_of(done), started)
+
         def rebuild() -> tuple[ResolutionState, int]:
             with torch.no_grad():
                 state = new_resolution_state(self.model, shape, self.resolution, prompt_of(done))
-                passes = reprefill(
-                    self.model, state, shape, lambda k: plan_chunk(shape, k), kept, prompt_of, done
-                )
+                passes = reprefill(self.model, state, shape, plans, kept_chunks, prompt_of, done)
                 state.text = self.model.text_kv(prompt_of(done).to(state.cache.k.device))
             return state, passes
 
-        started = time.perf_counter()
         self._start_reaper()
         self.sessions.discard(request.session_id)
-        self.sessions.check_room(request.session_id)
+        self._make_room(request.session_id)
         state, passes = await self._compute(rebuild)
-        self.sessions.add(request.session_id, DenoiseSession(shape, snapshot.spec.seed, state))
+        restored = DenoiseSession(shape, snapshot.spec.seed, state, position=position)
+        self.sessions.add(request.session_id, restored)
         log.info("%s restored session %s at chunk %d", self.label, request.session_id, done)
         return stages_pb2.RestoreResponse(
             session_id=request.session_id,
             kv_bytes=state.cache.nbytes,
             passes=passes,
             seconds=time.perf_counter() - started,
+        )
+
+    async def _adopt(
+        self, session_id: str, session: DenoiseSession, context: torch.Tensor, started: float
+    ) -> stages_pb2.RestoreResponse:
+        """Take up a session kept here since its suspend, exactly where its snapshot stands:
+        only its prompt is set again (one the suspended driver set for a chunk it never ran
+        would be wrong)."""
+
+        def retext() -> None:
+            with torch.no_grad():
+                state = session.state
+                state.text = self.model.text_kv(context.to(state.cache.k.device))
+
+        async with session.lock:
+            await self._compute(retext)
+        log.info("%s took up kept session %s", self.label, session_id)
+        return stages_pb2.RestoreResponse(
+            session_id=session_id,
+            kv_bytes=session.state.cache.nbytes,
+            seconds=time.perf_counter() - started,
+            adopted=True,
         )
 
     @rpc
@@ -232,6 +267,8 @@ class DenoiseStage(SessionStage[DenoiseSession]):
 
     @rpc
     async def CloseSession(self, request: stages_pb2.ReleaseRequest) -> stages_pb2.StageAck:
+        if self._kept(request):
+            return stages_pb2.StageAck(session_id=request.session_id)
         session = self.sessions.pop(request.session_id)
         freed = session.state.cache.nbytes if session else 0
         return stages_pb2.StageAck(session_id=request.session_id, kv_bytes=freed)

@@ -36,7 +36,29 @@ class SessionTable(Generic[T]):
         self.clock = clock
         self._items: dict[str, T] = {}
         self._used: dict[str, float] = {}
+        self._kept: dict[str, float] = {}  # suspended sessions kept for a resume, until when
         self._closed: OrderedDict[str, None] = OrderedDict()  # see FORGOTTEN
+
+    def keep(self, session_id: str, seconds: float) -> bool:
+        """Keep a suspended session for `seconds` (a resume takes it up); False if not held."""
+        if session_id not in self._items:
+            return False
+        self._kept[session_id] = self.clock() + seconds
+        return True
+
+    def take_up(self, session_id: str) -> T | None:
+        """A kept session, claimed by a resume (no longer kept); None if none is kept here."""
+        if self._kept.pop(session_id, None) is None:
+            return None
+        self._used[session_id] = self.clock()
+        return self._items[session_id]
+
+    def evictable(self) -> list[str]:
+        """The kept sessions to free, soonest-expiring first, for room this replica needs."""
+        if len(self._items) < self.capacity:
+            return []
+        by_expiry = sorted(self._kept, key=self._kept.__getitem__)
+        return by_expiry[: len(self._items) - self.capacity + 1]
 
     def check_room(self, session_id: str) -> None:
         """Fail fast, before any work, when `session_id` could not be added."""
@@ -70,6 +92,7 @@ class SessionTable(Generic[T]):
     def pop(self, session_id: str) -> T | None:
         """Remove and return the session; closing one not held here keeps it from opening."""
         self._used.pop(session_id, None)
+        self._kept.pop(session_id, None)
         item = self._items.pop(session_id, None)
         if item is None:
             self._closed[session_id] = None
@@ -80,12 +103,17 @@ class SessionTable(Generic[T]):
     def discard(self, session_id: str) -> T | None:
         """Remove the session if held, as a restore that replaces it does (no tombstone)."""
         self._used.pop(session_id, None)
+        self._kept.pop(session_id, None)
         return self._items.pop(session_id, None)
 
     def idle(self, timeout_s: float) -> list[str]:
-        """Sessions not used for longer than `timeout_s`."""
+        """Sessions not used for longer than `timeout_s`, or kept past their time."""
         now = self.clock()
-        return [sid for sid, used in self._used.items() if now - used > timeout_s]
+        return [
+            sid
+            for sid, used in self._used.items()
+            if (now > self._kept[sid] if sid in self._kept else now - used > timeout_s)
+        ]
 
     def values(self) -> list[T]:
         return list(self._items.values())

@@ -76,7 +76,7 @@ def service(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "grpc_port": free_port(),
         "max_sessions_per_replica": 4,
         "queue_timeout_s": 60,
-        "session_resume_grace_s": 4,  # short: a lost client's session ends (test_players)
+        "session_resume_grace_s": 4,  # short: a lost client's caches go soon (test_resume)
         **{name: stage for name in ("gateway", "structure", "refine", "decode")},
     }
     s3_settings = ServeSettings(
@@ -87,7 +87,9 @@ def service(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     )
     local_dir = tmp_path_factory.mktemp("local-storage")
     # small queues on the second app, to fill them in tests (test_load.py)
-    limits = {"max_running_jobs": 1, "max_queued_jobs": 1, "max_live_sessions": 2}
+    # and a short resume window: a lost client's session ends for good soon (test_players)
+    limits = {"max_running_jobs": 1, "max_queued_jobs": 1, "max_live_sessions": 2,
+              "session_snapshot_ttl_s": 3}  # fmt: skip
     local_settings = ServeSettings(
         storage=StorageSettings(local_dir=str(local_dir)), **common, **limits
     )

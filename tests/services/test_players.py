@@ -51,21 +51,32 @@ def test_content_serves_byte_ranges(service):
     assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(mp4)}"
 
 
-def test_a_lost_client_leaves_a_sealed_playlist(service):
+def test_a_lost_client_leaves_a_sealed_playlist_once_its_resume_window_passed(service):
+    """On the app with session_snapshot_ttl_s=3: nobody resumes, so the session ends for good:
+    its playlist sealed, its snapshot removed, and a resume is answered not_found."""
     start = {"type": "start", "prompt": PROMPT, "size": "128x64", "num_frames": 201}
-    session_id = None
-    with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
+    started = {}
+    url = f"ws://127.0.0.1:{service.settings.http_port}/local/v1/sessions"
+    with connect(url) as ws:
         ws.send(json.dumps(start))
         while True:  # go away after the first chunk
             message = ws.recv(timeout=60)
             event = json.loads(message) if isinstance(message, str) else {"type": "media"}
             if event["type"] == "session.started":
-                session_id = event["session_id"]
+                started = event
             elif event["type"] == "chunk":
                 break
-    key = f"tenants/default/sessions/{session_id}/playlist.m3u8"
+    prefix = f"tenants/default/sessions/{started['session_id']}/"
 
     def sealed() -> bool:
-        return service.s3.exists(key) and "#EXT-X-ENDLIST" in service.s3.get(key).decode()
+        key = prefix + "playlist.m3u8"
+        return service.local.exists(key) and "#EXT-X-ENDLIST" in service.local.get(key).decode()
 
-    assert wait_until(sealed, timeout=30)
+    assert wait_until(sealed, timeout=60)
+    assert wait_until(lambda: not service.local.exists(prefix + "snapshot.pb"), timeout=10)
+    with connect(url) as ws:
+        token = started["session_token"]
+        message = {"type": "resume", "session_id": started["session_id"], "session_token": token}
+        ws.send(json.dumps(message))
+        error = json.loads(ws.recv(timeout=30))
+    assert (error["type"], error["code"]) == ("error", "not_found")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import grpc
+import httpx
 import pytest
 from websockets.sync.client import connect
 
@@ -73,19 +74,49 @@ def resume(client: Client, service) -> None:
         client.receive(ws)
 
 
+def restores(service) -> int:
+    """Stage rebuilds the gateway has counted (histream_restore_seconds, every stage)."""
+    text = httpx.get(f"{service.url}/metrics", timeout=10).text
+    prefix = "histream_restore_seconds_count{"
+    return sum(
+        int(float(line.split()[-1])) for line in text.splitlines() if line.startswith(prefix)
+    )
+
+
 def test_a_client_whose_connection_drops_resumes_and_gets_every_chunk_once(service, tmp_path):
+    """Resumed within session_resume_grace_s: the stages kept the session's state, and the
+    resume takes it up as it is (nothing rebuilt)."""
     client = Client()
     with connect(ws_url(service)) as ws:
         ws.send(json.dumps(START))
         client.receive(ws, stop_after=3)
     first_id = client.started["session_id"]  # the socket closed: the session is suspended
+    before = restores(service)
     resume(client, service)
+    assert restores(service) == before  # taken up as kept: no stage rebuilt its share
     assert client.started["resumed"] and client.started["session_id"] == first_id
     assert client.ended == {"type": "session.ended", "reason": "completed"}
     assert sorted(client.chunks) == list(range(10))  # every chunk once (asserted on arrival)
     frames = [client.chunks[i][0]["first_frame"] for i in range(10)]
     assert frames == [0] + [9 + 12 * i for i in range(9)]
     assert client.video(tmp_path / "resumed.mp4") == (117, 128, 64)
+    assert wait_until(lambda: held_sessions() == 0, timeout=60)
+
+
+def test_a_resume_after_the_grace_rebuilds_every_stage_from_the_snapshot(service, tmp_path):
+    """Past session_resume_grace_s the stages have freed the session (no cache bytes held);
+    the snapshot still rebuilds it, and the client still gets every chunk once."""
+    client = Client()
+    with connect(ws_url(service)) as ws:
+        ws.send(json.dumps(START))
+        client.receive(ws, stop_after=1)
+    assert wait_until(lambda: held_sessions() == 0, timeout=60)  # grace 4 s, then freed
+    before = restores(service)
+    resume(client, service)
+    assert restores(service) == before + 3  # structure, refine, decode: each rebuilt
+    assert client.ended == {"type": "session.ended", "reason": "completed"}
+    assert sorted(client.chunks) == list(range(10))
+    assert client.video(tmp_path / "rebuilt.mp4") == (117, 128, 64)
     assert wait_until(lambda: held_sessions() == 0, timeout=60)
 
 

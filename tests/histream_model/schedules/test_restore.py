@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from histream_model import PRESETS, build_dit, build_vae
-from histream_model.config import VideoShape, get_mode
+from histream_model.config import Resolution, VideoShape, get_mode
 from histream_model.generator import HiStreamGenerator
 from histream_model.schedules import new_resolution_state, plan_chunk, run_chunk
-from histream_model.schedules.restore import reprefill, snapshot_chunks
+from histream_model.schedules.restore import position_after, reprefill, snapshot_chunks
 
 BENCH = PRESETS["bench"]  # 4 layers: errors of a partial replay do not vanish as in `tiny`
 H, W, FRAMES = 64, 96, 81  # 7 chunks
@@ -95,6 +95,26 @@ def test_snapshot_chunks_keep_the_anchor_and_the_latest():
     assert snapshot_chunks(3, 1, 2) == [0, 1, 2]
     assert snapshot_chunks(10, 1, 2) == [0, 8, 9]
     assert snapshot_chunks(10, 1, 0) == [0]
+
+
+@pytest.mark.parametrize("mode", ["histream+", "no-drc"])
+def test_position_after_is_the_last_phase_each_resolution_ran(mode):
+    """Where a kept state stands after `done` chunks: what a resume compares it with before
+    taking it up as is."""
+    shape = VideoShape(BENCH, get_mode(mode), H, W, FRAMES)
+
+    def plans(chunk: int):
+        return plan_chunk(shape, chunk)
+
+    for resolution in Resolution:
+        ran = None  # walk the plans as a stage sees them, phase by phase
+        for done in range(shape.num_chunks + 1):
+            assert position_after(plans, resolution, done) == ran
+            if done < shape.num_chunks:
+                for index, phase in enumerate(plans(done).phases):
+                    ran = (done, index) if phase.resolution == resolution else ran
+    if mode == "no-drc":  # high resolution only: the low one never runs
+        assert position_after(plans, Resolution.LOW, 4) is None
 
 
 @pytest.mark.parametrize("preset", ["tiny", "bench"])

@@ -134,6 +134,61 @@ def test_idle_sessions_are_reaped():
     assert sorted(table.idle(10.0)) == ["new", "old"]
 
 
+def test_a_kept_session_waits_its_time_then_goes_and_yields_room_first():
+    now = [0.0]
+    table: SessionTable[str] = SessionTable("test stage", capacity=2, clock=lambda: now[0])
+    table.add("a", "x")
+    table.add("b", "y")
+    assert not table.keep("nobody", 5.0)
+    assert table.keep("a", 30.0) and table.keep("b", 10.0)
+    now[0] = 20.0  # idle longer than the timeout, but kept: only b's time has passed
+    assert table.idle(15.0) == ["b"]
+    assert table.evictable() == ["b", "a"][:1]  # full: the soonest-expiring kept one
+    assert table.take_up("a") == "x" and table.take_up("a") is None  # claimed once
+    assert table.idle(15.0) == ["b"]  # a is in use again (used at 20)
+    table.pop("b")
+    assert table.evictable() == []  # room left
+
+
+def test_a_suspend_keeps_the_denoiser_state_and_a_resume_takes_it_up(settings):
+    """CloseSession(suspend, keep_s) keeps the caches; RestoreSession of the session where its
+    snapshot stands takes them up (adopted, no passes); one standing elsewhere is rebuilt."""
+    structure = StructureStage(settings)
+    refine = RefineStage(settings, LocalHandle(structure))
+
+    async def run() -> None:
+        request = stages_pb2.EncodePromptRequest(prompt="a fox")
+        context = (await structure.EncodePrompt(request)).context
+        opened = stages_pb2.OpenSessionRequest(spec=spec("s"), context=context)
+        await structure.OpenSession(opened)
+        await refine.OpenSession(opened)
+        phase = stages_pb2.PhaseRequest(session_id="s", chunk_index=0, phase=0)
+        low = await structure.RunPhase(phase)
+        phase.phase = 1
+        phase.latents.CopyFrom(low.latents)
+        x0 = await refine.RunPhase(phase)  # chunk 0 complete on both (the commit handed on)
+        caches = [stage.sessions.get("s").state.cache for stage in (structure, refine)]
+        release = stages_pb2.ReleaseRequest(session_id="s", suspend=True, keep_s=60)
+        for stage in (structure, refine):
+            await stage.CloseSession(release)
+            assert stage.stats()["sessions"] == 1  # kept
+        snapshot = stages_pb2.SessionSnapshot(spec=spec("s"), next_chunk=1)
+        snapshot.prompts.add(version=0, from_chunk=0, prompt="a fox")
+        snapshot.chunks.add(index=0, latents=x0.latents)
+        restore = stages_pb2.RestoreRequest(session_id="s", snapshot=snapshot, contexts=[context])
+        for stage, cache in zip((structure, refine), caches, strict=True):
+            taken = await stage.RestoreSession(restore)
+            assert taken.adopted and taken.passes == 0
+            assert stage.sessions.get("s").state.cache is cache
+            await stage.CloseSession(release)  # kept again, at chunk 1; a resume at chunk 0:
+        restore.snapshot.next_chunk = 0
+        for stage, cache in zip((structure, refine), caches, strict=True):
+            rebuilt = await stage.RestoreSession(restore)
+            assert not rebuilt.adopted and stage.sessions.get("s").state.cache is not cache
+
+    asyncio.run(run())
+
+
 def test_decode_stage_reaps_an_abandoned_stream(settings):
     settings = settings.model_copy(update={"session_idle_timeout_s": 0.01})
     decode = DecodeStage(settings)
