@@ -61,6 +61,13 @@ class ServeSettings(BaseSettings):
     max_sessions_per_replica: int = Field(8, ge=1)  # stage admission limit (cache memory)
     max_running_jobs: int = Field(4, ge=1)  # video jobs a gateway replica drives at once
     max_queued_jobs: int = Field(256, ge=0)  # jobs waiting for a slot; past it: 429
+    # a gateway replica renews its jobs' records every third of this; a queued or running job
+    # whose record was not renewed for this long (its replica died, the service restarted) is
+    # taken up by another replica: from its snapshot, or from the start
+    job_lease_s: float = Field(30.0, gt=0)
+    # a job runs at most this many times, its first run included: one interrupted more often
+    # fails (error code job_interrupted)
+    max_job_attempts: int = Field(3, ge=1)
     max_live_sessions: int = Field(256, ge=1)  # streaming sessions per gateway; past it: 429
     retry_after_s: int = Field(5, ge=1)  # what a 429 tells the client to wait
     # stages free sessions untouched this long: a live driver touches its sessions every third
@@ -73,9 +80,11 @@ class ServeSettings(BaseSettings):
     snapshot_decode_frames: int = Field(24, ge=0)
     queue_timeout_s: float = Field(600.0, gt=0)  # a job waiting for capacity fails after this
     drain_timeout_s: float = Field(30.0, gt=0)  # on shutdown, suspending sessions and jobs
-    # a streaming session whose client went away may be resumed this long (then it ends)
+    # a suspended session's stages keep its caches this long: a resume within it goes on at
+    # once; after it, a resume rebuilds them from the snapshot (a re-prefill)
     session_resume_grace_s: float = Field(30.0, gt=0)
-    # a session suspended by a drain may be resumed this long after the service is back
+    # a session whose client went away, whose gateway died or that a drain suspended may be
+    # resumed by id this long after its last chunk; then it ends for good (resume: not_found)
     session_snapshot_ttl_s: float = Field(3600.0, gt=0)
     video_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # expires_at of finished videos
     max_prompt_chars: int = Field(2000, ge=1)

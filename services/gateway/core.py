@@ -56,6 +56,14 @@ class GatewayCore:
             settings, self.preset, handles, self.durability, self.storage, self.metrics
         )
 
+    def start_background(self) -> None:
+        """Start, once, what this replica does besides answering requests: renewing its jobs'
+        leases and taking up jobs whose replica is gone; ending sessions nobody resumed. Called
+        from Serve's health check (within seconds of the replica's start) and on requests."""
+        if not self.draining:
+            self.jobs.adopter.start()
+            self.streams.sweeper.start()
+
     # -- models -----------------------------------------------------------------------------------
 
     def models(self) -> list[dict]:

@@ -17,6 +17,9 @@ class Gateway(HttpApi, WebSocketApi, GrpcApi):
     def __init__(self, settings: ServeSettings, structure, refine, decode) -> None:
         handles = StageHandles(structure=structure, refine=refine, decode=decode)
         self.core = GatewayCore(settings, handles)
+        # Serve runs the constructor on the replica's event loop: jobs a dead replica left are
+        # taken up from the start (and check_health restarts the loops should one have ended)
+        self.core.start_background()
 
     async def drain(self) -> dict[str, int]:
         """Shutting down (`histream serve` on SIGTERM): see GatewayCore.drain."""
@@ -26,6 +29,10 @@ class Gateway(HttpApi, WebSocketApi, GrpcApi):
         """Serve's graceful shutdown of this replica (a scale-down, a rolling update)."""
         if not self.core.draining:
             await self.core.drain(self.core.settings.drain_timeout_s)
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: the replica's loop runs; background work started."""
+        self.core.start_background()
 
     def active_sessions(self) -> dict[str, int]:
         """Sessions this replica drives, by kind (for tests and benchmarks)."""

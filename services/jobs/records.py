@@ -64,14 +64,22 @@ class VideoRecord(BaseModel):
     mode: str
     num_frames: int
     tenant: str
+    # the gateway replica running the job and until when its lease holds (unix seconds); a
+    # queued or in_progress job whose lease ran out is taken up by another (services.jobs.leases)
+    owner: str = ""
+    lease_until: int = 0
+    attempts: int = 1  # runs started, the first included
 
     def public(self) -> dict:
-        return self.model_dump(mode="json", exclude={"tenant"})
+        return self.model_dump(mode="json", exclude=PRIVATE)
 
     def advance(self, status: VideoStatus) -> None:
         """Move to `status`; IllegalTransition if the lifecycle does not allow it."""
         Lifecycle(self.status, VIDEO_TRANSITIONS, f"video {self.id}").to(status)
         self.status = status
+
+
+PRIVATE = {"tenant", "owner", "lease_until", "attempts"}  # kept in storage, never returned
 
 
 def new_video_id() -> str:

@@ -14,8 +14,10 @@ from typing import Protocol
 
 from protos.histream.v1 import stages_pb2
 from services.errors import Internal, QueueFull, QueueTimeout, ServiceError, Unavailable
+from services.jobs.leases import Adopter, plan_of_record
 from services.jobs.records import RecordStore, VideoError, VideoRecord, VideoStatus, new_video_id
 from services.protocol import ChunkReady, EndReason, Generation, StageName, StreamKind
+from services.protocol.identity import replica_name
 from services.sessions import Durability, SessionDriver, SessionPlan, StageHandles
 from services.settings import ServeSettings
 
@@ -82,7 +84,14 @@ class JobRunner:
         self.fps = settings.frame_rate
         self.observer = observer or _Unobserved()
         self.tasks: dict[str, asyncio.Task] = {}
+        self.live: dict[str, VideoRecord] = {}  # the records of those jobs, leases renewed
+        self.drivers: dict[str, SessionDriver] = {}  # their sessions, once running
+        self._writes: dict[str, asyncio.Lock] = {}  # one record write at a time per job
+        self.owner = replica_name()
+        self.lease_s = settings.job_lease_s
         self.draining = False  # no new jobs; running ones are suspended, not cancelled
+        # renews this replica's leases and takes up jobs whose replica is gone (leases.py)
+        self.adopter = Adopter(records, self, self.durability.store, settings.max_job_attempts)
 
     async def submit(self, generation: Generation) -> VideoRecord:
         """Store a queued record and start the job; returns the record at once. QueueFull when
@@ -107,22 +116,68 @@ class JobRunner:
             mode=shape.mode.name,
             num_frames=shape.num_frames,
             tenant=self.records.layout.tenant,
+            owner=self.owner,
+            lease_until=int(time.time() + self.lease_s),
         )
         await self.records.put(record)
         plan = SessionPlan.of(generation, record.id, StreamKind.VIDEO, record.tenant, self.fps)
-        self.waiting += 1
-        task = asyncio.create_task(self._run(record, plan))
-        self.tasks[record.id] = task
-        task.add_done_callback(lambda _: self.tasks.pop(record.id, None))
+        self._start(record, plan, None)
         return record
 
-    async def _update(self, record: VideoRecord) -> None:
-        if not await self.records.exists(record.id):
-            raise JobDeleted(record.id)
-        await self.records.put(record)
+    def adopt(self, record: VideoRecord, snapshot: stages_pb2.SessionSnapshot | None) -> None:
+        """Run a job another replica left (services.jobs.leases): from its snapshot, or from
+        the start. The queue limit does not apply: the job was accepted long ago."""
+        self._start(record, plan_of_record(record, self.preset, self.fps, snapshot), snapshot)
 
-    async def _run(self, record: VideoRecord, plan: SessionPlan) -> None:
-        driver = SessionDriver(self.handles, plan, self.durability, self.observer.restored)
+    def _start(
+        self,
+        record: VideoRecord,
+        plan: SessionPlan,
+        snapshot: stages_pb2.SessionSnapshot | None,
+    ) -> None:
+        self.adopter.start()
+        self.waiting += 1
+        task = asyncio.create_task(self._run(record, plan, snapshot))
+        self.tasks[record.id], self.live[record.id] = task, record
+        self._writes[record.id] = asyncio.Lock()
+
+        def done(_: asyncio.Task) -> None:
+            for table in (self.tasks, self.live, self._writes, self.drivers):
+                table.pop(record.id, None)
+
+        task.add_done_callback(done)
+
+    async def _update(self, record: VideoRecord, lease: bool = True) -> None:
+        """Store the record (its lease renewed; `lease=False` gives it up) unless it was
+        deleted meanwhile (JobDeleted)."""
+        async with self._writes.get(record.id) or asyncio.Lock():
+            if not await self.records.exists(record.id):
+                raise JobDeleted(record.id)
+            record.lease_until = int(time.time() + self.lease_s) if lease else 0
+            await self.records.put(record)
+
+    async def renew(self) -> None:
+        """Renew the lease of every job here; one whose record is gone is cancelled. Not while
+        draining: a drain gives the leases up."""
+        if self.draining:
+            return
+        for video_id, record in list(self.live.items()):
+            try:
+                await self._update(record)
+            except JobDeleted:
+                task = self.tasks.get(video_id)
+                if task is not None:
+                    task.cancel()
+
+    async def _run(
+        self,
+        record: VideoRecord,
+        plan: SessionPlan,
+        snapshot: stages_pb2.SessionSnapshot | None,
+    ) -> None:
+        restored = self.observer.restored
+        driver = SessionDriver(self.handles, plan, self.durability, restored, snapshot=snapshot)
+        self.drivers[record.id] = driver
         reason = EndReason.FAILED
         try:
             async with self._slot(record.id) as deadline_s:
@@ -137,7 +192,12 @@ class JobRunner:
         except asyncio.CancelledError:
             if self.draining:  # stopped to go on after a restart, from its snapshot
                 log.info("video %s suspended by a drain at chunk %d", record.id, driver.next_chunk)
-                await driver.suspend(EndReason.DRAINING, self.durability.snapshot_ttl_s)
+                durability = self.durability
+                await driver.suspend(
+                    EndReason.DRAINING, durability.snapshot_ttl_s, durability.resume_grace_s
+                )
+                with contextlib.suppress(Exception):  # any replica may take it up at once
+                    await self._update(record, lease=False)
             else:
                 log.info("video %s cancelled", record.id)
             reason = EndReason.CANCELLED
@@ -181,9 +241,12 @@ class JobRunner:
     async def _generate(
         self, record: VideoRecord, plan: SessionPlan, driver: SessionDriver, deadline_s: float
     ) -> None:
-        """Open the session (waiting for capacity), generate every chunk, publish the MP4."""
-        await driver.open(deadline_s=deadline_s)
-        record.advance(VideoStatus.in_progress)
+        """Open the session (or take it up where its snapshot stands; waiting for capacity),
+        generate every chunk, publish the MP4."""
+        begin = driver.resume if driver.resumed_from else driver.open
+        await begin(deadline_s=deadline_s)
+        if record.status == VideoStatus.queued:
+            record.advance(VideoStatus.in_progress)
         await self._update(record)
         total = plan.shape.num_chunks
         async for chunk in driver.chunks():
@@ -197,11 +260,16 @@ class JobRunner:
         await driver.finish(EndReason.COMPLETED, video=metadata)
 
     async def drain(self) -> int:
-        """Stop every job here for a shutdown: each is suspended where it stands (its record
-        stays in_progress, its snapshot and stored parts stay to go on from). Returns how many."""
+        """Stop every job here for a shutdown: each finishes the chunks it started and is
+        suspended there (its record stays in_progress, its lease given up, its snapshot and
+        stored parts kept to go on from; the stages keep its caches `resume_grace_s`, for a
+        replica taking it up at once). Returns how many."""
         self.draining = True
         tasks = list(self.tasks.values())
-        for task in tasks:
+        for video_id, task in list(self.tasks.items()):
+            driver = self.drivers.get(video_id)
+            if driver is not None:  # the chunks it started are finished first
+                driver.settle()
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         return len(tasks)

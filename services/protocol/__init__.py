@@ -4,7 +4,10 @@
 - `lifecycle.py`  the session status as an enum state machine with checked transitions;
 - `events.py`     what a streaming session sends, encoded for WebSocket and gRPC;
 - `spec.py`       a validated request (`Generation`), its shape to and from `SessionSpec`;
-- `codec.py`      torch tensors to and from the protocol's `Tensor` message.
+- `codec.py`      torch tensors to and from the protocol's `Tensor` message;
+- `snapshot.py`   reading a session snapshot (kept latents, prompts, a decoder's tail);
+- `identity.py`   which replica is speaking;
+- `servicer.py`   the gRPC servicer Serve's proxy registers (tolerant of malformed requests).
 """
 
 from services.protocol.codec import digest, from_proto, to_proto

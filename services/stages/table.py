@@ -7,22 +7,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from ray import serve
-
 from services.errors import AtCapacity, InvalidArgument, SessionNotHeld
+from services.protocol.identity import replica_name
 
 T = TypeVar("T")
 # Session ids closed before they were opened here, remembered so that an open still in flight
 # (its caller cancelled it, then closed) cannot add the session afterwards. Ids are never
 # reused: a few thousand cover any such race.
 FORGOTTEN = 4096
-
-
-def replica_name() -> str:
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # outside a Serve replica (direct use in tests)
-        return "local"
 
 
 class SessionTable(Generic[T]):

@@ -77,6 +77,7 @@ def service(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "max_sessions_per_replica": 4,
         "queue_timeout_s": 60,
         "session_resume_grace_s": 4,  # short: a lost client's caches go soon (test_resume)
+        "job_lease_s": 3,  # short: a dead gateway's jobs are taken up soon (test_resume)
         **{name: stage for name in ("gateway", "structure", "refine", "decode")},
     }
     s3_settings = ServeSettings(

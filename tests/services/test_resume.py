@@ -13,7 +13,14 @@ from websockets.sync.client import connect
 
 from protos.histream.v1 import api_pb2
 from services.media import read_video
-from tests.services.test_service import PROMPT, grpc_stub, held_sessions, wait_until
+from tests.services.test_service import (
+    PROMPT,
+    client,
+    grpc_stub,
+    held_sessions,
+    wait_until,
+    wait_video,
+)
 from tests.services.test_survival import kill_replica
 
 START = {"type": "start", "prompt": PROMPT, "size": "128x64", "num_frames": 117, "seed": 9}
@@ -195,3 +202,26 @@ def _healthy(service) -> bool:
         return httpx.get(f"{service.url}/healthz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_video_job_survives_the_loss_of_its_gateway_replica(service, tmp_path):
+    """The job's lease runs out with its replica; the replica Serve starts instead takes the job
+    up from its last snapshot and completes it (job_lease_s=3 here)."""
+    body = {"prompt": PROMPT, "size": "128x64", "seconds": "7", "seed": 4}
+    video = httpx.post(f"{service.url}/v1/videos", json=body, timeout=30).json()
+    url = f"{service.url}/v1/videos/{video['id']}"
+
+    def progress() -> int:
+        return httpx.get(url, timeout=5).json()["progress"]
+
+    assert wait_until(lambda: progress() >= 20, timeout=120)
+    kill_replica("histream", "Gateway")
+    assert wait_until(lambda: _healthy(service), timeout=120)
+    api = client(service.url)
+    done = wait_video(api, video["id"], timeout=180)
+    assert done.status == "completed", done.error
+    assert done.progress == 100 and done.id == video["id"]
+    mp4 = tmp_path / "job.mp4"
+    api.videos.download_content(done.id).write_to_file(mp4)
+    assert read_video(mp4) == (video["num_frames"], 128, 64)
+    assert wait_until(lambda: held_sessions() == 0, timeout=60)

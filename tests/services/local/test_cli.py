@@ -168,65 +168,101 @@ def test_sigterm_while_starting_is_held_until_the_service_can_drain(tmp_path):
     assert "stopped: 0 sessions and 0 jobs suspended" in log
 
 
-def test_sigterm_suspends_a_running_job_and_session_and_exits_0(tmp_path):
-    """What Kubernetes and process managers send: the service drains, suspending what runs
-    where it stands (snapshots kept, media left open), and exits 0 with one line."""
-    import time
-
-    import httpx
-    from websockets.sync.client import connect
-
-    from services.storage import Layout, LocalStorage
+def _serve(store) -> tuple[subprocess.Popen, str]:
+    """`histream serve` on free ports over a local store; returns it and its base URL."""
     from tests.services.conftest import free_port
 
-    http, grpc_port, store = free_port(), free_port(), tmp_path / "store"
+    http, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     server = subprocess.Popen(
         [sys.executable, "-m", "services.local.cli", "serve", "--http-port", str(http),
          "--grpc-port", str(grpc_port), "--storage", str(store)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
-    base = f"http://127.0.0.1:{http}"
+    return server, f"http://127.0.0.1:{http}"
+
+
+def _until(check, timeout_s: float, what: str):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if result := check():
+                return result
+        except Exception:  # not up yet
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{what}: not within {timeout_s} s")
+
+
+def test_sigterm_suspends_a_running_job_and_session_and_a_restart_completes_them(tmp_path):
+    """What Kubernetes and process managers send: the service drains, suspending what runs
+    where it stands (snapshots kept, media left open), and exits 0 with one line. Started
+    again on the same storage, it takes the job up and completes it, and the session's client
+    resumes it by id and gets every chunk once."""
+    import httpx
+    from websockets.sync.client import connect
+
+    from services.storage import Layout, LocalStorage
+    from tests.services.test_resume import Client
+
+    store = tmp_path / "store"
+    server, base = _serve(store)
+    client = Client()
     try:
-        with httpx.Client(base_url=base, timeout=30) as client:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                try:
-                    if client.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.5)
-            video = client.post("/v1/videos", json={"prompt": "a fox", "seconds": "29"}).json()
-            with connect(f"ws://127.0.0.1:{http}/v1/sessions") as ws:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            _until(lambda: http.get("/healthz").status_code == 200, 180, "healthy")
+            video = http.post("/v1/videos", json={"prompt": "a fox", "seconds": "29"}).json()
+            with connect(base.replace("http", "ws") + "/v1/sessions") as ws:
                 ws.send(json.dumps({"type": "start", "prompt": "a cat", "num_frames": 477}))
-                started = None
-                while True:
-                    message = ws.recv(timeout=60)
-                    if isinstance(message, str):
-                        event = json.loads(message)
-                        started = started or (event if event["type"] == "session.started" else None)
-                        if event["type"] == "chunk":
-                            break
-                while client.get(f"/v1/videos/{video['id']}").json()["progress"] == 0:
-                    time.sleep(0.2)
+                client.receive(ws, stop_after=0)
+                url = f"/v1/videos/{video['id']}"
+                _until(lambda: http.get(url).json()["progress"] > 0, 120, "job progress")
                 server.send_signal(signal.SIGTERM)
-                ended = None
-                while ended is None:
-                    message = ws.recv(timeout=60)
-                    if isinstance(message, str) and '"session.ended"' in message:
-                        ended = json.loads(message)
+                client.receive(ws)  # the chunks already started, then the end
         log, _ = server.communicate(timeout=120)
     finally:
         if server.poll() is None:
             server.kill()
     assert server.returncode == 0, log[-2000:]
-    assert ended == {"type": "session.ended", "reason": "draining"}
+    assert client.ended == {"type": "session.ended", "reason": "draining"}
     assert "stopped: 1 sessions and 1 jobs suspended" in log
     storage, layout = LocalStorage(store), Layout()
     record = json.loads(storage.get(layout.video_record_key(video["id"])))
     assert record["status"] == "in_progress"  # to go on after a restart, from its snapshot
     assert storage.exists(layout.snapshot_key("video", video["id"]))
-    sid = started["session_id"]
+    sid = client.started["session_id"]
     assert storage.exists(layout.snapshot_key("session", sid))
     playlist = storage.get(layout.session_playlist_key(sid)).decode()
     assert "#EXT-X-ENDLIST" not in playlist  # not ended: it goes on when resumed
+    suspended_at = client.last
+
+    server, base = _serve(store)  # the service is back
+    try:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            _until(lambda: http.get("/healthz").status_code == 200, 180, "healthy again")
+            started = client.started
+            resume = {"type": "resume", "session_id": sid, "last_chunk": suspended_at,
+                      "session_token": started["session_token"]}  # fmt: skip
+            with connect(base.replace("http", "ws") + "/v1/sessions") as ws:
+                ws.send(json.dumps(resume))
+                client.receive(ws)
+            url = f"/v1/videos/{video['id']}"
+            done = _until(
+                lambda: (r := http.get(url).json())["status"] in ("completed", "failed") and r,
+                300, "the job taken up after the restart",
+            )  # fmt: skip
+            mp4 = http.get(url + "/content").content
+    finally:
+        server.send_signal(signal.SIGINT)
+        log, _ = server.communicate(timeout=120)
+    assert server.returncode == 0, log[-2000:]
+    assert client.ended == {"type": "session.ended", "reason": "completed"}, client.ended
+    assert client.started["resumed"] and sorted(client.chunks) == list(range(40))
+    assert client.video(tmp_path / "session.mp4") == (477, 192, 128)
+    assert done["status"] == "completed" and done["progress"] == 100, done
+    (tmp_path / "job.mp4").write_bytes(mp4)
+    assert read_video(tmp_path / "job.mp4") == (done["num_frames"], 192, 128)
+    assert not storage.exists(layout.snapshot_key("video", video["id"]))
+    assert not storage.exists(layout.snapshot_key("session", sid))

@@ -1,0 +1,134 @@
+"""Video jobs that outlive their gateway replica.
+
+Each queued or running job's record carries its replica (`owner`) and a lease (`lease_until`)
+that the replica renews every third of `job_lease_s`. A record whose lease ran out belongs to a
+replica that died, or to a service that was restarted (a drain gives its jobs' leases up at
+once): every gateway replica's `Adopter` looks for such records and takes them up, from the
+job's snapshot (its last decoded chunk) or, when it never decoded one, from the start. A job
+taken up `max_job_attempts` times in all fails with `job_interrupted`, so no record stays
+queued or in_progress forever.
+
+Storage has no compare-and-swap: a replica claims a record by writing itself as owner, waits
+`CLAIM_SETTLE_S`, and reads the record back; of replicas that claimed at once, only the last
+writer finds itself there and runs the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from histream_model.config import Preset
+from protos.histream.v1 import stages_pb2
+from services.jobs.records import RecordStore, VideoError, VideoRecord, VideoStatus
+from services.protocol import Generation, StreamKind, video_shape
+from services.sessions import SessionPlan, SnapshotStore
+from services.sessions.resume import plan_of
+from services.storage import VideoParts
+
+log = logging.getLogger("histream.jobs")
+CLAIM_SETTLE_S = 1.0
+UNFINISHED = (VideoStatus.queued, VideoStatus.in_progress)
+
+
+def plan_of_record(
+    record: VideoRecord, preset: Preset, fps: int, snapshot: stages_pb2.SessionSnapshot | None
+) -> SessionPlan:
+    """The session a job's record (and its snapshot, once it has one) describes."""
+    if snapshot is not None:
+        return plan_of(snapshot, preset)
+    width, height = (int(n) for n in record.size.split("x"))
+    shape = video_shape(preset, record.mode, height, width, record.num_frames)
+    generation = Generation(record.model, record.prompt, shape, record.seed, record.seconds)
+    return SessionPlan.of(generation, record.id, StreamKind.VIDEO, record.tenant, fps)
+
+
+def expired(record: VideoRecord, now: float) -> bool:
+    """An unfinished job nobody holds: its replica stopped renewing its lease."""
+    return record.status in UNFINISHED and record.lease_until < now
+
+
+class Adopter:
+    """Takes up, on this gateway replica, the jobs whose replica is gone (see the module)."""
+
+    def __init__(
+        self, records: RecordStore, runner, store: SnapshotStore | None, max_attempts: int
+    ) -> None:
+        self.records = records
+        self.runner = runner  # services.jobs.runner.JobRunner
+        self.store = store
+        self.max_attempts = max_attempts
+        self.period_s = max(0.5, runner.lease_s / 3)
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._forever())
+
+    async def _forever(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:  # storage down: try again next time
+                log.exception("taking up video jobs failed")
+            await asyncio.sleep(self.period_s)
+            try:
+                await self.runner.renew()
+            except Exception:
+                log.exception("renewing video job leases failed")
+
+    async def sweep(self) -> list[str]:
+        """Take up every job whose lease ran out; returns their ids."""
+        if self.runner.draining:
+            return []
+        taken = []
+        for record in await self.records.list():
+            if record.id in self.runner.tasks or not expired(record, time.time()):
+                continue
+            claimed = await self._claim(record)
+            if claimed is None:
+                continue
+            taken.append(record.id)
+            if claimed.attempts > self.max_attempts:
+                await self._give_up(claimed)
+                continue
+            snapshot = None
+            if claimed.status == VideoStatus.in_progress and self.store is not None:
+                snapshot = await self.store.load(str(StreamKind.VIDEO), claimed.id)
+            log.info(
+                "taking up video %s (attempt %d) %s", claimed.id, claimed.attempts,
+                f"at chunk {snapshot.next_chunk}" if snapshot else "from the start",
+            )  # fmt: skip
+            self.runner.adopt(claimed, snapshot)
+        return taken
+
+    async def _claim(self, record: VideoRecord) -> VideoRecord | None:
+        """The record, if this replica's claim on it held (see the module)."""
+        record.owner = self.runner.owner
+        record.lease_until = int(time.time() + self.runner.lease_s)
+        record.attempts += 1
+        await self.records.put(record)
+        await asyncio.sleep(CLAIM_SETTLE_S)
+        with contextlib.suppress(Exception):
+            again = await self.records.get(record.id)
+            if again.owner == self.runner.owner and again.status in UNFINISHED:
+                return again
+        return None
+
+    async def _give_up(self, record: VideoRecord) -> None:
+        record.advance(VideoStatus.failed)
+        record.error = VideoError(
+            code="job_interrupted",
+            message=f"video {record.id} was interrupted {record.attempts - 1} times (its "
+            "gateway replica or the service stopped while it ran); submit it again",
+        )
+        await self.records.put(record)
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.delete(str(StreamKind.VIDEO), record.id)
+        parts = VideoParts(self.records.storage, self.records.layout, record.id)
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(parts.remove)
+        log.warning("video %s failed: interrupted %d times", record.id, record.attempts - 1)

@@ -1,0 +1,176 @@
+"""Jobs that outlive their gateway replica (services.jobs.leases), without Ray: two runners over
+one store stand for two gateway replicas, or for the service before and after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from services.jobs import VideoStatus, leases
+from services.media import decode_frames
+from services.protocol import StreamKind
+from services.sessions import SnapshotStore
+from services.storage import Layout
+from tests.services.fakes import fake_stages, real_stages
+from tests.services.harness import run
+from tests.services.jobs.helpers import NOTHING_HELD, Jobs
+
+
+@pytest.fixture(autouse=True)
+def quick_claims(monkeypatch):
+    monkeypatch.setattr(leases, "CLAIM_SETTLE_S", 0.05)
+
+
+def replica(tmp_path, stages, name: str, shared: Jobs | None = None, **kw) -> Jobs:
+    jobs = Jobs(tmp_path, stages, storage=shared.storage if shared else None, **kw)
+    jobs.runner.owner = name
+    return jobs
+
+
+async def expire(jobs: Jobs, video_id: str, **changes) -> None:
+    """What a record looks like once its replica stopped renewing it (it died) long ago."""
+    record = await jobs.records.get(video_id)
+    for field, value in {"lease_until": 0, **changes}.items():
+        setattr(record, field, value)
+    await jobs.records.put(record)
+
+
+def test_a_job_drained_on_one_replica_goes_on_from_its_snapshot_on_another(tmp_path):
+    stages = real_stages(tmp_path / "store")
+    first = replica(tmp_path, stages, "a", snapshots=True)
+    second = replica(tmp_path, stages, "b", first, snapshots=True)
+    whole = replica(tmp_path, stages, "c", first, snapshots=True)
+    gate = stages.structure.gate("RunPhase", when=lambda r: r.chunk_index == 1)
+
+    async def go():
+        record, _ = await first.submit(seed=9, frames=33)  # 3 chunks
+        await stages.journal.reached("RunPhase", stage="structure", chunk=1)
+        await first.stored("in_progress", 33)
+        assert second.runner.live == {} and await second.runner.adopter.sweep() == []
+        drain = asyncio.ensure_future(first.runner.drain())
+        gate.set()  # the chunk started goes on while the drain settles
+        assert await drain == 1
+        left = await first.records.get(record.id)
+        assert (left.status, left.owner, left.lease_until) == (VideoStatus.in_progress, "a", 0)
+        snapshot = await SnapshotStore(first.storage, Layout()).load("video", record.id)
+        assert await second.runner.adopter.sweep() == [record.id]
+        await second.runner.tasks[record.id]
+        done = await second.records.get(record.id)
+        reference, task = await whole.submit(seed=9, frames=33)
+        await task
+        mp4s = [await first.records.content(v) for v in (record.id, reference.id)]
+        return snapshot, done, mp4s
+
+    snapshot, done, (mp4, reference) = run(go(), timeout_s=60)
+    assert snapshot.next_chunk == 2  # chunk 1 was finished by the drain's settle
+    assert (done.status, done.progress, done.attempts, done.owner) == (
+        VideoStatus.completed, 100, 2, "b",
+    )  # fmt: skip
+    assert second.observer.chunks == [2]  # only what was left
+    assert second.observer.restores == []  # the stages still held its caches: taken up as is
+    frames = decode_frames(mp4)
+    assert frames.shape[0] == 33
+    assert np.array_equal(frames, decode_frames(reference))
+    assert stages.held() == NOTHING_HELD
+    assert first.objects(done.id) == ["manifest.json", "record.json", "video.mp4"]
+
+
+def test_a_queued_job_whose_replica_died_is_run_from_the_start(tmp_path):
+    stages = fake_stages()
+    first = replica(tmp_path, stages, "a")
+    second = replica(tmp_path, stages, "b", first)
+    opening = stages.structure.gate("EncodePrompt")  # the job never gets past opening on "a"
+
+    async def go():
+        record, task = await first.submit()
+        await stages.journal.reached("EncodePrompt")
+        task.cancel()  # "a" is gone; its record stays as it was
+        await asyncio.gather(task, return_exceptions=True)
+        await expire(first, record.id)
+        opening.set()
+        assert await second.runner.adopter.sweep() == [record.id]
+        assert await second.runner.adopter.sweep() == []  # taken: leased again
+        await second.runner.tasks[record.id]
+        return await second.records.get(record.id)
+
+    done = run(go())
+    assert (done.status, done.attempts, done.owner) == (VideoStatus.completed, 2, "b")
+    assert second.observer.chunks == [0, 1]
+
+
+def test_a_job_interrupted_max_job_attempts_times_fails_and_leaves_nothing(tmp_path):
+    stages = real_stages(tmp_path / "store")
+    first = replica(tmp_path, stages, "a", snapshots=True)
+    second = replica(tmp_path, stages, "b", first, snapshots=True, max_job_attempts=3)
+    gate = stages.structure.gate("RunPhase", when=lambda r: r.chunk_index == 1)
+
+    async def go():
+        record, _ = await first.submit(frames=33)
+        await stages.journal.reached("RunPhase", stage="structure", chunk=1)
+        await first.stored("in_progress", 33)
+        drain = asyncio.ensure_future(first.runner.drain())
+        gate.set()
+        await drain
+        await expire(first, record.id, attempts=3)  # started three times already
+        assert await second.runner.adopter.sweep() == [record.id]
+        assert second.runner.tasks == {}
+        return await second.records.get(record.id)
+
+    failed = run(go(), timeout_s=60)
+    assert failed.status == VideoStatus.failed and failed.error.code == "job_interrupted"
+    assert f"video {failed.id} was interrupted 3 times" in failed.error.message
+    assert first.objects(failed.id) == ["record.json"]  # its parts are gone
+    store = SnapshotStore(first.storage, Layout())
+    assert run(store.load(str(StreamKind.VIDEO), failed.id)) is None
+    assert "owner" not in failed.public() and "attempts" not in failed.public()
+
+
+def test_of_two_replicas_claiming_one_job_at_once_one_runs_it(tmp_path):
+    stages = fake_stages()
+    first = replica(tmp_path, stages, "a")
+    second = replica(tmp_path, stages, "b", first)
+    third = replica(tmp_path, stages, "c", first)
+    opening = stages.structure.gate("EncodePrompt")
+
+    async def go():
+        record, task = await first.submit()
+        await stages.journal.reached("EncodePrompt")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await expire(first, record.id)
+        opening.set()
+        taken = await asyncio.gather(second.runner.adopter.sweep(), third.runner.adopter.sweep())
+        running = [j for j in (second, third) if record.id in j.runner.tasks]
+        await asyncio.gather(*(j.runner.tasks[record.id] for j in running))
+        return record.id, taken, running, await first.records.get(record.id)
+
+    video_id, taken, running, done = run(go())
+    assert sorted(taken) == [[], [video_id]] and len(running) == 1
+    assert done.status == VideoStatus.completed and done.owner == running[0].runner.owner
+
+
+def test_a_running_job_renews_its_lease_and_is_not_taken(tmp_path):
+    stages = fake_stages()
+    first = replica(tmp_path, stages, "a", job_lease_s=30)
+    second = replica(tmp_path, stages, "b", first)
+    gate = stages.structure.gate("RunPhase", when=lambda r: r.chunk_index == 1)
+
+    async def go():
+        record, task = await first.submit()
+        await stages.journal.reached("RunPhase", stage="structure", chunk=1)
+        await first.stored("in_progress", 50)
+        held = await first.records.get(record.id)
+        assert held.owner == "a" and held.lease_until >= held.created_at + 29
+        assert await second.runner.adopter.sweep() == []
+        await expire(first, record.id)  # as if "a" had not renewed it for a while
+        await first.runner.renew()
+        renewed = await first.records.get(record.id)
+        gate.set()
+        await task
+        return renewed
+
+    renewed = run(go())
+    assert renewed.lease_until >= renewed.created_at + 29 and renewed.owner == "a"
+    assert second.runner.tasks == {}
