@@ -25,6 +25,15 @@ class StageScaling(BaseModel):
     num_gpus: float = Field(0.0, ge=0)
 
     def deployment_options(self, default_ongoing: int = 16) -> dict:
+        """Serve deployment options: a fixed `num_replicas` when min and max agree (what an
+        operator, or Serve's external scaling API, then changes), else an autoscaling_config."""
+        options = {
+            "max_ongoing_requests": self.max_ongoing_requests or default_ongoing,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+        fixed = self.max_replicas <= self.min_replicas and self.initial_replicas is None
+        if fixed and self.min_replicas > 0:
+            return {"num_replicas": self.min_replicas, **options}
         autoscaling = {
             "min_replicas": self.min_replicas,
             "max_replicas": max(self.max_replicas, self.min_replicas),
@@ -32,11 +41,7 @@ class StageScaling(BaseModel):
         }
         if self.initial_replicas is not None:
             autoscaling["initial_replicas"] = self.initial_replicas
-        return {
-            "autoscaling_config": autoscaling,
-            "max_ongoing_requests": self.max_ongoing_requests or default_ongoing,
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-        }
+        return {"autoscaling_config": autoscaling, **options}
 
 
 class ServeSettings(BaseSettings):
@@ -96,6 +101,9 @@ class ServeSettings(BaseSettings):
     structure: StageScaling = Field(default_factory=StageScaling)
     refine: StageScaling = Field(default_factory=StageScaling)
     decode: StageScaling = Field(default_factory=StageScaling)
+    # let an operator or an outside autoscaler set a deployment's replica count in place
+    # (Ray Serve's external scaling API), besides num_replicas/autoscaling above
+    external_scaler: bool = False
 
     @field_validator("preset")
     @classmethod

@@ -59,7 +59,12 @@ def start(
             http_options=HTTPOptions(host=settings.http_host, port=settings.http_port),
             grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=[]),
         )
-    serve.run(build_app(settings), name=app_name, route_prefix=route_prefix)
+    serve.run(
+        build_app(settings),
+        name=app_name,
+        route_prefix=route_prefix,
+        external_scaler_enabled=settings.external_scaler,
+    )
     _apps.append(app_name)
     if not _fronts:
         front = GrpcFront(settings.grpc_bind_host, settings.grpc_port, default_app=app_name)

@@ -84,6 +84,7 @@ def service(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         storage=StorageSettings(
             endpoint=s3_endpoint, bucket=bucket, access_key=ACCESS_KEY, secret_key=SECRET_KEY
         ),
+        external_scaler=True,  # test_survival scales a stage up and down in place
         **common,
     )
     local_dir = tmp_path_factory.mktemp("local-storage")

@@ -5,9 +5,11 @@ record there, and the session completes with every chunk once and every frame.""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import ray
+from ray import serve
 from websockets.sync.client import connect
 
 from services.media import read_video
@@ -56,3 +58,67 @@ def test_a_session_survives_the_loss_of_a_stage_replica(service, tmp_path, deplo
     assert metric(service.url, "histream_cache_bytes") == 0
     restored = metric(service.url, "histream_restore_seconds_count", f'{{stage="{deployment}"}}')
     assert restored >= 1  # counted and timed in /metrics
+
+
+def scale(deployment: str, replicas: int) -> None:
+    """Set a stage's replica count in place, as an operator or an outside autoscaler does
+    (Serve's external scaling API; the app runs with external_scaler=True)."""
+    from ray.serve._private.common import DeploymentID
+
+    controller = serve.context._get_global_client()._controller
+    target = DeploymentID(name=deployment, app_name="histream")
+    ray.get(controller.update_deployment_replicas.remote(target, replicas))
+
+
+def running(deployment: str) -> int:
+    status = serve.status().applications["histream"].deployments[deployment]
+    return status.replica_states.get("RUNNING", 0) if status.status == "HEALTHY" else -1
+
+
+@pytest.mark.parametrize("deployment", ["RefineStage", "DecodePool"])
+def test_a_session_survives_its_stage_scaling_up_then_down(service, tmp_path, deployment):
+    """Mid-stream the stage goes to two replicas (the session's id may now hash to the new one)
+    and back to one (the replica removed may be the one holding it): it completes all the
+    same, every chunk once, and nothing stays held."""
+    start = {"type": "start", "prompt": PROMPT, "size": "384x256", "num_frames": 477, "seed": 5}
+    received: list[tuple[dict, bytes]] = []
+    init, ended = [b""], []
+
+    def read(ws) -> None:
+        pending = None
+        while True:
+            message = ws.recv(timeout=120)
+            if isinstance(message, bytes):
+                if pending is None:
+                    init[0] = init[0] or message
+                else:
+                    received.append((pending, message))
+                    pending = None
+                continue
+            event = json.loads(message)
+            if event["type"] == "chunk":
+                pending = event
+            elif event["type"] in ("session.ended", "error"):
+                ended.append(event)
+                return
+
+    with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
+        ws.send(json.dumps(start))
+        reader = threading.Thread(target=read, args=(ws,), daemon=True)
+        reader.start()
+        assert wait_until(lambda: len(received) >= 2, timeout=120)
+        scale(deployment, 2)
+        assert wait_until(lambda: running(deployment) == 2, timeout=120)
+        at_two = len(received)
+        scale(deployment, 1)
+        assert wait_until(lambda: running(deployment) == 1, timeout=120)
+        at_one = len(received)
+        reader.join(timeout=300)
+    assert ended == [{"type": "session.ended", "reason": "completed"}], ended
+    assert at_one < 40, (at_two, at_one)  # both changes landed while it streamed
+    assert [e["index"] for e, _ in received] == list(range(40))  # no gap, no duplicate
+    video = tmp_path / "scaled.mp4"
+    video.write_bytes(init[0] + b"".join(data for _, data in received))
+    assert read_video(video) == (477, 384, 256)
+    assert wait_until(lambda: held_sessions() == 0, timeout=60)
+    assert metric(service.url, "histream_cache_bytes") == 0

@@ -1,0 +1,26 @@
+"""How a stage's scaling settings become Serve deployment options."""
+
+from __future__ import annotations
+
+from services.settings import StageScaling
+
+
+def test_equal_min_and_max_replicas_deploy_a_fixed_count_that_can_be_changed_in_place():
+    options = StageScaling(min_replicas=2, max_replicas=2, num_cpus=1).deployment_options()
+    assert options == {
+        "num_replicas": 2,
+        "max_ongoing_requests": 16,
+        "ray_actor_options": {"num_cpus": 1, "num_gpus": 0.0},
+    }
+
+
+def test_a_replica_range_autoscales():
+    scaling = StageScaling(min_replicas=0, max_replicas=4, initial_replicas=1, num_gpus=1)
+    options = scaling.deployment_options(default_ongoing=8)
+    assert "num_replicas" not in options and options["max_ongoing_requests"] == 8
+    assert options["autoscaling_config"] == {
+        "min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 2.0, "initial_replicas": 1,
+    }  # fmt: skip
+    # scale to zero with no range is still autoscaling (a fixed count of 0 serves nothing)
+    idle = StageScaling(min_replicas=0, max_replicas=1).deployment_options()
+    assert idle["autoscaling_config"]["min_replicas"] == 0
