@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import breakdown, health, memory, real_flops, serving, table2
+from bench import breakdown, durability, health, memory, real_flops, serving, table2
 from bench.report import stamp, write_section
 
 Section = Callable[[argparse.Namespace], str]
@@ -31,6 +31,7 @@ SECTIONS: dict[str, Section] = {
     "breakdown": lambda a: breakdown.section(a.preset, a.breakdown_repeats, a.frames, _log),
     "serving": lambda a: serving.section(a.preset, a.serving_repeats, a.frames, _log),
     "health": lambda a: health.section(log=_log),
+    "durability": lambda a: durability.section(a.preset, a.frames, a.durability_repeats, _log),
 }
 
 MODEL_ONLY = {"real-flops"}  # sections computed by the FLOP model, not measured
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of table2")
     parser.add_argument("--breakdown-repeats", type=int, default=1)
     parser.add_argument("--serving-repeats", type=int, default=5)
+    parser.add_argument("--durability-repeats", type=int, default=3)
     parser.add_argument(
         "--table2-presets", nargs="+", default=["bench", "tiny"], help="presets of table2"
     )

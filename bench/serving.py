@@ -88,6 +88,24 @@ def service_denoise(preset, mode: str, frames: int, tag: str) -> list[float]:
     return asyncio.run(run())
 
 
+def local_settings(preset_name: str) -> ServeSettings:
+    """A local service for benchmarks: one replica per deployment, all on this machine's
+    cores (no CPU reservations), as many torch threads per replica as in this process,
+    storage in a fresh temporary directory."""
+    stage = StageScaling(num_cpus=0)
+    return ServeSettings(
+        preset=preset_name,
+        torch_threads=torch.get_num_threads(),
+        http_port=server.free_port(),
+        grpc_port=server.free_port(),
+        storage=StorageSettings(local_dir=tempfile.mkdtemp(prefix="histream-bench-")),
+        gateway=stage,
+        structure=stage,
+        refine=stage,
+        decode=stage,
+    )
+
+
 def stage_handle(name: StageName):
     return serve.get_deployment_handle(str(name), app_name=server.APP_NAME)
 
@@ -118,19 +136,7 @@ def measure(
     frames: int = 81,
     log=print,
 ) -> tuple[Samples, ServeSettings]:
-    threads = torch.get_num_threads()
-    stage = StageScaling(num_cpus=0)
-    settings = ServeSettings(
-        preset=preset_name,
-        torch_threads=threads,
-        http_port=server.free_port(),
-        grpc_port=server.free_port(),
-        storage=StorageSettings(local_dir=tempfile.mkdtemp(prefix="histream-bench-")),
-        gateway=stage,
-        structure=stage,
-        refine=stage,
-        decode=stage,
-    )
+    settings = local_settings(preset_name)
     components = load_components(preset_name, device="cpu")
     server.start(settings, num_cpus=4, log_to_driver=False)
     samples = Samples()

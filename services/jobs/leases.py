@@ -25,6 +25,7 @@ from protos.histream.v1 import stages_pb2
 from services.jobs.records import RecordStore, VideoError, VideoRecord, VideoStatus
 from services.protocol import Generation, StreamKind, video_shape
 from services.sessions import SessionPlan, SnapshotStore
+from services.sessions.periodic import Periodic
 from services.sessions.resume import plan_of
 from services.storage import VideoParts
 
@@ -50,7 +51,7 @@ def expired(record: VideoRecord, now: float) -> bool:
     return record.status in UNFINISHED and record.lease_until < now
 
 
-class Adopter:
+class Adopter(Periodic):
     """Takes up, on this gateway replica, the jobs whose replica is gone (see the module)."""
 
     def __init__(
@@ -61,23 +62,10 @@ class Adopter:
         self.store = store
         self.max_attempts = max_attempts
         self.period_s = max(0.5, runner.lease_s / 3)
-        self._task: asyncio.Task | None = None
 
-    def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._forever())
-
-    async def _forever(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except Exception:  # storage down: try again next time
-                log.exception("taking up video jobs failed")
-            await asyncio.sleep(self.period_s)
-            try:
-                await self.runner.renew()
-            except Exception:
-                log.exception("renewing video job leases failed")
+    async def tick(self) -> None:
+        await self.runner.renew()
+        await self.sweep()
 
     async def sweep(self) -> list[str]:
         """Take up every job whose lease ran out; returns their ids."""

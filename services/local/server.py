@@ -144,6 +144,17 @@ def serve_forever(settings: ServeSettings, ray_address: str | None = None) -> No
     )
 
 
+def kill_replica(app: str, deployment: str) -> str:
+    """Fault injection (tests, benchmarks): kill the first replica actor of `deployment` in
+    `app` as a crash would (no graceful shutdown); Serve starts another. Returns its name."""
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        name = actor["name"]
+        if name.startswith("SERVE_REPLICA::") and f"{app}#{deployment}#" in name:
+            ray.kill(ray.get_actor(name, namespace=actor["namespace"]), no_restart=True)
+            return name
+    raise LookupError(f"no replica of {app}/{deployment} among the named actors")
+
+
 def free_port() -> int:
     """A TCP port free on this machine right now (for tests and benchmarks)."""
     with socket.socket() as sock:

@@ -4,7 +4,6 @@ the service was drained), and ending for good the ones nobody resumed in time.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -15,6 +14,7 @@ from histream_model.config import Preset
 from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument, NotFound
 from services.protocol import StreamKind, shape_of
+from services.sessions.periodic import Periodic
 from services.sessions.remote import SessionPlan
 from services.sessions.restore import SnapshotStore
 from services.storage import SessionWriter
@@ -66,7 +66,7 @@ def plan_of(snapshot: stages_pb2.SessionSnapshot, preset: Preset) -> SessionPlan
     )
 
 
-class Sweeper:
+class Sweeper(Periodic):
     """Ends for good the sessions nobody resumed in time: seals their playlists (ENDLIST) and
     removes their snapshots. Any gateway replica may sweep; sealing twice is harmless."""
 
@@ -74,17 +74,9 @@ class Sweeper:
         self.store = store
         self.live = live  # whether this replica drives the session now
         self.period_s = period_s
-        self._task: asyncio.Task | None = None
 
-    def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._forever())
-
-    async def _forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.period_s)
-            with contextlib.suppress(Exception):  # storage down: try again next time
-                await self.sweep()
+    async def tick(self) -> None:
+        await self.sweep()
 
     async def sweep(self) -> list[str]:
         """End every expired session; returns their ids."""

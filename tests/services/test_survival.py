@@ -12,18 +12,13 @@ import ray
 from ray import serve
 from websockets.sync.client import connect
 
+from services.local import server
 from services.media import read_video
 from tests.services.test_service import PROMPT, held_sessions, metric, wait_until
 
 
 def kill_replica(app: str, deployment: str) -> str:
-    """Kill the (one) replica actor of `deployment` in `app`; returns its name."""
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        name = actor["name"]
-        if name.startswith("SERVE_REPLICA::") and f"{app}#{deployment}#" in name:
-            ray.kill(ray.get_actor(name, namespace=actor["namespace"]), no_restart=True)
-            return name
-    raise AssertionError(f"no replica of {app}/{deployment} among the named actors")
+    return server.kill_replica(app, deployment)
 
 
 @pytest.mark.parametrize("deployment", ["RefineStage", "StructureStage", "DecodePool"])

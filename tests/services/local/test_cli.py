@@ -109,65 +109,6 @@ def test_bad_input_fails_before_model_work(tmp_path, capsys, monkeypatch, extra,
     assert not built or "no built-in weights" in message
 
 
-def test_serve_then_submit_then_ctrl_c_shuts_down_cleanly(tmp_path):
-    """What `make run` does: `histream serve`, one video through the HTTP API, Ctrl-C."""
-    from tests.services.conftest import free_port
-
-    http, grpc_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "services.local.cli", "serve", "--http-port", str(http),
-         "--grpc-port", str(grpc_port), "--storage", str(tmp_path / "store")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
-    try:
-        out = tmp_path / "v.mp4"
-        code = cli.main(
-            ["submit", "--url", f"http://127.0.0.1:{http}", "--wait-ready", "180",
-             "--prompt", "a red fox", "--seconds", "1", "--out", str(out)]
-        )  # fmt: skip
-        assert code == 0
-        assert read_video(out) == (21, 192, 128)
-    finally:
-        server.send_signal(signal.SIGINT)
-        log, _ = server.communicate(timeout=120)
-    assert server.returncode == 0, log[-2000:]
-    assert "shutting down" in log
-
-
-def test_sigterm_while_starting_is_held_until_the_service_can_drain(tmp_path):
-    """A SIGTERM sent the moment the HTTP proxy answers (Ray's own handler, which exits at once
-    with 15, is still installed until start returns) still stops the service cleanly."""
-    import time
-
-    import httpx
-
-    from tests.services.conftest import free_port
-
-    http, grpc_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "services.local.cli", "serve", "--http-port", str(http),
-         "--grpc-port", str(grpc_port), "--storage", str(tmp_path / "store")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{http}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
-        server.send_signal(signal.SIGTERM)
-        log, _ = server.communicate(timeout=120)
-    finally:
-        if server.poll() is None:
-            server.kill()
-    assert server.returncode == 0, log[-2000:]
-    assert "stopped: 0 sessions and 0 jobs suspended" in log
-
-
 def _serve(store) -> tuple[subprocess.Popen, str]:
     """`histream serve` on free ports over a local store; returns it and its base URL."""
     from tests.services.conftest import free_port
@@ -194,6 +135,49 @@ def _until(check, timeout_s: float, what: str):
             pass
         time.sleep(0.3)
     raise AssertionError(f"{what}: not within {timeout_s} s")
+
+
+def test_serve_then_submit_then_ctrl_c_shuts_down_cleanly(tmp_path):
+    """What `make run` does: `histream serve`, one video through the HTTP API, Ctrl-C."""
+    server, base = _serve(tmp_path / "store")
+    try:
+        out = tmp_path / "v.mp4"
+        code = cli.main(
+            ["submit", "--url", base, "--wait-ready", "180",
+             "--prompt", "a red fox", "--seconds", "1", "--out", str(out)]
+        )  # fmt: skip
+        assert code == 0
+        assert read_video(out) == (21, 192, 128)
+    finally:
+        server.send_signal(signal.SIGINT)
+        log, _ = server.communicate(timeout=120)
+    assert server.returncode == 0, log[-2000:]
+    assert "shutting down" in log
+
+
+def test_sigterm_while_starting_is_held_until_the_service_can_drain(tmp_path):
+    """A SIGTERM sent the moment the HTTP proxy answers (Ray's own handler, which exits at once
+    with 15, is still installed until start returns) still stops the service cleanly."""
+    import time
+
+    import httpx
+
+    server, base = _serve(tmp_path / "store")
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        server.send_signal(signal.SIGTERM)
+        log, _ = server.communicate(timeout=120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 0, log[-2000:]
+    assert "stopped: 0 sessions and 0 jobs suspended" in log
 
 
 def test_sigterm_suspends_a_running_job_and_session_and_a_restart_completes_them(tmp_path):
