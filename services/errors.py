@@ -74,6 +74,16 @@ class NotFound(
     """No such video, session or model (or not one the caller may see)."""
 
 
+class Unauthenticated(
+    ServiceError,
+    code="invalid_api_key",
+    http=401,
+    grpc_status=S.UNAUTHENTICATED,
+    error_type=CLIENT,
+):
+    """No API key, or one no tenant holds (checked before any work)."""
+
+
 class TooLarge(
     ServiceError,
     code="request_too_large",

@@ -57,7 +57,9 @@ class ServeSettings(BaseSettings):
     text_encoder: str | None = None
     device: str | None = None  # default: cuda if available
     dtype: str | None = None  # float32 | bfloat16 | float16; default by device
-    tenant: str = "default"  # object prefix for this deployment's tenant
+    tenant: str = "default"  # the tenant of every caller when there is no tenants file
+    # API keys -> tenants (YAML or JSON; services/gateway/tenants.py); None: an open service
+    tenants_file: str | None = None
     http_host: str = "127.0.0.1"  # where the HTTP API listens (0.0.0.0: every interface)
     grpc_host: str | None = None  # where the local gRPC API listens; None: http_host
     http_port: int = Field(8000, ge=1, le=65535)

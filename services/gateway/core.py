@@ -19,6 +19,7 @@ from services.protocol import StageName, StreamKind
 from services.sessions import Durability, SnapshotStore, StageHandles
 from services.settings import ServeSettings
 from services.storage import Layout, open_storage
+from services.tenants import Tenancy
 
 log = logging.getLogger("histream.gateway")
 
@@ -35,6 +36,7 @@ class GatewayCore:
         self.preset = settings.get_preset()
         self.started_at = int(time.time())
         self.layout = Layout(settings.tenant)
+        self.tenancy = Tenancy(settings.tenants_file, settings.tenant)
         self.storage = open_storage(settings.storage)
         self.records = RecordStore(self.storage, self.layout)
         self.handles = handles
@@ -49,11 +51,22 @@ class GatewayCore:
             settle_s=settings.drain_timeout_s,
         )
         self.jobs = JobRunner(
-            handles, self.records, settings, observer=self.metrics, durability=self.durability
+            handles,
+            self.records,
+            settings,
+            observer=self.metrics,
+            durability=self.durability,
+            tenants=self.tenancy.names,
         )
         self.videos = Videos(settings, self.preset, self.records, self.jobs)
         self.streams = Streams(
-            settings, self.preset, handles, self.durability, self.storage, self.metrics
+            settings,
+            self.preset,
+            handles,
+            self.durability,
+            self.storage,
+            self.metrics,
+            tenants=self.tenancy.names,
         )
 
     def start_background(self) -> None:

@@ -63,13 +63,25 @@ def status_of_errors(context, during: str, request: object = None):
         raise failure from None
 
 
-def unary(method: Callable[[Any, Any], Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """An RPC of `histream.v1.HiStream`: Serve hands it the call's `grpc_context`, on which
-    errors set the status. Not functools.wraps: Serve reads the signature for `grpc_context`."""
+def authorization_of(grpc_context, authorization: str | None) -> str | None:
+    """The call's `authorization` metadata: Serve's proxy hands the call's context; the local
+    front (services/local/grpc_front.py) passes the value itself."""
+    if authorization is None and grpc_context is not None:
+        metadata = dict(grpc_context.invocation_metadata() or ())
+        authorization = metadata.get("authorization")
+    return authorization
 
-    async def call(self, request, grpc_context=None) -> T:
+
+def unary(method: Callable[[Any, Any, str], Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """An RPC of `histream.v1.HiStream` called with the caller's tenant: Serve hands it the
+    call's `grpc_context`, from whose metadata the caller is authenticated (before any work)
+    and on which errors set the status. Not functools.wraps: Serve reads the signature for
+    `grpc_context`."""
+
+    async def call(self, request, grpc_context=None, authorization: str | None = None) -> T:
         with status_of_errors(grpc_context, method.__name__, request):
-            return await method(self, request)
+            auth = authorization_of(grpc_context, authorization)
+            return await method(self, request, self.core.tenancy.authenticate(auth))
 
     call.__name__, call.__qualname__, call.__doc__ = (
         method.__name__,
@@ -86,18 +98,20 @@ class GrpcApi:
     core: GatewayCore
 
     @unary
-    async def CreateVideo(self, request: api_pb2.CreateVideoRequest) -> api_pb2.Video:
+    async def CreateVideo(self, request: api_pb2.CreateVideoRequest, tenant: str) -> api_pb2.Video:
         body = VideoCreate.parse(fields_of(request))
-        return video_message(await self.core.videos.create(body))
+        return video_message(await self.core.videos.create(body, tenant))
 
     @unary
-    async def GetVideo(self, request: api_pb2.GetVideoRequest) -> api_pb2.Video:
-        return video_message(await self.core.videos.get(request.id))
+    async def GetVideo(self, request: api_pb2.GetVideoRequest, tenant: str) -> api_pb2.Video:
+        return video_message(await self.core.videos.get(request.id, tenant))
 
     @unary
-    async def ListVideos(self, request: api_pb2.ListVideosRequest) -> api_pb2.ListVideosResponse:
+    async def ListVideos(
+        self, request: api_pb2.ListVideosRequest, tenant: str
+    ) -> api_pb2.ListVideosResponse:
         page = await self.core.videos.list(
-            request.limit or 20, request.after or None, request.order or "desc"
+            request.limit or 20, request.after or None, request.order or "desc", tenant
         )
         return api_pb2.ListVideosResponse(
             data=[video_message(VideoRecord(**d, tenant="")) for d in page["data"]],
@@ -107,25 +121,37 @@ class GrpcApi:
         )
 
     @unary
-    async def DeleteVideo(self, request: api_pb2.DeleteVideoRequest) -> api_pb2.DeleteVideoResponse:
-        return api_pb2.DeleteVideoResponse(**await self.core.videos.delete(request.id))
+    async def DeleteVideo(
+        self, request: api_pb2.DeleteVideoRequest, tenant: str
+    ) -> api_pb2.DeleteVideoResponse:
+        return api_pb2.DeleteVideoResponse(**await self.core.videos.delete(request.id, tenant))
 
     async def StreamSession(
-        self, request: api_pb2.StreamSessionRequest, grpc_context=None
+        self,
+        request: api_pb2.StreamSessionRequest,
+        grpc_context=None,
+        authorization: str | None = None,
     ) -> AsyncIterator[api_pb2.SessionEvent]:
         with status_of_errors(grpc_context, "StreamSession", request):
-            live = self.core.streams.open(SessionStart.parse(fields_of(request)))
+            auth = authorization_of(grpc_context, authorization)
+            tenant = self.core.tenancy.authenticate(auth)
+            live = self.core.streams.open(SessionStart.parse(fields_of(request)), tenant)
             async with contextlib.aclosing(self.core.streams.events(live)) as events:
                 async for event in events:
                     yield event.proto()
 
     async def ResumeSession(
-        self, request: api_pb2.ResumeSessionRequest, grpc_context=None
+        self,
+        request: api_pb2.ResumeSessionRequest,
+        grpc_context=None,
+        authorization: str | None = None,
     ) -> AsyncIterator[api_pb2.SessionEvent]:
         with status_of_errors(grpc_context, "ResumeSession", request):
+            auth = authorization_of(grpc_context, authorization)
+            tenant = self.core.tenancy.authenticate(auth)
             streams = self.core.streams
             live = await streams.resume(
-                request.session_id, request.session_token, request.last_chunk
+                request.session_id, request.session_token, request.last_chunk, tenant
             )
             async with contextlib.aclosing(streams.events(live)) as events:
                 async for event in events:
@@ -133,9 +159,9 @@ class GrpcApi:
 
     @unary
     async def UpdateSessionPrompt(
-        self, request: api_pb2.UpdateSessionPromptRequest
+        self, request: api_pb2.UpdateSessionPromptRequest, tenant: str
     ) -> api_pb2.UpdateSessionPromptResponse:
-        live = self.core.streams.session(request.session_id, request.session_token)
+        live = self.core.streams.session(request.session_id, request.session_token, tenant)
         version, start = await self.core.streams.update_prompt(live, request.prompt)
         return api_pb2.UpdateSessionPromptResponse(
             session_id=request.session_id, prompt_version=version, from_chunk=start
@@ -143,13 +169,16 @@ class GrpcApi:
 
     @unary
     async def CloseSession(
-        self, request: api_pb2.CloseSessionRequest
+        self, request: api_pb2.CloseSessionRequest, tenant: str
     ) -> api_pb2.CloseSessionResponse:
-        self.core.streams.session(request.session_id, request.session_token).request_stop()
+        streams = self.core.streams
+        streams.session(request.session_id, request.session_token, tenant).request_stop()
         return api_pb2.CloseSessionResponse(session_id=request.session_id, closed=True)
 
     @unary
-    async def ListModels(self, request: api_pb2.ListModelsRequest) -> api_pb2.ListModelsResponse:
+    async def ListModels(
+        self, request: api_pb2.ListModelsRequest, tenant: str
+    ) -> api_pb2.ListModelsResponse:
         names = ("id", "object", "created", "owned_by")
         models = [api_pb2.Model(**{n: m[n] for n in names}) for m in self.core.models()]
         return api_pb2.ListModelsResponse(data=models)

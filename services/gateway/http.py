@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 
-from services.errors import Internal, InvalidArgument, ServiceError
+from services.errors import Internal, InvalidArgument, ServiceError, Unauthenticated
 from services.gateway.bodies import read_fields
 from services.gateway.core import GatewayCore
 from services.gateway.requests import VideoCreate, text, whole
@@ -35,11 +35,15 @@ async def _invalid_request(request: Request, err: RequestValidationError) -> Res
 
 
 def answered(method: Callable[..., Awaitable]) -> Callable[..., Awaitable[Response]]:
-    """A route whose result (a dict, or a Response) or error becomes the HTTP answer."""
+    """A route of the API: its caller is authenticated first (the tenant goes to
+    `request.state.tenant`; no work on a missing or bad key), then its result (a dict, or a
+    Response) or error becomes the HTTP answer."""
 
     @functools.wraps(method)  # FastAPI reads the route's parameters through __wrapped__
     async def route(self, request: Request, *args, **kwargs) -> Response:
         try:
+            authorization = request.headers.get("authorization")
+            request.state.tenant = self.core.tenancy.authenticate(authorization)
             result = await method(self, request, *args, **kwargs)
             response = result if isinstance(result, Response) else JSONResponse(result)
         except ServiceError as err:
@@ -61,7 +65,8 @@ class HttpApi:
     @answered
     async def create_video(self, request: Request) -> dict:
         data = await read_fields(request, self.core.settings.max_request_bytes)
-        return (await self.core.videos.create(VideoCreate.parse(data))).public()
+        body = VideoCreate.parse(data)
+        return (await self.core.videos.create(body, request.state.tenant)).public()
 
     @api.get("/v1/videos")
     @answered
@@ -69,23 +74,26 @@ class HttpApi:
         query = dict(request.query_params)
         limit = whole(query, "limit")
         after, order = text(query, "after"), text(query, "order")
-        return await self.core.videos.list(20 if limit is None else limit, after, order or "desc")
+        tenant = request.state.tenant
+        return await self.core.videos.list(
+            20 if limit is None else limit, after, order or "desc", tenant
+        )
 
     @api.get("/v1/videos/{video_id}")
     @answered
     async def get_video(self, request: Request, video_id: str) -> dict:
-        return (await self.core.videos.get(video_id)).public()
+        return (await self.core.videos.get(video_id, request.state.tenant)).public()
 
     @api.delete("/v1/videos/{video_id}")
     @answered
     async def delete_video(self, request: Request, video_id: str) -> dict:
-        return await self.core.videos.delete(video_id)
+        return await self.core.videos.delete(video_id, request.state.tenant)
 
     @api.get("/v1/videos/{video_id}/content")
     @answered
     async def video_content(self, request: Request, video_id: str) -> Response:
         variant = text(dict(request.query_params), "variant") or "video"
-        content = await self.core.videos.content(video_id, variant)
+        content = await self.core.videos.content(video_id, variant, request.state.tenant)
         if content.url is not None:
             return RedirectResponse(content.url, status_code=307)
         assert content.data is not None
@@ -141,4 +149,6 @@ def ranged(data: bytes, header: str | None) -> Response:
 def error_response(err: ServiceError) -> JSONResponse:
     retry = getattr(err, "retry_after_s", None)
     headers = {"Retry-After": str(retry)} if retry is not None else None
+    if isinstance(err, Unauthenticated):
+        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(err.body(), status_code=err.http_status, headers=headers)

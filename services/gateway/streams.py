@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from histream_model.config import Preset
 from services.errors import QueueFull, Unavailable
@@ -41,6 +41,7 @@ class Streams:
         durability: Durability,
         storage: Storage,
         metrics: Metrics,
+        tenants: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         self.settings = settings
         self.preset = preset
@@ -56,6 +57,7 @@ class Streams:
             durability.store,
             live=self.sessions.holds,
             period_s=max(0.5, settings.session_resume_grace_s / 3),
+            tenants=tenants,
         )
 
     def _admit_session(self) -> None:
@@ -70,39 +72,44 @@ class Streams:
                 retry_after_s=s.retry_after_s,
             )
 
-    def open(self, body: SessionStart) -> LiveSession:
-        """Validate a session request (nothing reaches a stage on bad input) and register it."""
+    def open(self, body: SessionStart, tenant: str | None = None) -> LiveSession:
+        """Validate a session request of `tenant` (by default the service's own; nothing
+        reaches a stage on bad input) and register it."""
         s = self.settings
+        layout = Layout(tenant) if tenant else self.layout
         self._admit_session()
         generation = resolve_session(
             body, self.preset, s.served_model, s.frame_rate, s.max_prompt_chars
         )
         session_id = new_session_id()
         plan = SessionPlan.of(
-            generation, session_id, StreamKind.SESSION, self.layout.tenant, s.frame_rate
+            generation, session_id, StreamKind.SESSION, layout.tenant, s.frame_rate
         )
         live = LiveSession(
             session_id,
             SessionDriver(self.handles, plan, self.durability, self.metrics.restored),
-            playlist_key=self.layout.session_playlist_key(session_id),
+            playlist_key=layout.session_playlist_key(session_id),
         )
         self.sessions.add(live)
         return live
 
-    async def resume(self, session_id: str, token: str, last_chunk: int) -> LiveSession:
-        """A session taken up from its snapshot by a client quoting its token; its events
-        re-send the chunks after `last_chunk`, then go on."""
+    async def resume(
+        self, session_id: str, token: str, last_chunk: int, tenant: str | None = None
+    ) -> LiveSession:
+        """A session of `tenant`'s taken up from its snapshot by a client quoting its token;
+        its events re-send the chunks after `last_chunk`, then go on."""
         self._admit_session()
+        tenant = tenant or self.layout.tenant
         if self.sessions.holds(session_id):  # the old connection is not gone yet here
-            self.sessions.get(session_id, token).request_stop(EndReason.DISCONNECTED)
+            self.sessions.get(session_id, token, tenant).request_stop(EndReason.DISCONNECTED)
             await asyncio.wait_for(self.sessions.released(session_id), RESUME_WAIT_S)
         store = self.durability.store
-        snapshot = await resumable(store, session_id, token, last_chunk)
+        snapshot = await resumable(store, session_id, token, last_chunk, tenant)
         plan = plan_of(snapshot, self.preset)
         driver = SessionDriver(
             self.handles, plan, self.durability, self.metrics.restored, snapshot=snapshot
         )
-        storage, layout = self.storage, self.layout
+        storage, layout = self.storage, Layout(tenant)
 
         async def replay(index: int) -> bytes:
             key = layout.session_segment_key(session_id, index + 1)
@@ -131,9 +138,10 @@ class Streams:
         finally:
             self.sessions.remove(live.id)
 
-    def session(self, session_id: str, token: str | None) -> LiveSession:
-        """A live session, for a client quoting its token (prompt updates, closes by id)."""
-        return self.sessions.get(session_id, token)
+    def session(self, session_id: str, token: str | None, tenant: str | None = None) -> LiveSession:
+        """A live session of `tenant`'s, for a client quoting its token (prompt updates,
+        closes by id)."""
+        return self.sessions.get(session_id, token, tenant)
 
     async def update_prompt(self, live: LiveSession, prompt: object) -> tuple[int, int]:
         text = check_prompt_field(prompt, self.settings.max_prompt_chars)

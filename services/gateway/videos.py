@@ -28,22 +28,29 @@ class Videos:
         self.records = records
         self.jobs = jobs
 
-    async def create(self, body: VideoCreate) -> VideoRecord:
+    def records_of(self, tenant: str | None) -> RecordStore:
+        """A tenant's records (every call names its caller's tenant; by default the
+        service's own): another tenant's ids are not found there, like unknown ones."""
+        return self.records.for_tenant(tenant) if tenant else self.records
+
+    async def create(self, body: VideoCreate, tenant: str | None = None) -> VideoRecord:
         s = self.settings
         generation = resolve_video(
             body, self.preset, s.served_model, s.frame_rate, s.max_prompt_chars
         )
-        return await self.jobs.submit(generation)
+        return await self.jobs.submit(generation, tenant)
 
-    async def get(self, video_id: str) -> VideoRecord:
-        return await self.records.get(video_id)
+    async def get(self, video_id: str, tenant: str | None = None) -> VideoRecord:
+        return await self.records_of(tenant).get(video_id)
 
-    async def list(self, limit: int, after: str | None, order: str) -> dict:
+    async def list(
+        self, limit: int, after: str | None, order: str, tenant: str | None = None
+    ) -> dict:
         if not 1 <= limit <= 100:
             raise InvalidArgument(f"limit={limit} must be in [1, 100]", param="limit")
         if order not in ("asc", "desc"):
             raise InvalidArgument(f"order {order!r} must be 'asc' or 'desc'", param="order")
-        records = sorted(await self.records.list(), key=lambda r: (r.created_at, r.id))
+        records = sorted(await self.records_of(tenant).list(), key=lambda r: (r.created_at, r.id))
         if order == "desc":
             records.reverse()
         if after:
@@ -60,22 +67,26 @@ class Videos:
             "last_id": page[-1].id if page else None,
         }
 
-    async def delete(self, video_id: str) -> dict:
-        await self.records.get(video_id)  # 404 when unknown
+    async def delete(self, video_id: str, tenant: str | None = None) -> dict:
+        records = self.records_of(tenant)
+        await records.get(video_id)  # 404 when unknown (or another tenant's)
         await self.jobs.cancel(video_id)
-        await self.records.delete(video_id)
+        await records.delete(video_id)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
-    async def content(self, video_id: str, variant: str = "video") -> VideoContent:
+    async def content(
+        self, video_id: str, variant: str = "video", tenant: str | None = None
+    ) -> VideoContent:
         if variant != "video":
             raise InvalidArgument(f"variant {variant!r} is not available; only 'video'", "variant")
-        record = await self.records.get(video_id)
+        records = self.records_of(tenant)
+        record = await records.get(video_id)
         if record.status != VideoStatus.completed:
             raise NotFound(
                 f"video {video_id!r} is {record.status.value}; content exists once completed",
                 param="video_id",
             )
-        url = self.records.content_url(video_id, self.settings.storage.presign_expiry_s)
+        url = records.content_url(video_id, self.settings.storage.presign_expiry_s)
         if url is not None:
             return VideoContent(url=url, data=None)
-        return VideoContent(url=None, data=await self.records.content(video_id))
+        return VideoContent(url=None, data=await records.content(video_id))

@@ -1,6 +1,8 @@
 """The WebSocket adapter: a streaming session over `/v1/sessions`.
 
-The client's first message starts the session; then it may send prompt changes and a close.
+The client's first message starts (or resumes) the session, its API key in the `Authorization`
+header or, for browsers, in the message's `api_key`; then it may send prompt changes and a
+close.
 Each session event goes out as its JSON message, followed by its media as a binary message
 when it has one. A malformed client message gets an `error` event naming the problem and the
 session goes on; after `MAX_PROTOCOL_ERRORS` of them it ends (`session.ended`, reason
@@ -50,10 +52,11 @@ class WebSocketApi:
         reader: asyncio.Task | None = None
         try:
             start = await self._ws_message(ws)
+            tenant = self._ws_tenant(ws, start)
             if start.get("type") == "resume":
-                live = await self.core.streams.resume(*resume_fields(start))
+                live = await self.core.streams.resume(*resume_fields(start), tenant)
             elif start.get("type") == "start":
-                live = self.core.streams.open(SessionStart.parse(start))
+                live = self.core.streams.open(SessionStart.parse(start), tenant)
             else:
                 raise InvalidArgument(
                     'the first message must be {"type": "start", ...} or {"type": "resume", ...}',
@@ -75,6 +78,17 @@ class WebSocketApi:
         finally:
             if reader is not None:
                 reader.cancel()
+
+    def _ws_tenant(self, ws: WebSocket, first: dict) -> str:
+        """The caller's tenant: from the `Authorization` header, or (browsers cannot set
+        headers on a WebSocket) the first message's `api_key`, which is taken out of it."""
+        key = first.pop("api_key", None)
+        authorization = ws.headers.get("authorization")
+        if authorization is None and key is not None:
+            if not isinstance(key, str):
+                raise InvalidArgument("api_key must be a string", "api_key")
+            authorization = f"Bearer {key}"
+        return self.core.tenancy.authenticate(authorization)
 
     async def _ws_message(self, ws: WebSocket) -> dict:
         """The client's next message as a JSON object; a malformed one raises InvalidArgument

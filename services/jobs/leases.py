@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterable
 
 from histream_model.config import Preset
 from protos.histream.v1 import stages_pb2
@@ -55,9 +56,16 @@ class Adopter(Periodic):
     """Takes up, on this gateway replica, the jobs whose replica is gone (see the module)."""
 
     def __init__(
-        self, records: RecordStore, runner, store: SnapshotStore | None, max_attempts: int
+        self,
+        records: RecordStore,
+        runner,
+        store: SnapshotStore | None,
+        max_attempts: int,
+        tenants: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         self.records = records
+        # whose records to look through: every tenant that can call
+        self.tenants = tenants or (lambda: [records.layout.tenant])
         self.runner = runner  # services.jobs.runner.JobRunner
         self.store = store
         self.max_attempts = max_attempts
@@ -72,7 +80,10 @@ class Adopter(Periodic):
         if self.runner.draining:
             return []
         taken = []
-        for record in await self.records.list():
+        unfinished = []
+        for tenant in self.tenants():
+            unfinished += await self.records.for_tenant(tenant).list()
+        for record in unfinished:
             if record.id in self.runner.tasks or not expired(record, time.time()):
                 continue
             claimed = await self._claim(record)
@@ -84,7 +95,8 @@ class Adopter(Periodic):
                 continue
             snapshot = None
             if claimed.status == VideoStatus.in_progress and self.store is not None:
-                snapshot = await self.store.load(str(StreamKind.VIDEO), claimed.id)
+                video = str(StreamKind.VIDEO)
+                snapshot = await self.store.load(video, claimed.id, claimed.tenant)
             log.info(
                 "taking up video %s (attempt %d) %s", claimed.id, claimed.attempts,
                 f"at chunk {snapshot.next_chunk}" if snapshot else "from the start",
@@ -97,10 +109,11 @@ class Adopter(Periodic):
         record.owner = self.runner.owner
         record.lease_until = int(time.time() + self.runner.lease_s)
         record.attempts += 1
-        await self.records.put(record)
+        records = self.records.for_tenant(record.tenant)
+        await records.put(record)
         await asyncio.sleep(CLAIM_SETTLE_S)
         with contextlib.suppress(Exception):
-            again = await self.records.get(record.id)
+            again = await records.get(record.id)
             if again.owner == self.runner.owner and again.status in UNFINISHED:
                 return again
         return None
@@ -112,11 +125,12 @@ class Adopter(Periodic):
             message=f"video {record.id} was interrupted {record.attempts - 1} times (its "
             "gateway replica or the service stopped while it ran); submit it again",
         )
-        await self.records.put(record)
+        records = self.records.for_tenant(record.tenant)
+        await records.put(record)
         if self.store is not None:
             with contextlib.suppress(Exception):
-                await self.store.delete(str(StreamKind.VIDEO), record.id)
-        parts = VideoParts(self.records.storage, self.records.layout, record.id)
+                await self.store.delete(str(StreamKind.VIDEO), record.id, record.tenant)
+        parts = VideoParts(records.storage, records.layout, record.id)
         with contextlib.suppress(Exception):
             await asyncio.to_thread(parts.remove)
         log.warning("video %s failed: interrupted %d times", record.id, record.attempts - 1)

@@ -93,6 +93,14 @@ class RecordStore:
     def __init__(self, storage: Storage, layout: Layout) -> None:
         self.storage = storage
         self.layout = layout
+        self._tenants: dict[str, RecordStore] = {layout.tenant: self}
+
+    def for_tenant(self, tenant: str) -> RecordStore:
+        """The records of `tenant`, in the same storage."""
+        store = self._tenants.get(tenant)
+        if store is None:
+            store = self._tenants[tenant] = RecordStore(self.storage, Layout(tenant))
+        return store
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         try:

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -70,6 +70,7 @@ class JobRunner:
         settings: ServeSettings,
         observer: JobObserver | None = None,
         durability: Durability | None = None,
+        tenants: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         self.handles = handles
         self.durability = durability or Durability()
@@ -91,11 +92,14 @@ class JobRunner:
         self.lease_s = settings.job_lease_s
         self.draining = False  # no new jobs; running ones are suspended, not cancelled
         # renews this replica's leases and takes up jobs whose replica is gone (leases.py)
-        self.adopter = Adopter(records, self, self.durability.store, settings.max_job_attempts)
+        self.adopter = Adopter(
+            records, self, self.durability.store, settings.max_job_attempts, tenants
+        )
 
-    async def submit(self, generation: Generation) -> VideoRecord:
-        """Store a queued record and start the job; returns the record at once. QueueFull when
-        `max_queued_jobs` jobs already wait for a slot on this replica."""
+    async def submit(self, generation: Generation, tenant: str | None = None) -> VideoRecord:
+        """Store a queued record of `tenant`'s (the runner's own by default) and start the
+        job; returns the record at once. QueueFull when `max_queued_jobs` jobs already wait
+        for a slot on this replica."""
         if self.draining:
             raise Unavailable("this gateway replica is shutting down; submit the job again")
         if self.waiting >= self.max_queued:
@@ -115,11 +119,11 @@ class JobRunner:
             seed=generation.seed,
             mode=shape.mode.name,
             num_frames=shape.num_frames,
-            tenant=self.records.layout.tenant,
+            tenant=tenant or self.records.layout.tenant,
             owner=self.owner,
             lease_until=int(time.time() + self.lease_s),
         )
-        await self.records.put(record)
+        await self.records_of(record).put(record)
         plan = SessionPlan.of(generation, record.id, StreamKind.VIDEO, record.tenant, self.fps)
         self._start(record, plan, None)
         return record
@@ -151,10 +155,15 @@ class JobRunner:
         """Store the record (its lease renewed; `lease=False` gives it up) unless it was
         deleted meanwhile (JobDeleted)."""
         async with self._writes.get(record.id) or asyncio.Lock():
-            if not await self.records.exists(record.id):
+            records = self.records_of(record)
+            if not await records.exists(record.id):
                 raise JobDeleted(record.id)
             record.lease_until = int(time.time() + self.lease_s) if lease else 0
-            await self.records.put(record)
+            await records.put(record)
+
+    def records_of(self, record: VideoRecord) -> RecordStore:
+        """Where the record of a job lives: under its tenant's prefix."""
+        return self.records.for_tenant(record.tenant)
 
     async def renew(self) -> None:
         """Renew the lease of every job here; one whose record is gone is cancelled. Not while
@@ -206,7 +215,7 @@ class JobRunner:
             log.info("video %s was deleted while running; stopped", record.id)
             reason = EndReason.CANCELLED
             with contextlib.suppress(Exception):  # what it published as the delete landed
-                await self.records.delete(record.id)
+                await self.records_of(record).delete(record.id)
         except Exception as err:
             code, message = _error_of(err, record.id)
             log.warning("video %s failed: %s %s", record.id, code, message)
@@ -253,7 +262,7 @@ class JobRunner:
             self.observer.chunk(chunk)
             record.progress = min(99, int(100 * (chunk.index + 1) / total))
             await self._update(record)
-        if not await self.records.exists(record.id):
+        if not await self.records_of(record).exists(record.id):
             raise JobDeleted(record.id)
         described = record.model_dump(include={"id", "model", "mode", "seed", "size", "created_at"})
         metadata = stages_pb2.VideoMetadata(fps=plan.fps, **described)

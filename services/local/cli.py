@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--http-port", type=int, default=8000)
     srv.add_argument("--grpc-port", type=int, default=9000)
     srv.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
+    srv.add_argument(
+        "--tenants", help="tenants file: API keys -> tenants (YAML/JSON; default: an open API)"
+    )
     store = srv.add_argument_group("storage (default: a local directory)")
     store.add_argument("--storage", help="local directory (default: outputs/storage)")
     store.add_argument("--s3-endpoint", help="S3-compatible endpoint host:port (uses S3)")
@@ -68,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--seed", type=int)
     cli.add_argument("--out", required=True, help="where to write the MP4")
     cli.add_argument("--wait-ready", type=float, default=0, help="seconds to wait for /healthz")
+    cli.add_argument("--api-key", default=os.environ.get("HISTREAM_API_KEY"),
+                     help="the tenant's API key (default: $HISTREAM_API_KEY)")  # fmt: skip
     cli.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the video")
     return parser
 
@@ -141,6 +147,7 @@ def settings_from_args(args: argparse.Namespace):
         "http_host": args.host,
         "http_port": args.http_port,
         "grpc_port": args.grpc_port,
+        "tenants_file": str(Path(args.tenants).resolve()) if args.tenants else None,
     }
     return ServeSettings(storage=storage, **{k: v for k, v in fields.items() if v is not None})
 
@@ -150,6 +157,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     settings.weight_paths()  # a missing weights path fails here, before Ray starts
+    if settings.tenants_file:  # so does a tenants file that is missing or does not parse
+        from services.tenants import parse_tenants
+
+        parse_tenants(Path(settings.tenants_file).read_text(), settings.tenants_file)
     serve_forever(settings, ray_address=args.ray_address)
     return 0
 
@@ -164,6 +175,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         args.out,
         wait_ready_s=args.wait_ready,
         timeout_s=args.timeout,
+        api_key=args.api_key,
         **body,
     )
     print(f"video: {path}")

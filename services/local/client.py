@@ -46,11 +46,14 @@ def submit_video(
     seed: int | None = None,
     wait_ready_s: float = 0,
     timeout_s: float = 1800,
+    api_key: str | None = None,
 ) -> Path:
-    """POST /v1/videos, show progress until completed, save the MP4; returns its path."""
+    """POST /v1/videos, show progress until completed, save the MP4; returns its path.
+    `api_key`: the tenant's key, when the server has a tenants file."""
     body = {"prompt": prompt, "size": size, "seconds": seconds, "mode": mode, "seed": seed}
     body = {k: v for k, v in body.items() if v is not None}
-    with httpx.Client(base_url=url, timeout=60, follow_redirects=True) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    with httpx.Client(base_url=url, timeout=60, follow_redirects=True, headers=headers) as client:
         if wait_ready_s:
             wait_ready(client, wait_ready_s)
         video = _check(client.post("/v1/videos", json=body))

@@ -58,6 +58,11 @@ class GrpcFront:
         app = metadata.get("application") or self.default_app
         return serve.get_deployment_handle(str(StageName.GATEWAY), app_name=app)
 
+    @staticmethod
+    def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+        """The caller's `authorization` metadata, for the gateway to authenticate."""
+        return dict(context.invocation_metadata() or ()).get("authorization")
+
     def __getattr__(self, name: str) -> Callable:
         """`CreateVideo`, `StreamSession`, ...: every method of the service, forwarded."""
         method = SERVICE.methods_by_name.get(name)
@@ -68,7 +73,10 @@ class GrpcFront:
     def _unary(self, name: str) -> Callable:
         async def call(request, context: grpc.aio.ServicerContext):
             try:
-                return await getattr(self._gateway(context), name).remote(request)
+                auth = self._authorization(context)
+                return await getattr(self._gateway(context), name).remote(
+                    request, authorization=auth
+                )
             except Exception as err:
                 await _abort(context, err, name)
 
@@ -77,7 +85,8 @@ class GrpcFront:
     def _stream(self, name: str) -> Callable:
         async def call(request, context: grpc.aio.ServicerContext) -> AsyncIterator:
             handle = self._gateway(context).options(stream=True)
-            events = getattr(handle, name).remote(request)
+            auth = self._authorization(context)
+            events = getattr(handle, name).remote(request, authorization=auth)
             try:
                 async for event in events:
                     yield event

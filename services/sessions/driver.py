@@ -289,6 +289,6 @@ class SessionDriver:
         suspended one's stays, to go on from."""
         if self.store is not None and self.status != SessionStatus.SUSPENDED:
             try:
-                await self.store.delete(str(self.plan.kind), self.plan.object_id)
+                await self.store.delete(str(self.plan.kind), self.plan.object_id, self.plan.tenant)
             except Exception:
                 log.exception("could not delete the snapshot of %s", self.plan.object_id)

@@ -231,15 +231,17 @@ class SessionRegistry:
             self._changed.clear()
             await self._changed.wait()
 
-    def get(self, session_id: str, token: str | None) -> LiveSession:
-        """The session, for a caller quoting its token. A wrong token answers exactly as an
-        unknown id does, so ids reveal nothing."""
+    def get(self, session_id: str, token: str | None, tenant: str | None = None) -> LiveSession:
+        """The session, for a caller (of `tenant`, when given) quoting its token. A wrong
+        token or another tenant's session answers exactly as an unknown id does, so ids reveal
+        nothing."""
         if not token:
             raise InvalidArgument(
                 "session_token is required: quote the one session.started gave", "session_token"
             )
         live = self._live.get(session_id)
-        if live is None or not hmac.compare_digest(live.token, token):
+        foreign = live is not None and tenant is not None and live.driver.plan.tenant != tenant
+        if live is None or foreign or not hmac.compare_digest(live.token, token):
             raise NotFound(f"no running session with id {session_id!r}", param="session_id")
         return live
 

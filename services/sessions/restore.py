@@ -25,28 +25,35 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class SnapshotStore:
-    """Where the snapshots of one tenant's sessions live; each put is atomic for readers."""
+    """Where session snapshots live: each under its tenant's prefix (`layout`'s tenant unless
+    another is named; a snapshot is saved under the tenant of its spec); each put is atomic
+    for readers."""
 
     storage: Storage
     layout: Layout
 
-    def key(self, kind: str, object_id: str) -> str:
-        return self.layout.snapshot_key(kind, object_id)
+    def layout_of(self, tenant: str | None) -> Layout:
+        return self.layout if tenant in (None, "", self.layout.tenant) else Layout(tenant)
+
+    def key(self, kind: str, object_id: str, tenant: str | None = None) -> str:
+        return self.layout_of(tenant).snapshot_key(kind, object_id)
 
     async def save(self, snapshot: stages_pb2.SessionSnapshot, kind: str) -> None:
         data = snapshot.SerializeToString()
-        key = self.key(kind, snapshot.object_id)
+        key = self.key(kind, snapshot.object_id, snapshot.spec.tenant)
         await asyncio.to_thread(self.storage.put, key, data, "application/x-protobuf")
 
-    async def load(self, kind: str, object_id: str) -> stages_pb2.SessionSnapshot | None:
+    async def load(
+        self, kind: str, object_id: str, tenant: str | None = None
+    ) -> stages_pb2.SessionSnapshot | None:
         try:
-            data = await asyncio.to_thread(self.storage.get, self.key(kind, object_id))
+            data = await asyncio.to_thread(self.storage.get, self.key(kind, object_id, tenant))
         except ObjectNotFound:
             return None
         return stages_pb2.SessionSnapshot.FromString(data)
 
-    async def delete(self, kind: str, object_id: str) -> None:
-        await asyncio.to_thread(self.storage.delete, self.key(kind, object_id))
+    async def delete(self, kind: str, object_id: str, tenant: str | None = None) -> None:
+        await asyncio.to_thread(self.storage.delete, self.key(kind, object_id, tenant))
 
 
 @dataclass(frozen=True)

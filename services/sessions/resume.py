@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from histream_model.config import Preset
 from protos.histream.v1 import stages_pb2
@@ -17,16 +17,17 @@ from services.protocol import StreamKind, shape_of
 from services.sessions.periodic import Periodic
 from services.sessions.remote import SessionPlan
 from services.sessions.restore import SnapshotStore
-from services.storage import SessionWriter
+from services.storage import Layout, SessionWriter
 
 log = logging.getLogger("histream.sessions")
 
 
 async def resumable(
-    store: SnapshotStore, session_id: str, token: str, last_chunk: int
+    store: SnapshotStore, session_id: str, token: str, last_chunk: int, tenant: str | None = None
 ) -> stages_pb2.SessionSnapshot:
-    """The session's snapshot, for a client quoting its token. An unknown id, a wrong token
-    and a session past its resume window all answer the same NotFound."""
+    """The session's snapshot, for a client of `tenant` quoting its token. An unknown id, one
+    of another tenant, a wrong token and a session past its resume window all answer the same
+    NotFound."""
     if not token:
         raise InvalidArgument(
             "session_token is required: quote the one session.started gave", "session_token"
@@ -36,7 +37,7 @@ async def resumable(
         param="session_id",
     )
     try:
-        snapshot = await store.load(str(StreamKind.SESSION), session_id)
+        snapshot = await store.load(str(StreamKind.SESSION), session_id, tenant)
     except ValueError:  # not a valid session id
         raise gone from None
     sha = hashlib.sha256(token.encode()).hexdigest()
@@ -70,37 +71,49 @@ class Sweeper(Periodic):
     """Ends for good the sessions nobody resumed in time: seals their playlists (ENDLIST) and
     removes their snapshots. Any gateway replica may sweep; sealing twice is harmless."""
 
-    def __init__(self, store: SnapshotStore, live: Callable[[str], bool], period_s: float) -> None:
+    def __init__(
+        self,
+        store: SnapshotStore,
+        live: Callable[[str], bool],
+        period_s: float,
+        tenants: Callable[[], Iterable[str]] | None = None,
+    ) -> None:
         self.store = store
         self.live = live  # whether this replica drives the session now
         self.period_s = period_s
+        # whose sessions to look through: every tenant that can call
+        self.tenants = tenants or (lambda: [store.layout.tenant])
 
     async def tick(self) -> None:
         await self.sweep()
 
     async def sweep(self) -> list[str]:
         """End every expired session; returns their ids."""
-        storage, layout = self.store.storage, self.store.layout
-        keys = await asyncio.to_thread(storage.list, layout.sessions_prefix())
         ended = []
+        for tenant in self.tenants():
+            ended += await self._sweep(tenant)
+        return ended
+
+    async def _sweep(self, tenant: str) -> list[str]:
+        storage, layout = self.store.storage, self.store.layout_of(tenant)
+        keys = await asyncio.to_thread(storage.list, layout.sessions_prefix())
+        ended, kind = [], str(StreamKind.SESSION)
         for key in keys:
             if not key.endswith("/snapshot.pb"):
                 continue
             session_id = key.rsplit("/", 2)[-2]
             if self.live(session_id):
                 continue
-            snapshot = await self.store.load(str(StreamKind.SESSION), session_id)
+            snapshot = await self.store.load(kind, session_id, tenant)
             if snapshot is None or time.time() <= snapshot.resumable_until:
                 continue
-            await asyncio.to_thread(self._seal, snapshot)
-            await self.store.delete(str(StreamKind.SESSION), session_id)
+            await asyncio.to_thread(self._seal, snapshot, layout)
+            await self.store.delete(kind, session_id, tenant)
             log.info("session %s was not resumed in time; ended", session_id)
             ended.append(session_id)
         return ended
 
-    def _seal(self, snapshot: stages_pb2.SessionSnapshot) -> None:
-        writer = SessionWriter(
-            self.store.storage, self.store.layout, snapshot.object_id, snapshot.fps
-        )
+    def _seal(self, snapshot: stages_pb2.SessionSnapshot, layout: Layout) -> None:
+        writer = SessionWriter(self.store.storage, layout, snapshot.object_id, snapshot.fps)
         writer.resume([c.num_frames for c in snapshot.chunks])
         writer.end()

@@ -109,3 +109,40 @@ def service(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         )
     finally:
         server.stop()
+
+
+TENANT_KEYS = {"alpha": "sk-alpha-test-key-1", "bravo": "sk-bravo-test-key-2"}
+
+
+@dataclass(frozen=True)
+class TenantService:
+    """App "tenants" under /tenants beside the others: a tenants file with two tenants."""
+
+    url: str
+    storage: LocalStorage
+    keys: dict[str, str]  # tenant -> its API key
+
+
+@pytest.fixture(scope="session")
+def tenants_service(service: Service, tmp_path_factory: pytest.TempPathFactory) -> TenantService:
+    """Deployed on first use only (the other tests do not pay for it); the service's
+    teardown stops it with the rest."""
+    import json
+
+    from services.local import server
+
+    root = tmp_path_factory.mktemp("tenants")
+    tenants_file = root / "tenants.json"
+    document = {name: {"keys": [key]} for name, key in TENANT_KEYS.items()}
+    tenants_file.write_text(json.dumps({"tenants": document}))
+    settings = service.settings.model_copy(
+        update={
+            "storage": StorageSettings(local_dir=str(root / "store")),
+            "tenants_file": str(tenants_file),
+            "external_scaler": False,
+        }
+    )
+    server.start(settings, app_name="tenants", route_prefix="/tenants")
+    return TenantService(
+        url=f"{service.url}/tenants", storage=LocalStorage(root / "store"), keys=TENANT_KEYS
+    )

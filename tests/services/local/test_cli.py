@@ -250,3 +250,19 @@ def test_sigterm_suspends_a_running_job_and_session_and_a_restart_completes_them
     assert read_video(tmp_path / "job.mp4") == (done["num_frames"], 192, 128)
     assert not storage.exists(layout.snapshot_key("video", video["id"]))
     assert not storage.exists(layout.snapshot_key("session", sid))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "No such file"),
+        ('{"tenants": {"Bad Name": {"keys": ["sk-1"]}}}', "tenant='Bad Name' must be"),
+    ],
+)
+def test_serve_refuses_a_bad_tenants_file_before_starting(tmp_path, capsys, content, message):
+    tenants = tmp_path / "tenants.json"
+    if content is not None:
+        tenants.write_text(content)
+    code = cli.main(["serve", "--tenants", str(tenants), "--storage", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "sk-1" not in err
