@@ -121,6 +121,26 @@ class QueueFull(
         return (type(self), (self.message, self.param, self.retry_after_s))
 
 
+class QuotaExceeded(
+    ServiceError,
+    code="quota_exceeded",
+    http=429,
+    grpc_status=S.RESOURCE_EXHAUSTED,
+    error_type="rate_limit_error",
+):
+    """The caller's tenant is at one of its quotas; the message names it, its limit and the
+    use; `retry_after_s` when waiting helps (None: the request itself is over the limit)."""
+
+    def __init__(
+        self, message: str, param: str | None = None, retry_after_s: int | None = None
+    ) -> None:
+        super().__init__(message, param)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.param, self.retry_after_s))
+
+
 class QueueTimeout(ServiceError, code="queue_timeout", http=503, grpc_status=S.DEADLINE_EXCEEDED):
     """Work waited past its deadline for a place to run."""
 

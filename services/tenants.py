@@ -3,10 +3,12 @@
 The tenants file (`histream serve --tenants FILE`, `HISTREAM_TENANTS_FILE`; a Kubernetes Secret
 in production) is YAML or JSON:
 
+    defaults:             # quotas of tenants that give none (absent: no limits)
+      max_sessions: 4
     tenants:
       acme:
         keys: ["sk-acme-1", "sha256:<hex of a key>"]
-        quotas: {}        # per-tenant limits (to come); absent: the defaults
+        quotas: {max_videos: 8, max_frames: 477, max_size: 1920x1088, frames_per_hour: 20000}
 
 A key is given in plaintext or as `sha256:` and the hex SHA-256 of the key; plaintext keys are
 hashed on load and neither kept nor logged, and a caller's key is looked up by its hash. The
@@ -41,11 +43,29 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+class Quotas(BaseModel):
+    """What one tenant may use; None: no limit. Checked by the gateway (gateway/quotas.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_sessions: int | None = Field(None, ge=0)  # streaming sessions open at once
+    max_videos: int | None = Field(None, ge=0)  # video jobs queued or running at once
+    max_frames: int | None = Field(None, ge=1)  # frames of one video or session
+    max_size: str | None = Field(None, pattern=r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$")  # WxH
+    frames_per_hour: int | None = Field(None, ge=0)  # frames asked for in a rolling hour
+
+    def size_limit(self) -> tuple[int, int] | None:
+        if self.max_size is None:
+            return None
+        width, height = self.max_size.split("x")
+        return int(width), int(height)
+
+
 class TenantEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     keys: list[str] = Field(min_length=1)
-    quotas: dict = Field(default_factory=dict)
+    quotas: Quotas | None = None  # None: the file's defaults
 
     @field_validator("keys")
     @classmethod
@@ -68,6 +88,7 @@ class TenantEntry(BaseModel):
 class TenantsDocument(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    defaults: Quotas = Field(default_factory=Quotas)
     tenants: dict[str, TenantEntry] = Field(min_length=1)
 
     @field_validator("tenants")
@@ -78,9 +99,9 @@ class TenantsDocument(BaseModel):
         return tenants
 
 
-def parse_tenants(text: str, source: str) -> dict[str, str]:
-    """key hash -> tenant name, from a tenants file's text. ValueError naming what is wrong
-    (never a key: plaintext keys do not appear in messages)."""
+def parse_tenants(text: str, source: str) -> tuple[dict[str, str], dict[str, Quotas]]:
+    """(key hash -> tenant name, tenant name -> quotas) from a tenants file's text.
+    ValueError naming what is wrong (never a key: plaintext keys do not appear in messages)."""
     try:
         data = yaml.safe_load(text) if not source.endswith(".json") else json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError) as err:
@@ -96,7 +117,8 @@ def parse_tenants(text: str, source: str) -> dict[str, str]:
             other = owners.setdefault(digest, name)
             if other != name:
                 raise ValueError(f"{source}: one key is given to both {other!r} and {name!r}")
-    return owners
+    quotas = {name: entry.quotas or document.defaults for name, entry in document.tenants.items()}
+    return owners, quotas
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -116,6 +138,7 @@ class Tenancy:
         self.path = Path(path) if path else None
         self.default = Layout(default).tenant
         self._owners: dict[str, str] = {}
+        self._quotas: dict[str, Quotas] = {}
         self._stat: tuple[float, int] | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
@@ -136,6 +159,11 @@ class Tenancy:
         """Every tenant that can call (the default one when open)."""
         self._reload_if_changed()
         return [self.default] if self.open else sorted(set(self._owners.values()))
+
+    def quotas(self, tenant: str) -> Quotas:
+        """The tenant's quotas (none on an open service)."""
+        self._reload_if_changed()
+        return self._quotas.get(tenant) or Quotas()
 
     def authenticate(self, authorization: str | None) -> str:
         """The tenant of the caller whose `Authorization` is given; Unauthenticated when the
@@ -158,9 +186,10 @@ class Tenancy:
     def _load(self) -> None:
         assert self.path is not None
         stat = self.path.stat()
-        owners = parse_tenants(self.path.read_text(), str(self.path))
+        owners, quotas = parse_tenants(self.path.read_text(), str(self.path))
         with self._lock:
-            self._owners, self._stat = owners, (stat.st_mtime, stat.st_size)
+            self._owners, self._quotas = owners, quotas
+            self._stat = (stat.st_mtime, stat.st_size)
 
     def _reload_if_changed(self) -> None:
         now = time.monotonic()

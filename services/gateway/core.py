@@ -11,6 +11,7 @@ from collections.abc import Awaitable
 
 from services.errors import NotFound, remote_result
 from services.gateway.metrics import Metrics
+from services.gateway.quotas import QuotaKeeper
 from services.gateway.requests import model_ids
 from services.gateway.streams import Streams
 from services.gateway.videos import Videos
@@ -58,7 +59,13 @@ class GatewayCore:
             durability=self.durability,
             tenants=self.tenancy.names,
         )
-        self.videos = Videos(settings, self.preset, self.records, self.jobs)
+        self.quotas = QuotaKeeper(
+            self.tenancy,
+            self.records,
+            open_sessions=lambda tenant: self.streams.open_count(tenant),
+            retry_after_s=settings.retry_after_s,
+        )
+        self.videos = Videos(settings, self.preset, self.records, self.jobs, self.quotas)
         self.streams = Streams(
             settings,
             self.preset,
@@ -67,6 +74,7 @@ class GatewayCore:
             self.storage,
             self.metrics,
             tenants=self.tenancy.names,
+            quotas=self.quotas,
         )
 
     def start_background(self) -> None:

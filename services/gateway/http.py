@@ -99,6 +99,12 @@ class HttpApi:
         assert content.data is not None
         return ranged(content.data, request.headers.get("range"))
 
+    @api.get("/v1/usage")
+    @answered
+    async def usage(self, request: Request) -> dict:
+        """The caller's tenant: its quotas and its use of each."""
+        return await self.core.quotas.usage(request.state.tenant)
+
     @api.get("/v1/models")
     @answered
     async def list_models(self, request: Request) -> dict:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from histream_model.config import Preset
 from services.errors import QueueFull, Unavailable
 from services.gateway.metrics import Metrics
+from services.gateway.quotas import QuotaKeeper
 from services.gateway.requests import SessionStart, check_prompt_field, resolve_session
 from services.protocol import ChunkReady, EndReason, SessionEvent, StreamKind
 from services.sessions import (
@@ -42,7 +43,9 @@ class Streams:
         storage: Storage,
         metrics: Metrics,
         tenants: Callable[[], Iterable[str]] | None = None,
+        quotas: QuotaKeeper | None = None,
     ) -> None:
+        self.quotas = quotas
         self.settings = settings
         self.preset = preset
         self.handles = handles
@@ -81,6 +84,8 @@ class Streams:
         generation = resolve_session(
             body, self.preset, s.served_model, s.frame_rate, s.max_prompt_chars
         )
+        if self.quotas is not None:
+            self.quotas.admit_session(layout.tenant, generation)
         session_id = new_session_id()
         plan = SessionPlan.of(
             generation, session_id, StreamKind.SESSION, layout.tenant, s.frame_rate
@@ -121,6 +126,10 @@ class Streams:
         )  # fmt: skip
         self.sessions.add(live)
         return live
+
+    def open_count(self, tenant: str) -> int:
+        """The tenant's sessions open on this replica."""
+        return sum(1 for live in self.sessions.all() if live.driver.plan.tenant == tenant)
 
     async def events(self, live: LiveSession) -> AsyncIterator[SessionEvent]:
         """The session's events until it ends; it is counted as active meanwhile."""

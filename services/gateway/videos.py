@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from histream_model.config import Preset
 from services.errors import InvalidArgument, NotFound
+from services.gateway.quotas import QuotaKeeper
 from services.gateway.requests import VideoCreate, resolve_video
 from services.jobs import JobRunner, RecordStore, VideoRecord, VideoStatus
 from services.settings import ServeSettings
@@ -21,12 +22,18 @@ class VideoContent:
 
 class Videos:
     def __init__(
-        self, settings: ServeSettings, preset: Preset, records: RecordStore, jobs: JobRunner
+        self,
+        settings: ServeSettings,
+        preset: Preset,
+        records: RecordStore,
+        jobs: JobRunner,
+        quotas: QuotaKeeper | None = None,
     ) -> None:
         self.settings = settings
         self.preset = preset
         self.records = records
         self.jobs = jobs
+        self.quotas = quotas
 
     def records_of(self, tenant: str | None) -> RecordStore:
         """A tenant's records (every call names its caller's tenant; by default the
@@ -38,6 +45,9 @@ class Videos:
         generation = resolve_video(
             body, self.preset, s.served_model, s.frame_rate, s.max_prompt_chars
         )
+        tenant = tenant or self.records.layout.tenant
+        if self.quotas is not None:
+            await self.quotas.admit_video(tenant, generation)
         return await self.jobs.submit(generation, tenant)
 
     async def get(self, video_id: str, tenant: str | None = None) -> VideoRecord:

@@ -117,6 +117,10 @@ class SessionDriver:
         """KV bytes the denoising stages hold for this session right now."""
         return self.kv_bytes if set(self.plan.denoisers) & set(self.stages.held) else 0
 
+    @property
+    def tenant(self) -> str:
+        return self.plan.tenant
+
     async def open(
         self, deadline_s: float = 600.0, on_wait: Callable[[], None] | None = None
     ) -> None:

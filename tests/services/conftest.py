@@ -116,7 +116,8 @@ TENANT_KEYS = {"alpha": "sk-alpha-test-key-1", "bravo": "sk-bravo-test-key-2"}
 
 @dataclass(frozen=True)
 class TenantService:
-    """App "tenants" under /tenants beside the others: a tenants file with two tenants."""
+    """App "tenants" under /tenants beside the others: a tenants file with two tenants, bravo
+    with quotas (33 frames per request, no sessions)."""
 
     url: str
     storage: LocalStorage
@@ -134,6 +135,7 @@ def tenants_service(service: Service, tmp_path_factory: pytest.TempPathFactory) 
     root = tmp_path_factory.mktemp("tenants")
     tenants_file = root / "tenants.json"
     document = {name: {"keys": [key]} for name, key in TENANT_KEYS.items()}
+    document["bravo"]["quotas"] = {"max_frames": 33, "max_sessions": 0}  # test_tenancy
     tenants_file.write_text(json.dumps({"tenants": document}))
     settings = service.settings.model_copy(
         update={

@@ -127,6 +127,8 @@ def test_a_tenant_cannot_update_close_or_resume_anothers_session(service, tenant
                 started = json.loads(message)
         sid, token = started["session_id"], started["session_token"]
         assert started["playlist_key"].startswith("tenants/alpha/sessions/")
+        metrics = httpx.get(tenants_service.url + "/metrics").text
+        assert 'histream_tenant_active_sessions{kind="session",tenant="alpha"} 1.0' in metrics
         api, md = stub(service, keys["bravo"])
         update = api_pb2.UpdateSessionPromptRequest(session_id=sid, prompt="x", session_token=token)
         close = api_pb2.CloseSessionRequest(session_id=sid, session_token=token)
@@ -149,3 +151,29 @@ def test_a_tenant_cannot_update_close_or_resume_anothers_session(service, tenant
             if isinstance(message, str) and '"session.ended"' in message:
                 ended = json.loads(message)
     assert ended == {"type": "session.ended", "reason": "completed"}
+
+
+def test_a_tenant_over_its_quotas_is_told_which_and_others_are_not(service, tenants_service):
+    keys = tenants_service.keys
+    bravo = openai.OpenAI(base_url=f"{tenants_service.url}/v1", api_key=keys["bravo"],
+                          max_retries=0)  # fmt: skip
+    with pytest.raises(openai.RateLimitError) as err:
+        bravo.videos.create(prompt=PROMPT, seconds="3", size="128x64")  # 57 frames
+    assert err.value.body["code"] == "quota_exceeded"
+    assert "at most 33 frames (max_frames quota); this request asks for 57" in str(err.value)
+    with connect(ws_url(tenants_service), additional_headers=bearer(keys["bravo"])) as ws:
+        ws.send(json.dumps({"type": "start", "prompt": PROMPT, "num_frames": 9}))
+        refused = json.loads(ws.recv(timeout=30))
+    assert (refused["type"], refused["code"]) == ("error", "quota_exceeded")
+    assert "max_sessions quota: 0 of 0 sessions open" in refused["message"]
+    assert refused["retry_after_s"] == 5
+    api, md = stub(service, keys["bravo"])
+    request = api_pb2.StreamSessionRequest(prompt=PROMPT, num_frames=9)
+    code = grpc_code(lambda: list(api.StreamSession(request, metadata=md, timeout=30)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    usage = httpx.get(tenants_service.url + "/v1/usage", headers=bearer(keys["bravo"])).json()
+    assert usage["tenant"] == "bravo" and usage["quotas"]["max_frames"] == 33
+    assert usage["usage"] == {"sessions": 0, "videos": 0, "frames_last_hour": 0}
+    # alpha has no quotas: the same request is taken
+    alpha = httpx.get(tenants_service.url + "/v1/usage", headers=bearer(keys["alpha"])).json()
+    assert alpha["quotas"]["max_frames"] is None
