@@ -60,19 +60,19 @@ class Videos:
             raise InvalidArgument(f"limit={limit} must be in [1, 100]", param="limit")
         if order not in ("asc", "desc"):
             raise InvalidArgument(f"order {order!r} must be 'asc' or 'desc'", param="order")
-        records = sorted(await self.records_of(tenant).list(), key=lambda r: (r.created_at, r.id))
+        store = self.records_of(tenant)
+        ids = await store.ids()  # in creation order; only the page's records are read
         if order == "desc":
-            records.reverse()
+            ids.reverse()
         if after:
-            ids = [r.id for r in records]
             if after not in ids:
                 raise NotFound(f"no video with id {after!r} to list after", param="after")
-            records = records[ids.index(after) + 1 :]
-        page = records[:limit]
+            ids = ids[ids.index(after) + 1 :]
+        page = await store.read(ids[:limit])
         return {
             "object": "list",
             "data": [r.public() for r in page],
-            "has_more": len(records) > limit,
+            "has_more": len(ids) > limit,
             "first_id": page[0].id if page else None,
             "last_id": page[-1].id if page else None,
         }

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import TypeVar
@@ -83,7 +84,9 @@ PRIVATE = {"tenant", "owner", "lease_until", "attempts"}  # kept in storage, nev
 
 
 def new_video_id() -> str:
-    return f"video_{uuid.uuid4().hex}"
+    """`video_`, the creation time in milliseconds (12 hex digits), then 20 random hex digits:
+    ids sort in creation order, so a listing reads only the records of its page."""
+    return f"video_{int(time.time() * 1000):012x}{uuid.uuid4().hex[:20]}"
 
 
 class RecordStore:
@@ -129,6 +132,20 @@ class RecordStore:
 
     async def exists(self, video_id: str) -> bool:
         return await self._call(self.storage.exists, self.layout.video_record_key(video_id))
+
+    async def ids(self) -> list[str]:
+        """The ids of the tenant's videos, sorted (creation order: see new_video_id); reads
+        no record."""
+        keys = await self._call(self.storage.list, self.layout.videos_prefix())
+        return sorted(k.rsplit("/", 2)[-2] for k in keys if k.endswith("/record.json"))
+
+    async def read(self, video_ids: list[str]) -> list[VideoRecord]:
+        """The records of `video_ids`, in that order (those deleted meanwhile left out)."""
+        records = []
+        for video_id in video_ids:
+            with contextlib.suppress(NotFound):
+                records.append(await self.get(video_id))
+        return records
 
     async def list(self) -> list[VideoRecord]:
         keys = await self._call(self.storage.list, self.layout.videos_prefix())
