@@ -97,6 +97,8 @@ class ServeSettings(BaseSettings):
     max_prompt_chars: int = Field(2000, ge=1)
     max_request_bytes: int = Field(1 << 20, ge=1024)  # HTTP bodies; larger ones answer 413
     max_message_bytes: int = Field(64 << 10, ge=1024)  # a client's WebSocket text message
+    # a WebSocket client's messages per second (bursts of as many); faster ones are refused
+    max_message_rate: float = Field(20.0, gt=0)
     fps: int | None = Field(None, ge=1, le=120)  # output frame rate; None: the preset's (16)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     gateway: StageScaling = Field(default_factory=StageScaling)

@@ -53,6 +53,7 @@ class Quotas(BaseModel):
     max_frames: int | None = Field(None, ge=1)  # frames of one video or session
     max_size: str | None = Field(None, pattern=r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$")  # WxH
     frames_per_hour: int | None = Field(None, ge=0)  # frames asked for in a rolling hour
+    requests_per_minute: int | None = Field(None, ge=1)  # API calls (a burst of a minute's)
 
     def size_limit(self) -> tuple[int, int] | None:
         if self.max_size is None:

@@ -85,6 +85,13 @@ class GatewayCore:
             self.jobs.adopter.start()
             self.streams.sweeper.start()
 
+    def caller(self, authorization: str | None) -> str:
+        """The tenant of a call carrying `authorization` (401 without a valid key), charged
+        one request of its requests_per_minute quota. Every API call starts here."""
+        tenant = self.tenancy.authenticate(authorization)
+        self.quotas.admit_request(tenant)
+        return tenant
+
     # -- models -----------------------------------------------------------------------------------
 
     def models(self) -> list[dict]:

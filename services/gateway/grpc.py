@@ -81,7 +81,7 @@ def unary(method: Callable[[Any, Any, str], Awaitable[T]]) -> Callable[..., Awai
     async def call(self, request, grpc_context=None, authorization: str | None = None) -> T:
         with status_of_errors(grpc_context, method.__name__, request):
             auth = authorization_of(grpc_context, authorization)
-            return await method(self, request, self.core.tenancy.authenticate(auth))
+            return await method(self, request, self.core.caller(auth))
 
     call.__name__, call.__qualname__, call.__doc__ = (
         method.__name__,
@@ -134,7 +134,7 @@ class GrpcApi:
     ) -> AsyncIterator[api_pb2.SessionEvent]:
         with status_of_errors(grpc_context, "StreamSession", request):
             auth = authorization_of(grpc_context, authorization)
-            tenant = self.core.tenancy.authenticate(auth)
+            tenant = self.core.caller(auth)
             live = self.core.streams.open(SessionStart.parse(fields_of(request)), tenant)
             async with contextlib.aclosing(self.core.streams.events(live)) as events:
                 async for event in events:
@@ -148,7 +148,7 @@ class GrpcApi:
     ) -> AsyncIterator[api_pb2.SessionEvent]:
         with status_of_errors(grpc_context, "ResumeSession", request):
             auth = authorization_of(grpc_context, authorization)
-            tenant = self.core.tenancy.authenticate(auth)
+            tenant = self.core.caller(auth)
             streams = self.core.streams
             live = await streams.resume(
                 request.session_id, request.session_token, request.last_chunk, tenant

@@ -43,7 +43,7 @@ def answered(method: Callable[..., Awaitable]) -> Callable[..., Awaitable[Respon
     async def route(self, request: Request, *args, **kwargs) -> Response:
         try:
             authorization = request.headers.get("authorization")
-            request.state.tenant = self.core.tenancy.authenticate(authorization)
+            request.state.tenant = self.core.caller(authorization)
             result = await method(self, request, *args, **kwargs)
             response = result if isinstance(result, Response) else JSONResponse(result)
         except ServiceError as err:

@@ -8,6 +8,8 @@ admitted, before anything is stored or reaches a stage.
 - `max_sessions`: the tenant's streaming sessions open on this gateway replica.
 - `frames_per_hour`: frames the tenant asked for in the last hour on this gateway replica
   (videos and sessions); Retry-After says when enough of them have aged out.
+- `requests_per_minute`: API calls of the tenant on this gateway replica (a token bucket: a
+  burst of a minute's worth, refilled evenly); checked with the key, before any work.
 """
 
 from __future__ import annotations
@@ -26,6 +28,24 @@ HOUR_S = 3600.0
 ACTIVE = (VideoStatus.queued, VideoStatus.in_progress)
 
 
+class TokenBucket:
+    """`rate_per_s` on average, bursts up to `burst`."""
+
+    def __init__(self, rate_per_s: float, burst: float) -> None:
+        self.rate_per_s, self.burst = rate_per_s, burst
+        self.tokens, self.at = burst, time.monotonic()
+
+    def take(self) -> float:
+        """0 if a token was taken; else the seconds until one will be there."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate_per_s)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate_per_s
+
+
 class QuotaKeeper:
     def __init__(
         self,
@@ -39,6 +59,25 @@ class QuotaKeeper:
         self.open_sessions = open_sessions  # tenant -> its sessions open on this replica
         self.retry_after_s = retry_after_s
         self._asked: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self._buckets: dict[tuple[str, int], TokenBucket] = {}
+
+    def admit_request(self, tenant: str) -> None:
+        """One API call of `tenant` (its requests_per_minute quota)."""
+        limit = self.tenancy.quotas(tenant).requests_per_minute
+        if limit is None:
+            return
+        key = (tenant, limit)  # a changed quota starts a new bucket
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(limit / 60.0, limit)
+        wait = bucket.take()
+        if wait:
+            retry = max(1, math.ceil(wait))
+            raise QuotaExceeded(
+                f"tenant {tenant!r} is at its requests_per_minute quota ({limit}); retry "
+                f"after {retry} s",
+                retry_after_s=retry,
+            )
 
     async def admit_video(self, tenant: str, generation: Generation) -> None:
         quotas = self.tenancy.quotas(tenant)

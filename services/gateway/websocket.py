@@ -18,10 +18,11 @@ import logging
 
 from fastapi import WebSocket, WebSocketDisconnect
 
-from services.errors import InvalidArgument, ServiceError, TooLarge
+from services.errors import InvalidArgument, QuotaExceeded, ServiceError, TooLarge
 from services.gateway.bodies import parse_object
 from services.gateway.core import GatewayCore
 from services.gateway.http import api
+from services.gateway.quotas import TokenBucket
 from services.gateway.requests import SessionStart, text
 from services.protocol import EndReason
 from services.sessions import LiveSession
@@ -88,7 +89,7 @@ class WebSocketApi:
             if not isinstance(key, str):
                 raise InvalidArgument("api_key must be a string", "api_key")
             authorization = f"Bearer {key}"
-        return self.core.tenancy.authenticate(authorization)
+        return self.core.caller(authorization)
 
     async def _ws_message(self, ws: WebSocket) -> dict:
         """The client's next message as a JSON object; a malformed one raises InvalidArgument
@@ -118,10 +119,18 @@ class WebSocketApi:
 
         updates: set[asyncio.Task] = set()
         errors = 0
+        rate = self.core.settings.max_message_rate
+        bucket = TokenBucket(rate, max(1.0, rate))
         try:
             while True:
                 try:
                     message = await self._ws_message(ws)
+                    if bucket.take():
+                        raise QuotaExceeded(
+                            f"messages faster than {rate:g} a second (max_message_rate); this "
+                            "one was not acted on",
+                            retry_after_s=1,
+                        )
                     kind = message.get("type")
                     if kind == "prompt":
                         task = asyncio.create_task(prompt(message.get("prompt")))
@@ -133,7 +142,7 @@ class WebSocketApi:
                         raise InvalidArgument(
                             f"unknown message type {kind!r}; use prompt or close", "type"
                         )
-                except (InvalidArgument, TooLarge) as err:
+                except (InvalidArgument, TooLarge, QuotaExceeded) as err:
                     errors += 1
                     await send(error_event(err))
                     if errors >= MAX_PROTOCOL_ERRORS:

@@ -90,8 +90,9 @@ def service(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     local_dir = tmp_path_factory.mktemp("local-storage")
     # small queues on the second app, to fill them in tests (test_load.py)
     # and a short resume window: a lost client's session ends for good soon (test_players)
+    # and a low message rate (test_hostile_input)
     limits = {"max_running_jobs": 1, "max_queued_jobs": 1, "max_live_sessions": 2,
-              "session_snapshot_ttl_s": 3}  # fmt: skip
+              "session_snapshot_ttl_s": 3, "max_message_rate": 2}  # fmt: skip
     local_settings = ServeSettings(
         storage=StorageSettings(local_dir=str(local_dir)), **common, **limits
     )

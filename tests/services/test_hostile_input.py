@@ -268,3 +268,26 @@ def test_grpc_too_small_session_is_invalid_not_internal(service):
 def test_nothing_left_allocated(service):
     assert held_sessions() == 0
     assert metric(service.url, "histream_active_sessions", '{kind="session"}') == 0
+
+
+def test_websocket_messages_faster_than_max_message_rate_are_refused(service):
+    """The `local` app allows 2 messages a second (bursts of 2): a third at once is refused
+    with an error event, not acted on, and the session goes on."""
+    url = service.local_url.replace("http://", "ws://") + "/v1/sessions"
+    start = {"type": "start", "prompt": PROMPT, "size": "128x64", "num_frames": 57}
+    events = []
+    with connect(url) as ws:
+        ws.send(json.dumps(start))
+        while json.loads(ws.recv(timeout=60))["type"] != "session.started":
+            pass
+        for prompt in ("a dog", "a bird", "a fish"):
+            ws.send(json.dumps({"type": "prompt", "prompt": prompt}))
+        while not events or events[-1]["type"] != "session.ended":
+            message = ws.recv(timeout=60)
+            if isinstance(message, str):
+                events.append(json.loads(message))
+    refused = [e for e in events if e["type"] == "error"]
+    accepted = [e for e in events if e["type"] == "prompt.accepted"]
+    assert len(refused) == 1 and len(accepted) == 2
+    assert refused[0]["code"] == "quota_exceeded" and "max_message_rate" in refused[0]["message"]
+    assert events[-1]["reason"] == "completed"

@@ -19,7 +19,7 @@ from services.tenants import Tenancy
 from tests.services.harness import FakeClock
 
 QUOTAS = {"max_videos": 2, "max_sessions": 1, "max_frames": 45, "max_size": "128x64",
-          "frames_per_hour": 60}  # fmt: skip
+          "frames_per_hour": 60, "requests_per_minute": 2}  # fmt: skip
 
 
 def keeper(tmp_path, open_sessions=lambda tenant: 0) -> QuotaKeeper:
@@ -108,3 +108,20 @@ def test_frames_per_hour_roll_over_and_retry_after_says_when(tmp_path, monkeypat
     usage = asyncio.run(quotas.usage("capped"))
     assert usage["usage"] == {"sessions": 0, "videos": 0, "frames_last_hour": 54}
     assert usage["quotas"]["frames_per_hour"] == 60
+
+
+def test_requests_per_minute_allow_a_minutes_burst_then_one_every_share(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(quotas_module, "time", SimpleNamespace(monotonic=clock.monotonic))
+    quotas = keeper(tmp_path)
+    quotas.admit_request("capped")
+    quotas.admit_request("capped")
+    err = over(lambda: quotas.admit_request("capped"))
+    assert err.message == (
+        "tenant 'capped' is at its requests_per_minute quota (2); retry after 30 s"
+    )
+    assert err.retry_after_s == 30
+    clock.now = 30.0  # one request's share of the minute has passed
+    quotas.admit_request("capped")
+    for _ in range(50):
+        quotas.admit_request("plain")  # no such quota
