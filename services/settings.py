@@ -66,6 +66,10 @@ class ServeSettings(BaseSettings):
     grpc_port: int = Field(9000, ge=1, le=65535)
     torch_threads: int | None = Field(None, ge=1)  # per replica; None: torch's default
     max_sessions_per_replica: int = Field(8, ge=1)  # stage admission limit (cache memory)
+    # a denoising replica's bytes for sessions (KV cache + text K/V at its resolution, known
+    # exactly before allocation); None: on CUDA 90% of the free memory once the model is
+    # loaded, elsewhere no byte limit (max_sessions_per_replica alone)
+    stage_budget_bytes: int | None = Field(None, ge=1)
     max_running_jobs: int = Field(4, ge=1)  # video jobs a gateway replica drives at once
     max_queued_jobs: int = Field(256, ge=0)  # jobs waiting for a slot; past it: 429
     # a gateway replica renews its jobs' records every third of this; a queued or running job

@@ -157,5 +157,21 @@ class GatewayCore:
         ready = all(result == "ok" for result in results)
         return ready, {"status": "ready" if ready else "not_ready", "checks": checks}
 
+    async def scrape_stages(self) -> None:
+        """Each stage's bytes held and budget into /metrics (one replica each, at most
+        READY_TIMEOUT_S; a stage that does not answer is left out)."""
+
+        async def stats(name: StageName) -> dict | None:
+            try:
+                work = remote_result(self.handles[name].stats.remote())
+                return await asyncio.wait_for(work, READY_TIMEOUT_S)
+            except Exception:
+                return None
+
+        answers = await asyncio.gather(*(stats(n) for n in STAGES))
+        self.metrics.stage_stats(
+            {str(n): a for n, a in zip(STAGES, answers, strict=True) if a is not None}
+        )
+
     def active_sessions(self) -> dict[str, int]:
         return {str(kind): self.metrics.active(kind) for kind in StreamKind}

@@ -126,6 +126,7 @@ class HttpApi:
 
     @api.get("/metrics")
     async def metrics(self) -> Response:
+        await self.core.scrape_stages()
         return PlainTextResponse(self.core.metrics.render(), media_type="text/plain; version=0.0.4")
 
 

@@ -71,6 +71,13 @@ class Metrics:
             ["tenant", "kind"],
             registry=self.registry,
         )
+        self.stage_bytes = Gauge(
+            "histream_stage_bytes",
+            "Session bytes a stage replica holds (held) and may hold (budget; absent: none), "
+            "as of the last scrape, from the replica that answered",
+            ["stage", "replica", "kind"],
+            registry=self.registry,
+        )
         self.restore_seconds = Histogram(
             "histream_restore_seconds",
             "Rebuilds of a session's share on a stage that lost it (a replica lost or replaced)",
@@ -109,6 +116,17 @@ class Metrics:
 
     def restored(self, stage: StageName, seconds: float) -> None:
         self.restore_seconds.labels(stage=str(stage)).observe(seconds)
+
+    def stage_stats(self, stats: dict[str, dict]) -> None:
+        """The stages' answers to `stats` (stage name -> its replica's figures)."""
+        self.stage_bytes.clear()
+        for stage, figures in stats.items():
+            replica = str(figures.get("replica", ""))
+            held = self.stage_bytes.labels(stage=stage, replica=replica, kind="held")
+            held.set(figures.get("bytes_held", 0))
+            if figures.get("budget_bytes") is not None:
+                budget = self.stage_bytes.labels(stage=stage, replica=replica, kind="budget")
+                budget.set(figures["budget_bytes"])
 
     def render(self) -> bytes:
         for kind in StreamKind:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from protos.histream.v1 import stages_pb2
+from services.protocol.identity import replica_name
 from services.settings import ServeSettings
 from services.stages.table import SessionTable
 
@@ -39,7 +40,9 @@ class SessionStage(Generic[T]):
     def __init__(self, settings: ServeSettings) -> None:
         settings.apply_threads()
         self.settings = settings
-        self.sessions: SessionTable[T] = SessionTable(self.label, settings.max_sessions_per_replica)
+        self.sessions: SessionTable[T] = SessionTable(
+            self.label, settings.max_sessions_per_replica, budget_bytes=settings.stage_budget_bytes
+        )
         self.calls: dict[str, int] = {}
         self._reaper: asyncio.Task | None = None
 
@@ -66,13 +69,14 @@ class SessionStage(Generic[T]):
         """Free a session whose driver will not close it (idle, or kept past its time)."""
         self.sessions.pop(session_id)
 
-    def _make_room(self, session_id: str) -> None:
-        """Fail fast unless `session_id` can be added; kept (suspended) sessions are freed
-        first when the replica is full: a resume rebuilds them from their snapshots."""
-        for kept in self.sessions.evictable():
+    def _make_room(self, session_id: str, nbytes: int = 0) -> None:
+        """Fail fast unless `session_id` (holding `nbytes`) can be added; kept (suspended)
+        sessions are freed first when the replica is full: a resume rebuilds them from their
+        snapshots."""
+        for kept in self.sessions.evictable(nbytes):
             log.info("%s freed suspended session %s for room", self.label, kept)
             self._free(kept)
-        self.sessions.check_room(session_id)
+        self.sessions.check_room(session_id, nbytes)
 
     def _kept(self, request: stages_pb2.ReleaseRequest) -> bool:
         """A suspend asking to keep the session's state for a resume (see ReleaseRequest)."""
@@ -88,4 +92,10 @@ class SessionStage(Generic[T]):
 
     def stats(self) -> dict:
         """Sessions held and RPC calls served (this replica)."""
-        return {"sessions": len(self.sessions), "calls": dict(self.calls)}
+        return {
+            "replica": replica_name(),
+            "sessions": len(self.sessions),
+            "calls": dict(self.calls),
+            "bytes_held": self.sessions.held_bytes,
+            "budget_bytes": self.sessions.budget_bytes,
+        }

@@ -25,6 +25,7 @@ import torch
 
 from histream_model.components import dit_for, text_encoder_for
 from histream_model.config import Resolution, VideoShape
+from histream_model.flops import cache_layout, kv_bytes, text_kv_bytes
 from histream_model.schedules import (
     ChunkPlan,
     Phase,
@@ -72,6 +73,23 @@ class DenoiseStage(SessionStage[DenoiseSession]):
         self.weights = settings.weight_paths()
         self.model = dit_for(preset, self.weights, settings.device, settings.torch_dtype())
         self.preset = replace(preset, dit=self.model.config)
+        self.sessions.budget_bytes = settings.stage_budget_bytes or self._device_budget()
+
+    def _device_budget(self) -> int | None:
+        """On CUDA, 90% of the memory free once the model is loaded (the rest: workspace)."""
+        device = next(self.model.parameters()).device
+        if device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+
+    def session_bytes(self, shape: VideoShape) -> int:
+        """What a session of `shape` holds here, exactly, before it is allocated: its cache at
+        this stage's resolution and one prompt's text K/V (histream_model.flops)."""
+        element = torch.empty((), dtype=next(self.model.parameters()).dtype).element_size()
+        config = self.model.config
+        layout = cache_layout(shape, self.resolution)
+        return kv_bytes(config, layout, 1, element) + text_kv_bytes(config, 1, element)
 
     async def _compute(self, fn: Callable[[], R]) -> R:
         return await asyncio.to_thread(fn)
@@ -93,9 +111,10 @@ class DenoiseStage(SessionStage[DenoiseSession]):
                 return new_resolution_state(self.model, shape, self.resolution, context)
 
         self._start_reaper()
-        self._make_room(spec.session_id)
+        nbytes = self.session_bytes(shape)
+        self._make_room(spec.session_id, nbytes)
         state = await self._compute(build)
-        self.sessions.add(spec.session_id, DenoiseSession(shape, spec.seed, state))
+        self.sessions.add(spec.session_id, DenoiseSession(shape, spec.seed, state), nbytes)
         log.info("%s opened session %s (%d bytes)", self.label, spec.session_id, state.cache.nbytes)
         return stages_pb2.OpenSessionResponse(
             session_id=spec.session_id, kv_bytes=state.cache.nbytes, num_chunks=shape.num_chunks
@@ -215,10 +234,11 @@ class DenoiseStage(SessionStage[DenoiseSession]):
 
         self._start_reaper()
         self.sessions.discard(request.session_id)
-        self._make_room(request.session_id)
+        nbytes = self.session_bytes(shape)
+        self._make_room(request.session_id, nbytes)
         state, passes = await self._compute(rebuild)
         restored = DenoiseSession(shape, snapshot.spec.seed, state, position=position)
-        self.sessions.add(request.session_id, restored)
+        self.sessions.add(request.session_id, restored, nbytes)
         log.info("%s restored session %s at chunk %d", self.label, request.session_id, done)
         return stages_pb2.RestoreResponse(
             session_id=request.session_id,

@@ -18,15 +18,23 @@ FORGOTTEN = 4096
 
 
 class SessionTable(Generic[T]):
-    """The sessions one replica holds, bounded by its admission limit, with last-use times."""
+    """The sessions one replica holds, bounded by its admission limits (a count, and a byte
+    budget when set: each session's exact bytes are known before it is allocated), with
+    last-use times."""
 
     def __init__(
-        self, stage: str, capacity: int, clock: Callable[[], float] = time.monotonic
+        self,
+        stage: str,
+        capacity: int,
+        clock: Callable[[], float] = time.monotonic,
+        budget_bytes: int | None = None,
     ) -> None:
         self.stage = stage
         self.capacity = capacity
+        self.budget_bytes = budget_bytes
         self.clock = clock
         self._items: dict[str, T] = {}
+        self._bytes: dict[str, int] = {}
         self._used: dict[str, float] = {}
         self._kept: dict[str, float] = {}  # suspended sessions kept for a resume, until when
         self._closed: OrderedDict[str, None] = OrderedDict()  # see FORGOTTEN
@@ -45,15 +53,28 @@ class SessionTable(Generic[T]):
         self._used[session_id] = self.clock()
         return self._items[session_id]
 
-    def evictable(self) -> list[str]:
-        """The kept sessions to free, soonest-expiring first, for room this replica needs."""
-        if len(self._items) < self.capacity:
-            return []
-        by_expiry = sorted(self._kept, key=self._kept.__getitem__)
-        return by_expiry[: len(self._items) - self.capacity + 1]
+    @property
+    def held_bytes(self) -> int:
+        return sum(self._bytes.values())
 
-    def check_room(self, session_id: str) -> None:
-        """Fail fast, before any work, when `session_id` could not be added."""
+    def _fits(self, count: int, held: int, nbytes: int) -> bool:
+        over_budget = self.budget_bytes is not None and held + nbytes > self.budget_bytes
+        return count < self.capacity and not over_budget
+
+    def evictable(self, nbytes: int = 0) -> list[str]:
+        """The kept sessions to free, soonest-expiring first, for the room a new session of
+        `nbytes` needs here."""
+        count, held, out = len(self._items), self.held_bytes, []
+        for session_id in sorted(self._kept, key=self._kept.__getitem__):
+            if self._fits(count, held, nbytes):
+                break
+            out.append(session_id)
+            count, held = count - 1, held - self._bytes.get(session_id, 0)
+        return out
+
+    def check_room(self, session_id: str, nbytes: int = 0) -> None:
+        """Fail fast, before any work, when `session_id` (holding `nbytes`) could not be
+        added."""
         if session_id in self._closed:
             raise SessionNotHeld(
                 f"session {session_id!r} was closed on this {self.stage} before it opened"
@@ -65,10 +86,18 @@ class SessionTable(Generic[T]):
                 f"{self.stage} replica {replica_name()} holds {len(self._items)} sessions, "
                 f"its limit (max_sessions_per_replica={self.capacity}); retry later"
             )
+        held = self.held_bytes
+        if not self._fits(len(self._items), held, nbytes):
+            raise AtCapacity(
+                f"{self.stage} replica {replica_name()} holds {held} bytes of sessions and this "
+                f"one needs {nbytes}: over its budget (stage_budget_bytes={self.budget_bytes}); "
+                "retry later"
+            )
 
-    def add(self, session_id: str, item: T) -> None:
-        self.check_room(session_id)
+    def add(self, session_id: str, item: T, nbytes: int = 0) -> None:
+        self.check_room(session_id, nbytes)
         self._items[session_id] = item
+        self._bytes[session_id] = nbytes
         self._used[session_id] = self.clock()
 
     def get(self, session_id: str) -> T:
@@ -85,6 +114,7 @@ class SessionTable(Generic[T]):
         """Remove and return the session; closing one not held here keeps it from opening."""
         self._used.pop(session_id, None)
         self._kept.pop(session_id, None)
+        self._bytes.pop(session_id, None)
         item = self._items.pop(session_id, None)
         if item is None:
             self._closed[session_id] = None
@@ -96,6 +126,7 @@ class SessionTable(Generic[T]):
         """Remove the session if held, as a restore that replaces it does (no tombstone)."""
         self._used.pop(session_id, None)
         self._kept.pop(session_id, None)
+        self._bytes.pop(session_id, None)
         return self._items.pop(session_id, None)
 
     def idle(self, timeout_s: float) -> list[str]:

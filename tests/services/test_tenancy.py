@@ -5,6 +5,7 @@ other (404 / NOT_FOUND exactly like unknown ids)."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import grpc
@@ -129,6 +130,9 @@ def test_a_tenant_cannot_update_close_or_resume_anothers_session(service, tenant
         assert started["playlist_key"].startswith("tenants/alpha/sessions/")
         metrics = httpx.get(tenants_service.url + "/metrics").text
         assert 'histream_tenant_active_sessions{kind="session",tenant="alpha"} 1.0' in metrics
+        held = re.search(r'histream_stage_bytes\{kind="held",replica="[^"]+",stage="RefineStage"\}'
+                         r" ([0-9.e+]+)", metrics)  # fmt: skip
+        assert held and float(held.group(1)) > 0  # the session's exact cache bytes
         api, md = stub(service, keys["bravo"])
         update = api_pb2.UpdateSessionPromptRequest(session_id=sid, prompt="x", session_token=token)
         close = api_pb2.CloseSessionRequest(session_id=sid, session_token=token)

@@ -242,3 +242,57 @@ def test_a_session_closed_before_it_opened_cannot_be_added():
         table.add("late", "x")
     table.add("other", "y")  # other ids are unaffected
     assert len(table) == 1
+
+
+def test_a_byte_budget_admits_exactly_the_sessions_whose_bytes_fit(tmp_path):
+    """A session's bytes are known before it is allocated and equal what it then holds; with a
+    budget of exactly two sessions' bytes, a third waits (at_capacity) until one closes, and
+    the sessions-per-replica count is not what stops it."""
+    probe = StructureStage(ServeSettings(preset="tiny"))
+    from services.protocol import shape_of
+
+    one = probe.session_bytes(shape_of(spec("x"), probe.preset))
+    settings = ServeSettings(
+        preset="tiny", max_sessions_per_replica=8, stage_budget_bytes=2 * one,
+        storage=StorageSettings(local_dir=str(tmp_path / "store")),
+    )  # fmt: skip
+    structure = StructureStage(settings)
+
+    async def run() -> None:
+        context = (await structure.EncodePrompt(stages_pb2.EncodePromptRequest(prompt="x"))).context
+        for sid in ("a", "b"):
+            await structure.OpenSession(
+                stages_pb2.OpenSessionRequest(spec=spec(sid), context=context)
+            )
+        state = structure.sessions.get("a").state
+        text = sum(t.nbytes for t in (*state.text.k, *state.text.v))
+        assert state.cache.nbytes + text == one  # the model's figure is the allocation
+        assert structure.stats()["bytes_held"] == 2 * one == structure.stats()["budget_bytes"]
+        with pytest.raises(AtCapacity, match=f"holds {2 * one} bytes of sessions and this one "
+                           f"needs {one}: over its budget"):  # fmt: skip
+            await structure.OpenSession(
+                stages_pb2.OpenSessionRequest(spec=spec("c"), context=context)
+            )
+        # a full-history session of the same length needs more than a sliding-window one
+        longer = probe.session_bytes(shape_of(spec("y", mode="no-agsw", frames=201), probe.preset))
+        shorter = probe.session_bytes(shape_of(spec("y", frames=201), probe.preset))
+        assert longer > shorter
+        await structure.CloseSession(stages_pb2.ReleaseRequest(session_id="a"))
+        assert structure.stats()["bytes_held"] == one
+        await structure.OpenSession(stages_pb2.OpenSessionRequest(spec=spec("c"), context=context))
+
+    asyncio.run(run())
+
+
+def test_kept_sessions_give_way_to_the_bytes_a_new_one_needs():
+    table = SessionTable("stage", capacity=8, clock=lambda: 0.0, budget_bytes=100)
+    table.add("kept-1", "s", 30)
+    table.add("kept-2", "s", 30)
+    table.add("live", "s", 30)
+    table.keep("kept-2", 5.0)
+    table.keep("kept-1", 9.0)
+    assert table.evictable(10) == []  # 90 + 10 fit
+    assert table.evictable(40) == ["kept-2"]  # the sooner-expiring one goes first
+    assert table.evictable(70) == ["kept-2", "kept-1"]
+    with pytest.raises(AtCapacity, match="holds 90 bytes"):
+        table.check_room("new", 40)
