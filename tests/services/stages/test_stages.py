@@ -37,6 +37,14 @@ def video_stream(session_id: str, object_id: str) -> stages_pb2.OpenStreamReques
     )
 
 
+async def open_two(structure: StructureStage) -> stages_pb2.Tensor:
+    """Sessions "a" and "b" open on `structure`; returns the prompt context they use."""
+    context = (await structure.EncodePrompt(stages_pb2.EncodePromptRequest(prompt="x"))).context
+    for sid in ("a", "b"):
+        await structure.OpenSession(stages_pb2.OpenSessionRequest(spec=spec(sid), context=context))
+    return context
+
+
 @pytest.fixture
 def settings(tmp_path) -> ServeSettings:
     return ServeSettings(
@@ -90,11 +98,7 @@ def test_admission_limit_and_unknown_sessions(settings):
     structure = StructureStage(settings)
 
     async def run() -> None:
-        context = (await structure.EncodePrompt(stages_pb2.EncodePromptRequest(prompt="x"))).context
-        for sid in ("a", "b"):
-            await structure.OpenSession(
-                stages_pb2.OpenSessionRequest(spec=spec(sid), context=context)
-            )
+        context = await open_two(structure)
         with pytest.raises(AtCapacity, match="holds 2 sessions, its limit"):
             await structure.OpenSession(
                 stages_pb2.OpenSessionRequest(spec=spec("c"), context=context)
@@ -259,11 +263,7 @@ def test_a_byte_budget_admits_exactly_the_sessions_whose_bytes_fit(tmp_path):
     structure = StructureStage(settings)
 
     async def run() -> None:
-        context = (await structure.EncodePrompt(stages_pb2.EncodePromptRequest(prompt="x"))).context
-        for sid in ("a", "b"):
-            await structure.OpenSession(
-                stages_pb2.OpenSessionRequest(spec=spec(sid), context=context)
-            )
+        context = await open_two(structure)
         state = structure.sessions.get("a").state
         text = sum(t.nbytes for t in (*state.text.k, *state.text.v))
         assert state.cache.nbytes + text == one  # the model's figure is the allocation
