@@ -58,7 +58,7 @@ def submit_video(
             wait_ready(client, wait_ready_s)
         video = _check(client.post("/v1/videos", json=body))
         deadline = time.monotonic() + timeout_s
-        with tqdm(total=100, desc=f"video {video['id'][:14]}", unit="%") as bar:
+        with tqdm(total=100, desc=f"video …{video['id'][-10:]}", unit="%") as bar:
             while video["status"] not in ("completed", "failed"):
                 if time.monotonic() > deadline:
                     raise ApiError(f"video {video['id']} not done after {timeout_s:.0f} s")
