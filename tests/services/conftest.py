@@ -115,10 +115,25 @@ def service(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 TENANT_KEYS = {"alpha": "sk-alpha-test-key-1", "bravo": "sk-bravo-test-key-2"}
 
 
+def _one_session_high_res() -> int:
+    """The bytes a 128x64 `histream+` session holds on the refine stage (float32 on the CPU):
+    the tenants app's stage budget, so its refine replica admits exactly one such session."""
+    from histream_model.config import VideoShape, get_mode, get_preset
+    from histream_model.flops import cache_layout, kv_bytes, text_kv_bytes
+
+    shape = VideoShape(get_preset("tiny"), get_mode("histream+"), 64, 128, 57)
+    config = shape.preset.dit
+    return kv_bytes(config, cache_layout(shape, "high"), 1, 4) + text_kv_bytes(config, 1, 4)
+
+
+ONE_SESSION_HIGH_RES = _one_session_high_res()
+
+
 @dataclass(frozen=True)
 class TenantService:
     """App "tenants" under /tenants beside the others: a tenants file with two tenants, bravo
-    with quotas (33 frames per request, no sessions)."""
+    with quotas (33 frames per request, no sessions); its stages' byte budget holds one 128x64
+    session on the refine stage."""
 
     url: str
     storage: LocalStorage
@@ -143,6 +158,7 @@ def tenants_service(service: Service, tmp_path_factory: pytest.TempPathFactory) 
             "storage": StorageSettings(local_dir=str(root / "store")),
             "tenants_file": str(tenants_file),
             "external_scaler": False,
+            "stage_budget_bytes": ONE_SESSION_HIGH_RES,
         }
     )
     server.start(settings, app_name="tenants", route_prefix="/tenants")

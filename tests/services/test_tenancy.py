@@ -181,3 +181,36 @@ def test_a_tenant_over_its_quotas_is_told_which_and_others_are_not(service, tena
     # alpha has no quotas: the same request is taken
     alpha = httpx.get(tenants_service.url + "/v1/usage", headers=bearer(keys["alpha"])).json()
     assert alpha["quotas"]["max_frames"] is None
+
+
+def test_a_byte_budget_of_one_session_runs_one_and_queues_the_next(tenants_service):
+    """The tenants app's stage budget is exactly one 128x64 session's bytes on the refine
+    stage: of two sessions started at once, one waits (`queued`) until the other ends; both
+    complete, and no stage is ever asked to hold more than its budget."""
+    import threading
+
+    key = tenants_service.keys["alpha"]
+    start = {"type": "start", "prompt": PROMPT, "size": "128x64", "num_frames": 57}
+    seen: dict[int, list[str]] = {0: [], 1: []}
+
+    def run(n: int) -> None:
+        with connect(ws_url(tenants_service), additional_headers=bearer(key)) as ws:
+            ws.send(json.dumps(start))
+            while True:
+                message = ws.recv(timeout=120)
+                if isinstance(message, str):
+                    event = json.loads(message)
+                    seen[n].append(event["type"] if event["type"] != "session.ended"
+                                   else event["reason"])  # fmt: skip
+                    if event["type"] in ("session.ended", "error"):
+                        return
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert seen[0][-1] == seen[1][-1] == "completed", seen
+    waited = [n for n in (0, 1) if "queued" in seen[n]]
+    assert len(waited) == 1, seen  # one ran at once, the other waited for its bytes
+    assert seen[waited[0]].index("queued") < seen[waited[0]].index("session.started")
