@@ -236,7 +236,8 @@ def test_sigterm_suspends_a_running_job_and_session_and_a_restart_completes_them
                 except TimeoutError:  # seen in clean-clone CI runs: keep the server's side
                     server.send_signal(signal.SIGINT)
                     log, _ = server.communicate(timeout=120)
-                    raise AssertionError(f"the resume went silent; server log:\n{log[-6000:]}")
+                    message = f"the resume went silent; server log:\n{log[-6000:]}"
+                    raise AssertionError(message) from None
             url = f"/v1/videos/{video['id']}"
             done = _until(
                 lambda: (r := http.get(url).json())["status"] in ("completed", "failed") and r,
