@@ -83,12 +83,35 @@ def unary(method: Callable[[Any, Any, str], Awaitable[T]]) -> Callable[..., Awai
             auth = authorization_of(grpc_context, authorization)
             return await method(self, request, self.core.caller(auth))
 
+    _named_as(call, method)
+    return call
+
+
+def streaming(method: Callable[[Any, Any, str], Awaitable[Any]]) -> Callable[..., AsyncIterator]:
+    """A server-streaming RPC of `histream.v1.HiStream`: the caller is authenticated as for
+    `unary`, `method` opens (or resumes) the session, and its events are streamed."""
+
+    async def call(
+        self, request, grpc_context=None, authorization: str | None = None
+    ) -> AsyncIterator[api_pb2.SessionEvent]:
+        with status_of_errors(grpc_context, method.__name__, request):
+            tenant = self.core.caller(authorization_of(grpc_context, authorization))
+            live = await method(self, request, tenant)
+            async with contextlib.aclosing(self.core.streams.events(live)) as events:
+                async for event in events:
+                    yield event.proto()
+
+    _named_as(call, method)
+    return call
+
+
+def _named_as(call: Callable, method: Callable) -> None:
+    """Not functools.wraps: Serve reads the call's own signature for `grpc_context`."""
     call.__name__, call.__qualname__, call.__doc__ = (
         method.__name__,
         method.__qualname__,
         method.__doc__,
     )
-    return call
 
 
 class GrpcApi:
@@ -126,36 +149,15 @@ class GrpcApi:
     ) -> api_pb2.DeleteVideoResponse:
         return api_pb2.DeleteVideoResponse(**await self.core.videos.delete(request.id, tenant))
 
-    async def StreamSession(
-        self,
-        request: api_pb2.StreamSessionRequest,
-        grpc_context=None,
-        authorization: str | None = None,
-    ) -> AsyncIterator[api_pb2.SessionEvent]:
-        with status_of_errors(grpc_context, "StreamSession", request):
-            auth = authorization_of(grpc_context, authorization)
-            tenant = self.core.caller(auth)
-            live = self.core.streams.open(SessionStart.parse(fields_of(request)), tenant)
-            async with contextlib.aclosing(self.core.streams.events(live)) as events:
-                async for event in events:
-                    yield event.proto()
+    @streaming
+    async def StreamSession(self, request: api_pb2.StreamSessionRequest, tenant: str):
+        return self.core.streams.open(SessionStart.parse(fields_of(request)), tenant)
 
-    async def ResumeSession(
-        self,
-        request: api_pb2.ResumeSessionRequest,
-        grpc_context=None,
-        authorization: str | None = None,
-    ) -> AsyncIterator[api_pb2.SessionEvent]:
-        with status_of_errors(grpc_context, "ResumeSession", request):
-            auth = authorization_of(grpc_context, authorization)
-            tenant = self.core.caller(auth)
-            streams = self.core.streams
-            live = await streams.resume(
-                request.session_id, request.session_token, request.last_chunk, tenant
-            )
-            async with contextlib.aclosing(streams.events(live)) as events:
-                async for event in events:
-                    yield event.proto()
+    @streaming
+    async def ResumeSession(self, request: api_pb2.ResumeSessionRequest, tenant: str):
+        return await self.core.streams.resume(
+            request.session_id, request.session_token, request.last_chunk, tenant
+        )
 
     @unary
     async def UpdateSessionPrompt(
