@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import time
 import uuid
@@ -37,6 +38,30 @@ from services.sessions.remote import Opened, SessionPlan, SessionStages, StageHa
 from services.sessions.restore import Durability, Restorer
 
 log = logging.getLogger("histream.sessions")
+
+STALL_LOG_S = 60.0  # a chunk awaited this long is logged with what the session's tasks wait on
+
+
+def stacks(tasks: list[asyncio.Task]) -> str:
+    """Where each unfinished task of `tasks` waits (innermost frame last)."""
+    out = io.StringIO()
+    for task in tasks:
+        if not task.done():
+            task.print_stack(file=out)
+    return out.getvalue()
+
+
+async def awaited(item: asyncio.Future, what: str, tasks: Callable[[], list[asyncio.Task]]):
+    """`item`'s result; each STALL_LOG_S it takes, a warning with where `tasks` wait (a
+    stuck session shows where it is stuck, in the gateway log)."""
+    waited = 0.0
+    while True:
+        done, _ = await asyncio.wait({item}, timeout=STALL_LOG_S)
+        if done:
+            return item.result()
+        waited += STALL_LOG_S
+        log.warning("%s: no progress for %.0f s; its tasks wait at:\n%s", what, waited,
+                    stacks(tasks()))  # fmt: skip
 
 
 async def admitted(
@@ -224,7 +249,11 @@ class SessionDriver:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                event = await asyncio.shield(item)  # a stop may settle it (see settle)
+                # a stop may settle it (see settle), so it is shielded from our cancellation
+                event = await asyncio.shield(awaited(
+                    item, f"session {self.session_id}",
+                    lambda: [producer, *decodes],
+                ))  # fmt: skip
                 if self.first_chunk_seconds is None:
                     self.first_chunk_seconds = time.perf_counter() - started
                 yield event

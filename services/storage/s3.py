@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 from datetime import timedelta
 from urllib.parse import urlsplit
 
+import certifi
+import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
@@ -18,6 +21,21 @@ from services.storage.base import (
     check_prefix,
 )
 
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def http_client(timeout_s: float) -> urllib3.PoolManager:
+    """minio's own client settings (5 tries with backoff on 5xx, certifi's CAs or
+    SSL_CERT_FILE's) with connect and read timeouts of `timeout_s` instead of 5 minutes; a read
+    that times out is retried like a 5xx."""
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
+        maxsize=16,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(total=5, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+    )
+
 
 class S3Storage:
     """Objects in one bucket of an S3-compatible endpoint (MinIO, AWS S3, ...).
@@ -27,6 +45,9 @@ class S3Storage:
       (e.g. an in-cluster 'minio:9000' behind an ingress); presigned URLs are signed for that
       host, because SigV4 signs the Host header.
     region: the bucket's region; None asks the endpoint once per bucket (GetBucketLocation).
+    timeout_s: the longest a connect or a read may take before the request is retried (5
+      tries in all): an endpoint that stops answering mid-request costs a session seconds,
+      not the minio client's default 5 minutes.
     """
 
     def __init__(
@@ -39,6 +60,7 @@ class S3Storage:
         region: str | None = None,
         create_bucket: bool = True,
         public_url: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         if "://" in endpoint or "/" in endpoint:
             raise ValueError(
@@ -48,7 +70,10 @@ class S3Storage:
         self._endpoint, self._bucket, self._secure = endpoint, bucket, secure
         self._region, self._public_url = region, public_url
         # One client per process: Minio is thread-safe but must not be shared across processes.
-        self._client = Minio(endpoint, access_key, secret_key, secure=secure, region=region)
+        self._client = Minio(
+            endpoint, access_key, secret_key, secure=secure, region=region,
+            http_client=http_client(timeout_s),
+        )  # fmt: skip
         self._presigner = self._client
         if public_url is not None:
             parts = urlsplit(public_url)

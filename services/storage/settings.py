@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.storage.base import PRESIGN_EXPIRY_RANGE_S, Storage
@@ -28,6 +28,8 @@ class StorageSettings(BaseSettings):
     region: str | None = None  # None: asked of the endpoint once per bucket
     public_url: str | None = None  # 'https://host[:port]' clients reach S3 at, for presigned URLs
     presign_expiry_s: int = 3600  # lifetime of the presigned URLs the gateway hands out
+    # an S3 connect or read slower than this is retried (5 tries); minio's default is 300 s
+    timeout_s: float = Field(30.0, gt=0, le=600)
 
     @field_validator("presign_expiry_s")
     @classmethod
@@ -71,6 +73,7 @@ def open_storage(settings: StorageSettings | None = None) -> Storage:
             settings.endpoint, settings.bucket,
             settings.access_key.get_secret_value(), settings.secret_key.get_secret_value(),
             secure=settings.secure, region=settings.region, public_url=settings.public_url,
+            timeout_s=settings.timeout_s,
         )  # fmt: skip
     if not settings.local_dir:
         raise ValueError("no storage configured: set HISTREAM_STORAGE_LOCAL_DIR or _ENDPOINT")

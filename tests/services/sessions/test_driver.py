@@ -306,3 +306,33 @@ def test_an_open_cancelled_while_a_stage_opens_leaves_nothing_held(tmp_path):
     run(go())
     assert stages.held() == NOTHING_HELD
     assert driver.status == SessionStatus.CLOSED
+
+
+def test_a_stuck_chunk_is_logged_with_where_the_session_waits(monkeypatch, caplog):
+    """A session that makes no progress says so in the log, with the await it is stuck on,
+    and goes on once the call returns."""
+    monkeypatch.setattr(driver_module, "STALL_LOG_S", 0.05)
+    stages = fake_stages()
+    gate = stages.decode.gate("DecodeChunk", when=lambda r: r.chunk_index == 0)
+    driver = SessionDriver(stages.handles, session_plan(frames=33))
+
+    async def go():
+        await driver.open()
+        chunks = []
+
+        async def consume():
+            async for chunk in driver.chunks():
+                chunks.append(chunk.index)
+
+        consumer = asyncio.create_task(consume())
+        while "no progress" not in caplog.text:
+            await asyncio.sleep(0.01)
+        gate.set()
+        await consumer
+        return chunks
+
+    with caplog.at_level("WARNING", logger="histream.sessions"):
+        assert run(go()) == [0, 1, 2]
+    stuck = [r.getMessage() for r in caplog.records if "no progress" in r.getMessage()]
+    assert stuck[0].startswith(f"session {driver.session_id}: no progress for 0 s")
+    assert "in decode" in stuck[0]  # the stack names the decode awaiting its stage call

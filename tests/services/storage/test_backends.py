@@ -3,7 +3,9 @@ the same."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -271,3 +273,75 @@ def test_s3_without_keys_fails_naming_what_is_missing(clean_env: pytest.MonkeyPa
     assert "ACCESS_KEY" not in message
     with pytest.raises(ValueError, match="HISTREAM_STORAGE_ACCESS_KEY and HISTREAM_STORAGE_SECRET"):
         open_storage(StorageSettings(endpoint="minio:9000", access_key=None))
+
+
+class StallOnce:
+    """A TCP proxy to an S3 endpoint whose first connection takes the request and never
+    answers (an endpoint that hangs mid-request); later connections are passed through."""
+
+    def __init__(self, target: str) -> None:
+        import socket
+
+        self.target = target.rsplit(":", 1)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self.stalled: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.stalled:
+                self.stalled.append(client)  # read nothing, answer nothing
+                continue
+            upstream = socket.create_connection((self.target[0], int(self.target[1])))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def close(self) -> None:
+        self.server.close()
+        for sock in self.stalled:
+            sock.close()
+
+
+def test_an_s3_request_that_hangs_is_retried_after_the_timeout(s3_endpoint: str) -> None:
+    """An endpoint that stops answering mid-request costs `timeout_s`, not minio's 5 minutes
+    (a stuck snapshot write once stalled a streaming session)."""
+    make_s3(s3_endpoint, "stall-bucket").put("k", b"before")
+    proxy = StallOnce(s3_endpoint)
+    try:
+        storage = S3Storage(
+            proxy.endpoint, "stall-bucket", ACCESS_KEY, SECRET_KEY, region="us-east-1",
+            create_bucket=False, timeout_s=0.5,
+        )  # fmt: skip
+        started = time.monotonic()
+        assert storage.get("k") == b"before"
+        took = time.monotonic() - started
+    finally:
+        proxy.close()
+    assert len(proxy.stalled) == 1 and 0.5 <= took < 10
+
+
+def test_the_s3_timeout_is_a_setting(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("HISTREAM_STORAGE_TIMEOUT_S", "7.5")
+    assert StorageSettings().timeout_s == 7.5
+    clean_env.setenv("HISTREAM_STORAGE_TIMEOUT_S", "0")
+    with pytest.raises(ValidationError, match="timeout_s"):
+        StorageSettings()
