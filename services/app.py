@@ -1,8 +1,10 @@
-"""The Serve application: four deployments, each scaled and resourced on its own.
+"""The Serve application: five deployments, each scaled and resourced on its own.
 
     Gateway (ingress: HTTP + gRPC) -> StructureStage (low-res, KV_low, text encoder)
                                    -> RefineStage    (high-res, KV_high, drives the commits)
                                    -> DecodePool     (streaming VAE -> fMP4 -> storage)
+                                   -> SessionMailbox (one replica: a session's control calls
+                                                      reach the gateway replica driving it)
 
 Stages are called through deployment handles carrying the `stages.proto` messages, routed by
 session id with Serve's consistent-hash router without fallback replicas: a session's requests
@@ -18,6 +20,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from services.control import Mailbox
 from services.gateway.deployment import Gateway
 from services.protocol import StageName
 from services.settings import ServeSettings
@@ -29,6 +32,8 @@ GRPC_SERVICERS = ["services.protocol.servicer.add_HiStreamServicer_to_server"]
 # Room for short requests (health, polling, job submissions) beside the gateway's open sessions,
 # so that no number of sessions can make a health check queue.
 GATEWAY_SHORT_REQUESTS = 256
+# Every gateway replica holds one long poll to the mailbox, and each control call one more.
+MAILBOX_ONGOING_REQUESTS = 4096
 SESSION_ROUTER = RequestRouterConfig(
     request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
     request_router_kwargs={"num_fallback_replicas": 0},
@@ -51,11 +56,18 @@ def build_app(settings: ServeSettings | None = None) -> Application:
     structure = _stage(StructureStage, StageName.STRUCTURE, settings).bind(settings)
     refine = _stage(RefineStage, StageName.REFINE, settings).bind(settings, structure)
     decode = _stage(DecodeStage, StageName.DECODE, settings).bind(settings)
+    mailbox = serve.deployment(
+        Mailbox,
+        name=str(StageName.MAILBOX),
+        num_replicas=1,
+        max_ongoing_requests=MAILBOX_ONGOING_REQUESTS,
+        ray_actor_options={"num_cpus": 0},
+    ).bind()
     ongoing = settings.max_live_sessions + GATEWAY_SHORT_REQUESTS
     gateway = serve.deployment(
         Gateway, name=str(StageName.GATEWAY), **settings.gateway.deployment_options(ongoing)
     )
-    return gateway.bind(settings, structure, refine, decode)
+    return gateway.bind(settings, structure, refine, decode, mailbox)
 
 
 def app_builder(args: dict) -> Application:

@@ -18,6 +18,7 @@ ALLOWED = {
     "storage": set(),
     "stages": set(),
     "sessions": set(),
+    "control": set(),
     "jobs": {"services.sessions"},
     "gateway": {"services.sessions", "services.jobs"},
     "local": {"services.app"},  # starting the service is wiring

@@ -32,7 +32,7 @@ STAGES = (StageName.STRUCTURE, StageName.REFINE, StageName.DECODE)
 class GatewayCore:
     """One gateway replica's state and operations: no model, no transport."""
 
-    def __init__(self, settings: ServeSettings, handles: StageHandles) -> None:
+    def __init__(self, settings: ServeSettings, handles: StageHandles, mailbox=None) -> None:
         self.settings = settings
         self.preset = settings.get_preset()
         self.started_at = int(time.time())
@@ -75,15 +75,18 @@ class GatewayCore:
             self.metrics,
             tenants=self.tenancy.names,
             quotas=self.quotas,
+            mailbox=mailbox,
         )
 
     def start_background(self) -> None:
         """Start, once, what this replica does besides answering requests: renewing its jobs'
-        leases and taking up jobs whose replica is gone; ending sessions nobody resumed. Called
+        leases and taking up jobs whose replica is gone; ending sessions nobody resumed;
+        answering control calls for its sessions that other replicas received. Called
         from Serve's health check (within seconds of the replica's start) and on requests."""
         if not self.draining:
             self.jobs.adopter.start()
             self.streams.sweeper.start()
+            self.streams.control.start()
 
     def caller(self, authorization: str | None) -> str:
         """The tenant of a call carrying `authorization` (401 without a valid key), charged

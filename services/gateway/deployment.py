@@ -14,9 +14,9 @@ from services.settings import ServeSettings
 
 @serve.ingress(api)
 class Gateway(HttpApi, WebSocketApi, GrpcApi):
-    def __init__(self, settings: ServeSettings, structure, refine, decode) -> None:
+    def __init__(self, settings: ServeSettings, structure, refine, decode, mailbox=None) -> None:
         handles = StageHandles(structure=structure, refine=refine, decode=decode)
-        self.core = GatewayCore(settings, handles)
+        self.core = GatewayCore(settings, handles, mailbox)
         # Serve runs the constructor on the replica's event loop: jobs a dead replica left are
         # taken up from the start (and check_health restarts the loops should one have ended)
         self.core.start_background()

@@ -163,8 +163,9 @@ class GrpcApi:
     async def UpdateSessionPrompt(
         self, request: api_pb2.UpdateSessionPromptRequest, tenant: str
     ) -> api_pb2.UpdateSessionPromptResponse:
-        live = self.core.streams.session(request.session_id, request.session_token, tenant)
-        version, start = await self.core.streams.update_prompt(live, request.prompt)
+        version, start = await self.core.streams.update_prompt_by_id(
+            request.session_id, request.session_token, request.prompt, tenant
+        )
         return api_pb2.UpdateSessionPromptResponse(
             session_id=request.session_id, prompt_version=version, from_chunk=start
         )
@@ -173,8 +174,7 @@ class GrpcApi:
     async def CloseSession(
         self, request: api_pb2.CloseSessionRequest, tenant: str
     ) -> api_pb2.CloseSessionResponse:
-        streams = self.core.streams
-        streams.session(request.session_id, request.session_token, tenant).request_stop()
+        await self.core.streams.close_by_id(request.session_id, request.session_token, tenant)
         return api_pb2.CloseSessionResponse(session_id=request.session_id, closed=True)
 
     @unary

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 
 from histream_model.config import Preset
 from services.errors import QueueFull, Unavailable
+from services.gateway.control import SessionControl
 from services.gateway.metrics import Metrics
 from services.gateway.quotas import QuotaKeeper
 from services.gateway.requests import SessionStart, check_prompt_field, resolve_session
@@ -25,8 +26,6 @@ from services.sessions import (
 from services.sessions.resume import Sweeper, plan_of, resumable
 from services.settings import ServeSettings
 from services.storage import Layout, Storage
-
-RESUME_WAIT_S = 10.0  # a resume waits this long for the session's old connection to let go
 
 
 def new_session_id() -> str:
@@ -44,6 +43,7 @@ class Streams:
         metrics: Metrics,
         tenants: Callable[[], Iterable[str]] | None = None,
         quotas: QuotaKeeper | None = None,
+        mailbox=None,
     ) -> None:
         self.quotas = quotas
         self.settings = settings
@@ -54,6 +54,8 @@ class Streams:
         self.layout = Layout(settings.tenant)
         self.metrics = metrics
         self.sessions = SessionRegistry()
+        # prompt updates, closes and resumes by id, wherever the session runs
+        self.control = SessionControl(self.sessions, mailbox)
         self.draining = False
         assert durability.store is not None
         self.sweeper = Sweeper(
@@ -96,6 +98,7 @@ class Streams:
             playlist_key=layout.session_playlist_key(session_id),
         )
         self.sessions.add(live)
+        self.control.opened(session_id, layout.tenant)
         return live
 
     async def resume(
@@ -105,9 +108,8 @@ class Streams:
         its events re-send the chunks after `last_chunk`, then go on."""
         self._admit_session()
         tenant = tenant or self.layout.tenant
-        if self.sessions.holds(session_id):  # the old connection is not gone yet here
-            self.sessions.get(session_id, token, tenant).request_stop(EndReason.DISCONNECTED)
-            await asyncio.wait_for(self.sessions.released(session_id), RESUME_WAIT_S)
+        if token:  # the old connection (on any replica) may not be gone yet
+            await self.control.hand_over(session_id, token, tenant)
         store = self.durability.store
         snapshot = await resumable(store, session_id, token, last_chunk, tenant)
         plan = plan_of(snapshot, self.preset)
@@ -125,6 +127,7 @@ class Streams:
             resume_after=last_chunk, replay=replay,
         )  # fmt: skip
         self.sessions.add(live)
+        self.control.opened(session_id, tenant)
         return live
 
     def open_count(self, tenant: str) -> int:
@@ -146,15 +149,27 @@ class Streams:
                         yield event
         finally:
             self.sessions.remove(live.id)
-
-    def session(self, session_id: str, token: str | None, tenant: str | None = None) -> LiveSession:
-        """A live session of `tenant`'s, for a client quoting its token (prompt updates,
-        closes by id)."""
-        return self.sessions.get(session_id, token, tenant)
+            self.control.ended(live.id)
 
     async def update_prompt(self, live: LiveSession, prompt: object) -> tuple[int, int]:
+        """A prompt update from the session's own connection (WebSocket)."""
         text = check_prompt_field(prompt, self.settings.max_prompt_chars)
         return await live.driver.update_prompt(text)
+
+    async def update_prompt_by_id(
+        self, session_id: str, token: str | None, prompt: object, tenant: str | None = None
+    ) -> tuple[int, int]:
+        """A prompt update for `tenant`'s session quoting its token, wherever it runs:
+        (the prompt's version, the chunk it applies from)."""
+        text = check_prompt_field(prompt, self.settings.max_prompt_chars)
+        tenant = tenant or self.layout.tenant
+        return await self.control.update_prompt(session_id, token, tenant, text)
+
+    async def close_by_id(
+        self, session_id: str, token: str | None, tenant: str | None = None
+    ) -> None:
+        """Close `tenant`'s session quoting its token, wherever it runs."""
+        await self.control.close(session_id, token, tenant or self.layout.tenant)
 
     async def drain(self, timeout_s: float) -> int:
         """Suspend every session here (resumable by id for session_snapshot_ttl_s)."""

@@ -42,6 +42,7 @@ class StageName(enum.StrEnum):
     STRUCTURE = "StructureStage"  # low resolution: KV_low, the text encoder
     REFINE = "RefineStage"  # high resolution: KV_high; hands Down(x0) to the structure stage
     DECODE = "DecodePool"  # streaming VAE decode -> fMP4 -> storage
+    MAILBOX = "SessionMailbox"  # one replica: control calls reach a session's gateway replica
 
     @classmethod
     def for_resolution(cls, resolution: Resolution) -> StageName:
@@ -50,7 +51,7 @@ class StageName(enum.StrEnum):
 
     @property
     def resolution(self) -> Resolution | None:
-        """The resolution a denoising stage holds (None for the gateway and the decode pool)."""
+        """The resolution a denoising stage holds (None for the other deployments)."""
         return {self.STRUCTURE: Resolution.LOW, self.REFINE: Resolution.HIGH}.get(self)
 
 

@@ -44,7 +44,15 @@ def test_grpc_servicer_function_is_importable():
 
 def test_gpu_stages_ask_for_gpus_and_scale_on_their_own():
     deployments = {d["name"]: d for d in load()["applications"][0]["deployments"]}
-    for name in DEPLOYMENTS[1:]:
+    for name in ("StructureStage", "RefineStage", "DecodePool"):
         assert deployments[name]["ray_actor_options"]["num_gpus"] == 1
         assert deployments[name]["autoscaling_config"]["max_replicas"] >= 2
     assert deployments["Gateway"]["ray_actor_options"].get("num_gpus", 0) == 0
+
+
+def test_the_session_mailbox_is_one_small_replica():
+    """Control calls meet in one place; it needs no GPU and next to no CPU."""
+    deployments = {d["name"]: d for d in load()["applications"][0]["deployments"]}
+    mailbox = deployments["SessionMailbox"]
+    assert mailbox["num_replicas"] == 1 and "autoscaling_config" not in mailbox
+    assert mailbox["ray_actor_options"] == {"num_cpus": 0}

@@ -117,3 +117,50 @@ def test_a_session_survives_its_stage_scaling_up_then_down(service, tmp_path, de
     assert read_video(video) == (477, 384, 256)
     assert wait_until(lambda: held_sessions() == 0, timeout=60)
     assert metric(service.url, "histream_cache_bytes") == 0
+
+
+def test_prompt_updates_and_a_close_reach_a_session_from_either_gateway_replica(service):
+    """Two gateway replicas: a gRPC session streams from one; prompt updates and the close
+    sent meanwhile land on either (Serve picks; the busy one less often) and all reach the
+    session, through the session mailbox for those that land on the other."""
+    from protos.histream.v1 import api_pb2
+    from tests.services.test_service import grpc_stub
+
+    stub, md = grpc_stub(service)
+    request = api_pb2.StreamSessionRequest(prompt=PROMPT, size="128x64", num_frames=477, seed=3)
+    call = stub.StreamSession(request, metadata=md, timeout=240)
+    events = iter(call)
+    started = next(events).started
+    scale("Gateway", 2)
+    try:
+        assert wait_until(lambda: running("Gateway") == 2, timeout=120)
+        mailbox = serve.get_deployment_handle("SessionMailbox", "histream")
+        before = mailbox.stats.remote().result()["answered"]
+        updates = [
+            stub.UpdateSessionPrompt(
+                api_pb2.UpdateSessionPromptRequest(
+                    session_id=started.session_id,
+                    session_token=started.session_token,
+                    prompt=f"{PROMPT}, take {n}",
+                ),
+                metadata=md,
+                timeout=60,
+            )
+            for n in range(6)
+        ]
+        closed = stub.CloseSession(
+            api_pb2.CloseSessionRequest(
+                session_id=started.session_id, session_token=started.session_token
+            ),
+            metadata=md,
+            timeout=60,
+        )
+        rest = [e.WhichOneof("event") for e in events]
+        forwarded = mailbox.stats.remote().result()["answered"] - before
+    finally:
+        scale("Gateway", 1)
+    assert [u.prompt_version for u in updates] == [1, 2, 3, 4, 5, 6]
+    assert closed.closed and rest[-1] == "ended"
+    assert forwarded >= 1  # at least one call landed on the replica not driving the session
+    assert wait_until(lambda: running("Gateway") == 1, timeout=120)
+    assert wait_until(lambda: held_sessions() == 0, timeout=60)

@@ -36,7 +36,9 @@ def test_stream_kind_round_trips_the_proto_enum():
 
 
 def test_stage_names_are_the_deployments_and_own_a_resolution():
-    assert [str(n) for n in StageName] == ["Gateway", "StructureStage", "RefineStage", "DecodePool"]
+    assert [str(n) for n in StageName] == [
+        "Gateway", "StructureStage", "RefineStage", "DecodePool", "SessionMailbox"
+    ]  # fmt: skip
     assert StageName.for_resolution(Resolution.LOW) == StageName.STRUCTURE
     assert StageName.for_resolution(Resolution.HIGH) == StageName.REFINE
     assert StageName.REFINE.resolution == Resolution.HIGH
