@@ -47,8 +47,16 @@ def _stage(cls: type, name: StageName, settings: ServeSettings):
         StageName.DECODE: settings.decode,
     }[name]
     return serve.deployment(
-        cls, name=str(name), request_router_config=SESSION_ROUTER, **scaling.deployment_options()
+        cls,
+        name=str(name),
+        request_router_config=SESSION_ROUTER,
+        logging_config=logging_config(settings),
+        **scaling.deployment_options(),
     )
+
+
+def logging_config(settings: ServeSettings) -> dict:
+    return {"encoding": settings.log_encoding}
 
 
 def build_app(settings: ServeSettings | None = None) -> Application:
@@ -62,10 +70,14 @@ def build_app(settings: ServeSettings | None = None) -> Application:
         num_replicas=1,
         max_ongoing_requests=MAILBOX_ONGOING_REQUESTS,
         ray_actor_options={"num_cpus": 0},
+        logging_config=logging_config(settings),
     ).bind()
     ongoing = settings.max_live_sessions + GATEWAY_SHORT_REQUESTS
     gateway = serve.deployment(
-        Gateway, name=str(StageName.GATEWAY), **settings.gateway.deployment_options(ongoing)
+        Gateway,
+        name=str(StageName.GATEWAY),
+        logging_config=logging_config(settings),
+        **settings.gateway.deployment_options(ongoing),
     )
     return gateway.bind(settings, structure, refine, decode, mailbox)
 

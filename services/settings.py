@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -112,6 +114,9 @@ class ServeSettings(BaseSettings):
     # let an operator or an outside autoscaler set a deployment's replica count in place
     # (Ray Serve's external scaling API), besides num_replicas/autoscaling above
     external_scaler: bool = False
+    # how replicas write their log files (logs/serve/): TEXT lines, or JSON objects with the
+    # tenant, session_id and video_id of a log line as fields (services/logs.py)
+    log_encoding: Literal["TEXT", "JSON"] = "TEXT"
 
     @field_validator("preset")
     @classmethod

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SERVING = {"ray", "grpc", "minio", "av", "fastapi", "starlette", "prometheus_client", "services"}
 SHARED = {"services.errors", "services.settings", "services.media", "services.protocol",
-          "services.storage", "services.tenants"}  # fmt: skip
+          "services.storage", "services.tenants", "services.logs"}  # fmt: skip
 # package -> the other services packages it may import (besides SHARED)
 ALLOWED = {
     "protocol": set(),

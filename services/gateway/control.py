@@ -26,6 +26,7 @@ from services.errors import (
     Unavailable,
     remote_result,
 )
+from services.logs import ids
 from services.protocol import EndReason
 from services.sessions import SessionRegistry
 
@@ -67,7 +68,10 @@ class SessionControl:
         except NotFound:
             pass
         except Unavailable as err:  # its replica is gone (QueueTimeout: alive, did not let go)
-            log.warning("resume of %s goes on without a hand-over: %s", session_id, err.message)
+            log.warning(
+                "resume of %s goes on without a hand-over: %s", session_id, err.message,
+                extra=ids(tenant, session_id),
+            )  # fmt: skip
 
     async def _call(self, op: str, session_id: str, token: str | None, tenant: str, **args):
         if not token:

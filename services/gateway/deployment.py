@@ -8,6 +8,7 @@ from services.gateway.core import GatewayCore
 from services.gateway.grpc import GrpcApi
 from services.gateway.http import HttpApi, api
 from services.gateway.websocket import WebSocketApi
+from services.logs import through_serve
 from services.sessions import StageHandles
 from services.settings import ServeSettings
 
@@ -15,6 +16,7 @@ from services.settings import ServeSettings
 @serve.ingress(api)
 class Gateway(HttpApi, WebSocketApi, GrpcApi):
     def __init__(self, settings: ServeSettings, structure, refine, decode, mailbox=None) -> None:
+        through_serve()
         handles = StageHandles(structure=structure, refine=refine, decode=decode)
         self.core = GatewayCore(settings, handles, mailbox)
         # Serve runs the constructor on the replica's event loop: jobs a dead replica left are

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from histream_model.config import Preset
 from protos.histream.v1 import stages_pb2
 from services.jobs.records import RecordStore, VideoError, VideoRecord, VideoStatus
+from services.logs import ids
 from services.protocol import Generation, StreamKind, video_shape
 from services.sessions import SessionPlan, SnapshotStore
 from services.sessions.periodic import Periodic
@@ -100,6 +101,7 @@ class Adopter(Periodic):
             log.info(
                 "taking up video %s (attempt %d) %s", claimed.id, claimed.attempts,
                 f"at chunk {snapshot.next_chunk}" if snapshot else "from the start",
+                extra=ids(claimed.tenant, video_id=claimed.id),
             )  # fmt: skip
             self.runner.adopt(claimed, snapshot)
         return taken
@@ -133,4 +135,7 @@ class Adopter(Periodic):
         parts = VideoParts(records.storage, records.layout, record.id)
         with contextlib.suppress(Exception):
             await asyncio.to_thread(parts.remove)
-        log.warning("video %s failed: interrupted %d times", record.id, record.attempts - 1)
+        log.warning(
+            "video %s failed: interrupted %d times", record.id, record.attempts - 1,
+            extra=ids(record.tenant, video_id=record.id),
+        )  # fmt: skip

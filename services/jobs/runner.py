@@ -16,6 +16,7 @@ from protos.histream.v1 import stages_pb2
 from services.errors import Internal, QueueFull, QueueTimeout, ServiceError, Unavailable
 from services.jobs.leases import Adopter, plan_of_record
 from services.jobs.records import RecordStore, VideoError, VideoRecord, VideoStatus, new_video_id
+from services.logs import ids
 from services.protocol import ChunkReady, EndReason, Generation, StageName, StreamKind
 from services.protocol.identity import replica_name
 from services.sessions import Durability, SessionDriver, SessionPlan, StageHandles
@@ -200,7 +201,10 @@ class JobRunner:
             reason = EndReason.COMPLETED
         except asyncio.CancelledError:
             if self.draining:  # stopped to go on after a restart, from its snapshot
-                log.info("video %s suspended by a drain at chunk %d", record.id, driver.next_chunk)
+                log.info(
+                    "video %s suspended by a drain at chunk %d", record.id, driver.next_chunk,
+                    extra=ids(record.tenant, video_id=record.id),
+                )  # fmt: skip
                 durability = self.durability
                 await driver.suspend(
                     EndReason.DRAINING, durability.snapshot_ttl_s, durability.resume_grace_s
@@ -208,17 +212,23 @@ class JobRunner:
                 with contextlib.suppress(Exception):  # any replica may take it up at once
                     await self._update(record, lease=False)
             else:
-                log.info("video %s cancelled", record.id)
+                log.info("video %s cancelled", record.id, extra=ids(record.tenant, None, record.id))
             reason = EndReason.CANCELLED
             raise
         except JobDeleted:
-            log.info("video %s was deleted while running; stopped", record.id)
+            log.info(
+                "video %s was deleted while running; stopped", record.id,
+                extra=ids(record.tenant, video_id=record.id),
+            )  # fmt: skip
             reason = EndReason.CANCELLED
             with contextlib.suppress(Exception):  # what it published as the delete landed
                 await self.records_of(record).delete(record.id)
         except Exception as err:
             code, message = _error_of(err, record.id)
-            log.warning("video %s failed: %s %s", record.id, code, message)
+            log.warning(
+                "video %s failed: %s %s", record.id, code, message,
+                extra=ids(record.tenant, video_id=record.id),
+            )  # fmt: skip
             if record.status != VideoStatus.completed:
                 record.advance(VideoStatus.failed)
                 record.error = VideoError(code=code, message=message)

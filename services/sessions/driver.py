@@ -51,7 +51,9 @@ def stacks(tasks: list[asyncio.Task]) -> str:
     return out.getvalue()
 
 
-async def awaited(item: asyncio.Future, what: str, tasks: Callable[[], list[asyncio.Task]]):
+async def awaited(
+    item: asyncio.Future, what: str, tasks: Callable[[], list[asyncio.Task]], extra: dict
+):
     """`item`'s result; each STALL_LOG_S it takes, a warning with where `tasks` wait (a
     stuck session shows where it is stuck, in the gateway log)."""
     waited = 0.0
@@ -61,7 +63,7 @@ async def awaited(item: asyncio.Future, what: str, tasks: Callable[[], list[asyn
             return item.result()
         waited += STALL_LOG_S
         log.warning("%s: no progress for %.0f s; its tasks wait at:\n%s", what, waited,
-                    stacks(tasks()))  # fmt: skip
+                    stacks(tasks()), extra=extra)  # fmt: skip
 
 
 async def admitted(
@@ -252,7 +254,7 @@ class SessionDriver:
                 # a stop may settle it (see settle), so it is shielded from our cancellation
                 event = await asyncio.shield(awaited(
                     item, f"session {self.session_id}",
-                    lambda: [producer, *decodes],
+                    lambda: [producer, *decodes], self.plan.log_ids(),
                 ))  # fmt: skip
                 if self.first_chunk_seconds is None:
                     self.first_chunk_seconds = time.perf_counter() - started
@@ -324,4 +326,7 @@ class SessionDriver:
             try:
                 await self.store.delete(str(self.plan.kind), self.plan.object_id, self.plan.tenant)
             except Exception:
-                log.exception("could not delete the snapshot of %s", self.plan.object_id)
+                log.exception(
+                    "could not delete the snapshot of %s", self.plan.object_id,
+                    extra=self.plan.log_ids(),
+                )  # fmt: skip

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from histream_model.config import Resolution, VideoShape
 from protos.histream.v1 import stages_pb2
 from services.errors import AtCapacity, SessionNotHeld, remote_result
+from services.logs import ids
 from services.protocol import Generation, StageName, StreamKind, session_spec
 
 if TYPE_CHECKING:
@@ -59,6 +60,12 @@ class SessionPlan:
     ) -> SessionPlan:
         g = generation
         return cls(object_id, kind, tenant, g.shape, g.seed, g.prompt, fps)
+
+    def log_ids(self) -> dict:
+        """The `extra` of a log line about this session or video (never its prompt)."""
+        if self.kind == StreamKind.VIDEO:
+            return ids(self.tenant, video_id=self.object_id)
+        return ids(self.tenant, session_id=self.object_id)
 
     @property
     def denoisers(self) -> tuple[StageName, ...]:

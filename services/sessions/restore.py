@@ -100,7 +100,10 @@ class Restorer:
             except SessionNotHeld as err:
                 if time.monotonic() - started > self.deadline_s:
                     raise
-                log.warning("session %s: %s; restoring", self.stages.session_id, err.message)
+                log.warning(
+                    "session %s: %s; restoring", self.stages.session_id, err.message,
+                    extra=self.stages.plan.log_ids(),
+                )  # fmt: skip
             while True:  # the restore itself may reach a replica that is going away
                 try:
                     await restore()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from histream_model.config import Preset
 from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument, NotFound
+from services.logs import ids
 from services.protocol import StreamKind, shape_of
 from services.sessions.periodic import Periodic
 from services.sessions.remote import SessionPlan
@@ -109,7 +110,10 @@ class Sweeper(Periodic):
                 continue
             await asyncio.to_thread(self._seal, snapshot, layout)
             await self.store.delete(kind, session_id, tenant)
-            log.info("session %s was not resumed in time; ended", session_id)
+            log.info(
+                "session %s was not resumed in time; ended", session_id,
+                extra=ids(layout.tenant, session_id),
+            )  # fmt: skip
             ended.append(session_id)
         return ended
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from protos.histream.v1 import stages_pb2
+from services.logs import ids, through_serve
 from services.protocol.identity import replica_name
 from services.settings import ServeSettings
 from services.stages.table import SessionTable
@@ -38,6 +39,7 @@ class SessionStage(Generic[T]):
     label = "stage"  # how messages and logs name this stage, e.g. "structure stage"
 
     def __init__(self, settings: ServeSettings) -> None:
+        through_serve()
         settings.apply_threads()
         self.settings = settings
         self.sessions: SessionTable[T] = SessionTable(
@@ -61,7 +63,10 @@ class SessionStage(Generic[T]):
         time; returns their ids."""
         expired = self.sessions.idle(self.settings.session_idle_timeout_s)
         for session_id in expired:
-            log.warning("%s freed idle session %s", self.label, session_id)
+            log.warning(
+                "%s freed idle session %s", self.label, session_id,
+                extra=ids(session_id=session_id),
+            )  # fmt: skip
             self._free(session_id)
         return expired
 
@@ -74,7 +79,10 @@ class SessionStage(Generic[T]):
         sessions are freed first when the replica is full: a resume rebuilds them from their
         snapshots."""
         for kept in self.sessions.evictable(nbytes):
-            log.info("%s freed suspended session %s for room", self.label, kept)
+            log.info(
+                "%s freed suspended session %s for room", self.label, kept,
+                extra=ids(session_id=kept),
+            )  # fmt: skip
             self._free(kept)
         self.sessions.check_room(session_id, nbytes)
 

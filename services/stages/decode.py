@@ -19,6 +19,7 @@ from histream_model.components import vae_for
 from histream_model.vae import VAEDecodeState
 from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument
+from services.logs import ids
 from services.media import FragmentedMp4Encoder, progressive_mp4
 from services.protocol import StageName, StreamKind, from_proto
 from services.protocol.snapshot import decode_tail
@@ -145,7 +146,10 @@ class DecodeStage(SessionStage[DecodeStream]):
             async with kept.lock:  # a decode still running for the suspended driver ends first
                 adopt = (kept.segments, kept.frames) == (snapshot.next_chunk, frames)
         if kept is not None and adopt:
-            log.info("decode pool took up kept stream %s", request.session_id)
+            log.info(
+                "decode pool took up kept stream %s", request.session_id,
+                extra=ids(session_id=request.session_id),
+            )  # fmt: skip
             return stages_pb2.RestoreResponse(
                 session_id=request.session_id,
                 seconds=time.perf_counter() - started,
@@ -165,7 +169,10 @@ class DecodeStage(SessionStage[DecodeStream]):
             spec.tenant,
             resume=snapshot,
         )
-        log.info("decode pool restored %s at chunk %d", request.session_id, snapshot.next_chunk)
+        log.info(
+            "decode pool restored %s at chunk %d", request.session_id, snapshot.next_chunk,
+            extra=ids(session_id=request.session_id),
+        )  # fmt: skip
         return stages_pb2.RestoreResponse(
             session_id=request.session_id,
             seconds=time.perf_counter() - started,

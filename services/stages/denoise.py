@@ -39,6 +39,7 @@ from histream_model.schedules.restore import position_after, reprefill, snapshot
 from histream_model.text import check_prompt
 from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument, remote_result
+from services.logs import ids
 from services.protocol import StageName, from_proto, shape_of, to_proto
 from services.protocol.snapshot import kept_latents, prompt_index
 from services.settings import ServeSettings
@@ -115,7 +116,10 @@ class DenoiseStage(SessionStage[DenoiseSession]):
         self._make_room(spec.session_id, nbytes)
         state = await self._compute(build)
         self.sessions.add(spec.session_id, DenoiseSession(shape, spec.seed, state), nbytes)
-        log.info("%s opened session %s (%d bytes)", self.label, spec.session_id, state.cache.nbytes)
+        log.info(
+            "%s opened session %s (%d bytes)", self.label, spec.session_id, state.cache.nbytes,
+            extra=ids(session_id=spec.session_id),
+        )  # fmt: skip
         return stages_pb2.OpenSessionResponse(
             session_id=spec.session_id, kv_bytes=state.cache.nbytes, num_chunks=shape.num_chunks
         )
@@ -239,7 +243,10 @@ class DenoiseStage(SessionStage[DenoiseSession]):
         state, passes = await self._compute(rebuild)
         restored = DenoiseSession(shape, snapshot.spec.seed, state, position=position)
         self.sessions.add(request.session_id, restored, nbytes)
-        log.info("%s restored session %s at chunk %d", self.label, request.session_id, done)
+        log.info(
+            "%s restored session %s at chunk %d", self.label, request.session_id, done,
+            extra=ids(session_id=request.session_id),
+        )  # fmt: skip
         return stages_pb2.RestoreResponse(
             session_id=request.session_id,
             kv_bytes=state.cache.nbytes,
@@ -261,7 +268,9 @@ class DenoiseStage(SessionStage[DenoiseSession]):
 
         async with session.lock:
             await self._compute(retext)
-        log.info("%s took up kept session %s", self.label, session_id)
+        log.info(
+            "%s took up kept session %s", self.label, session_id, extra=ids(session_id=session_id)
+        )
         return stages_pb2.RestoreResponse(
             session_id=session_id,
             kv_bytes=session.state.cache.nbytes,
