@@ -9,7 +9,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
-SERVE = yaml.safe_load((ROOT / "k8s" / "serve-config.yaml").read_text())
+SERVE = yaml.safe_load((ROOT / "k8s" / "base" / "serve-config.yaml").read_text())
 
 
 def test_validates_against_the_schema_ray_ships():
@@ -50,7 +50,7 @@ def test_every_stage_replica_has_a_node_type_that_fits_it_and_scales():
 
 def test_the_head_deploys_the_projects_serve_config_and_setup_builds_the_stubs():
     start = " ".join(CLUSTER["head_start_ray_commands"])
-    assert "serve deploy k8s/serve-config.yaml" in start
+    assert "serve deploy k8s/base/serve-config.yaml" in start
     setup = " ".join(CLUSTER["setup_commands"])
     assert "pip install --quiet -e ~/histream" in setup and "grpc_tools.protoc" in setup
     assert CLUSTER["file_mounts"] == {"~/histream": "."}

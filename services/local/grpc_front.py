@@ -4,7 +4,8 @@ Serve's own gRPC proxy listens on every interface (its address is not configurab
 `histream serve` does not start it: this front serves the API in the `histream serve` process on
 `grpc_host:grpc_port` (127.0.0.1 by default) and hands each call to the gateway deployment of the
 application its `application` metadata names, as Serve's proxy would. On Kubernetes the pods
-use Serve's proxy (k8s/serve-config.yaml), where listening on the pod's interfaces is the point.
+use Serve's proxy (k8s/base/serve-config.yaml), where listening on the pod's interfaces is the
+point.
 """
 
 from __future__ import annotations

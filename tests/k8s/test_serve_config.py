@@ -1,4 +1,4 @@
-"""k8s/serve-config.yaml stays valid for Ray Serve and in step with the code."""
+"""k8s/base/serve-config.yaml stays valid for Ray Serve and in step with the code."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ray.serve.schema import ServeDeploySchema
 from services.app import APP_NAME, DEPLOYMENTS, GRPC_SERVICERS
 from services.settings import ServeSettings
 
-CONFIG = Path(__file__).resolve().parents[2] / "k8s" / "serve-config.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "k8s" / "base" / "serve-config.yaml"
 
 
 def load() -> dict:
