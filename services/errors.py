@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable
@@ -159,12 +160,23 @@ class SessionNotHeld(
     """A stage was asked about a session whose caches it does not hold."""
 
 
-async def remote_result(response: Awaitable[T]) -> T:
+async def remote_result(response: Awaitable[T], timeout_s: float | None = None) -> T:
     """Await a stage call (a Serve deployment response), re-raising the service error it
     carried as itself rather than inside Ray's wrappers; a replica that died under the call is
-    `ReplicaLost` (whatever it held must be rebuilt elsewhere)."""
+    `ReplicaLost` (whatever it held must be rebuilt elsewhere), and so is a call unanswered for
+    `timeout_s` (a call sent to a replica as it died can wait forever; it is cancelled)."""
+    scope = None
     try:
-        return await response
+        if timeout_s is None:
+            return await response
+        async with asyncio.timeout(timeout_s) as scope:
+            return await response
+    except TimeoutError:
+        if scope is not None and scope.expired():
+            raise ReplicaLost(
+                f"no answer from the replica within {timeout_s:g} s (stage_call_timeout_s)"
+            ) from None
+        raise
     except Exception as err:
         cause = unwrap(err)
         if cause is not err and isinstance(cause, ServiceError):

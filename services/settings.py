@@ -93,6 +93,10 @@ class ServeSettings(BaseSettings):
     snapshot_decode_frames: int = Field(24, ge=0)
     queue_timeout_s: float = Field(600.0, gt=0)  # a job waiting for capacity fails after this
     drain_timeout_s: float = Field(30.0, gt=0)  # on shutdown, suspending sessions and jobs
+    # a stage call unanswered this long is taken for lost (as if its replica died): the session's
+    # state is rebuilt and the call made again. A call sent to a replica as it goes away can
+    # otherwise wait forever. Well above any one call's time (a chunk's phase or decode).
+    stage_call_timeout_s: float = Field(600.0, gt=0)
     # a suspended session's stages keep its caches this long: a resume within it goes on at
     # once; after it, a resume rebuilds them from the snapshot (a re-prefill)
     session_resume_grace_s: float = Field(30.0, gt=0)

@@ -44,6 +44,25 @@ def position_after(
     return None
 
 
+def phase_after(
+    plans: Callable[[int], ChunkPlan],
+    resolution: Resolution,
+    position: tuple[int, int] | None,
+    num_chunks: int,
+) -> tuple[int, int] | None:
+    """The phase (chunk, phase index) a resolution's state runs next when the last one it ran
+    is `position` (None: none yet); None past the last chunk. Phases of one resolution run in
+    this order only, so a request for any other finds a state that is not the session's."""
+    chunk, after = (0, -1) if position is None else position
+    while chunk < num_chunks:
+        phases = plans(chunk).phases
+        later = [i for i, ph in enumerate(phases) if ph.resolution == resolution and i > after]
+        if later:
+            return chunk, later[0]
+        chunk, after = chunk + 1, -1
+    return None
+
+
 @torch.no_grad()
 def reprefill(
     model: WanDiT,

@@ -17,7 +17,9 @@ from services.settings import ServeSettings
 class Gateway(HttpApi, WebSocketApi, GrpcApi):
     def __init__(self, settings: ServeSettings, structure, refine, decode, mailbox=None) -> None:
         through_serve()
-        handles = StageHandles(structure=structure, refine=refine, decode=decode)
+        handles = StageHandles(
+            structure, refine, decode, call_timeout_s=settings.stage_call_timeout_s
+        )
         self.core = GatewayCore(settings, handles, mailbox)
         # Serve runs the constructor on the replica's event loop: jobs a dead replica left are
         # taken up from the start (and check_health restarts the loops should one have ended)

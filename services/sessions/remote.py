@@ -28,11 +28,13 @@ log = logging.getLogger("histream.sessions")
 
 @dataclass(frozen=True)
 class StageHandles:
-    """Deployment handles of the three stages."""
+    """Deployment handles of the three stages; a call through them unanswered for
+    `call_timeout_s` (None: no limit) is taken for lost, like one whose replica died."""
 
     structure: Any
     refine: Any
     decode: Any
+    call_timeout_s: float | None = None
 
     def __getitem__(self, name: StageName) -> Any:
         return {
@@ -97,17 +99,20 @@ class SessionStages:
         self.held: list[StageName] = []  # stages that hold the session now
         self._beating: asyncio.Task | None = None
 
+    def _answer(self, response: Any) -> Any:
+        return remote_result(response, self.handles.call_timeout_s)
+
     def _pinned(self, name: StageName) -> Any:
         return self.handles[name].options(session_id=self.session_id)
 
     async def call(self, name: StageName, method: str, request: object) -> Any:
         """Any method of a stage, pinned to the session's replica."""
-        return await remote_result(getattr(self._pinned(name), method).remote(request))
+        return await self._answer(getattr(self._pinned(name), method).remote(request))
 
     async def encode(self, prompt: str) -> stages_pb2.Tensor:
         """The prompt's text context (any structure replica: no session state involved)."""
         request = stages_pb2.EncodePromptRequest(prompt=prompt)
-        response = await remote_result(self.handles.structure.EncodePrompt.remote(request))
+        response = await self._answer(self.handles.structure.EncodePrompt.remote(request))
         return response.context
 
     async def open(self, session_id: str, context: stages_pb2.Tensor) -> Opened:
@@ -137,7 +142,7 @@ class SessionStages:
         # Counted as held from the moment they are asked: if this call is cancelled while the
         # stages open, `release` still closes every one (a stage refuses a later open then).
         self.held.extend(calls)
-        results = await asyncio.gather(*map(remote_result, calls.values()), return_exceptions=True)
+        results = await asyncio.gather(*map(self._answer, calls.values()), return_exceptions=True)
         errors, kv_bytes, init, rebuilt = [], 0, b"", {}
         for name, result in zip(calls, results, strict=True):
             if isinstance(result, BaseException):
@@ -174,21 +179,21 @@ class SessionStages:
         if latents is not None:
             request.latents.CopyFrom(latents)
         stage = self._pinned(StageName.for_resolution(resolution))
-        return await remote_result(stage.RunPhase.remote(request))
+        return await self._answer(stage.RunPhase.remote(request))
 
     async def set_prompt(self, context: stages_pb2.Tensor) -> None:
         request = stages_pb2.SetPromptRequest(session_id=self.session_id, context=context)
         stages = [self._pinned(name).SetPrompt.remote(request) for name in self.plan.denoisers]
-        await asyncio.gather(*map(remote_result, stages))
+        await asyncio.gather(*map(self._answer, stages))
 
     async def decode(self, latents: stages_pb2.ChunkLatents) -> stages_pb2.DecodedSegment:
-        return await remote_result(self._pinned(StageName.DECODE).DecodeChunk.remote(latents))
+        return await self._answer(self._pinned(StageName.DECODE).DecodeChunk.remote(latents))
 
     async def finish(self, video: stages_pb2.VideoMetadata | None) -> int:
         """Seal the media on the decode pool (which then no longer holds the session); returns
         the number of frames."""
         request = stages_pb2.FinishStreamRequest(session_id=self.session_id, video=video)
-        response = await remote_result(self._pinned(StageName.DECODE).FinishStream.remote(request))
+        response = await self._answer(self._pinned(StageName.DECODE).FinishStream.remote(request))
         if StageName.DECODE in self.held:
             self.held.remove(StageName.DECODE)
         return response.num_frames
@@ -243,7 +248,7 @@ class SessionStages:
         for name in names:
             stage = self._pinned(name)
             method = stage.CloseStream if name == StageName.DECODE else stage.CloseSession
-            calls.append(remote_result(method.remote(request)))
+            calls.append(self._answer(method.remote(request)))
         results = await asyncio.gather(*calls, return_exceptions=True)
         for name, result in zip(names, results, strict=True):
             if isinstance(result, BaseException) and not isinstance(result, SessionNotHeld):

@@ -35,12 +35,18 @@ from histream_model.schedules import (
     plan_chunk,
     run_phase,
 )
-from histream_model.schedules.restore import position_after, reprefill, snapshot_chunks
+from histream_model.schedules.restore import (
+    phase_after,
+    position_after,
+    reprefill,
+    snapshot_chunks,
+)
 from histream_model.text import check_prompt
 from protos.histream.v1 import stages_pb2
-from services.errors import InvalidArgument, remote_result
+from services.errors import InvalidArgument, SessionNotHeld, remote_result
 from services.logs import ids
 from services.protocol import StageName, from_proto, shape_of, to_proto
+from services.protocol.identity import replica_name
 from services.protocol.snapshot import kept_latents, prompt_index
 from services.settings import ServeSettings
 from services.stages.base import SessionStage, rpc
@@ -154,6 +160,7 @@ class DenoiseStage(SessionStage[DenoiseSession]):
             return run_phase(self.model, state, plan, phase, options, session.seed, received)
 
         async with session.lock:
+            self._check_in_order(request, session)
             started = time.perf_counter()
             before = state.denoise_passes + state.commit_passes
             result = await self._compute(run)
@@ -170,6 +177,25 @@ class DenoiseStage(SessionStage[DenoiseSession]):
         if phase.timesteps:
             reply.latents.CopyFrom(to_proto(result))
         return reply
+
+    def _check_in_order(self, request: stages_pb2.PhaseRequest, session: DenoiseSession) -> None:
+        """A phase runs only on the state that ran the phase before it at this resolution.
+        Anything else is a state left behind: the session moved to another replica (a replica
+        change) and back, and this copy missed what ran there. It answers as a lost session,
+        so the driver rebuilds it (never silently going on from stale caches)."""
+        shape = session.shape
+        expected = phase_after(
+            lambda k: plan_chunk(shape, k), self.resolution, session.position, shape.num_chunks
+        )
+        asked = (request.chunk_index, request.phase)
+        if asked != expected:
+            position = session.position
+            held = "nothing yet" if position is None else f"chunk {position[0]} phase {position[1]}"
+            raise SessionNotHeld(
+                f"{self.label} replica {replica_name()} holds session {request.session_id!r} as "
+                f"of {held}, not the state chunk {asked[0]} phase {asked[1]} follows: a stale "
+                "copy (the session ran elsewhere meanwhile); it is rebuilt"
+            )
 
     async def _hand_on(
         self, session_id: str, session: DenoiseSession, plan: ChunkPlan, output: torch.Tensor

@@ -78,6 +78,8 @@ def service(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "queue_timeout_s": 60,
         "session_resume_grace_s": 4,  # short: a lost client's caches go soon (test_resume)
         "job_lease_s": 3,  # short: a dead gateway's jobs are taken up soon (test_resume)
+        # a call lost with a replica being removed is given up on in time (test_survival)
+        "stage_call_timeout_s": 45,
         **{name: stage for name in ("gateway", "structure", "refine", "decode")},
     }
     s3_settings = ServeSettings(

@@ -11,7 +11,12 @@ from histream_model import PRESETS, build_dit, build_vae
 from histream_model.config import Resolution, VideoShape, get_mode
 from histream_model.generator import HiStreamGenerator
 from histream_model.schedules import new_resolution_state, plan_chunk, run_chunk
-from histream_model.schedules.restore import position_after, reprefill, snapshot_chunks
+from histream_model.schedules.restore import (
+    phase_after,
+    position_after,
+    reprefill,
+    snapshot_chunks,
+)
 
 BENCH = PRESETS["bench"]  # 4 layers: errors of a partial replay do not vanish as in `tiny`
 H, W, FRAMES = 64, 96, 81  # 7 chunks
@@ -115,6 +120,32 @@ def test_position_after_is_the_last_phase_each_resolution_ran(mode):
                     ran = (done, index) if phase.resolution == resolution else ran
     if mode == "no-drc":  # high resolution only: the low one never runs
         assert position_after(plans, Resolution.LOW, 4) is None
+
+
+@pytest.mark.parametrize("mode", ["histream+", "no-drc"])
+def test_phase_after_walks_each_resolutions_phases_in_order(mode):
+    """The order a stage checks its phases against: every phase of a resolution, chunk by
+    chunk, then None."""
+    shape = VideoShape(BENCH, get_mode(mode), H, W, FRAMES)
+
+    def plans(chunk: int):
+        return plan_chunk(shape, chunk)
+
+    for resolution in Resolution:
+        walk = [
+            (chunk, index)
+            for chunk in range(shape.num_chunks)
+            for index, phase in enumerate(plans(chunk).phases)
+            if phase.resolution == resolution
+        ]
+        position, seen = None, []
+        while (position := phase_after(plans, resolution, position, shape.num_chunks)) is not None:
+            seen.append(position)
+        assert seen == walk
+        if walk:  # after a restore at `done` chunks, the next is chunk done's first phase
+            done = 3
+            after = position_after(plans, resolution, done)
+            assert phase_after(plans, resolution, after, shape.num_chunks)[0] == done
 
 
 @pytest.mark.parametrize("preset", ["tiny", "bench"])

@@ -6,6 +6,8 @@ every frame, and (two layers, two replayed chunks: an exact replay) the same lat
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from services.media import read_video
 from services.protocol import EndReason, StageName, StreamKind, from_proto
 from services.sessions import SessionDriver
 from services.sessions.restore import Durability, SnapshotStore
+from services.stages.denoise import DenoiseSession
 from services.storage import Layout, LocalStorage
 from tests.services.fakes import real_stages
 from tests.services.harness import run, session_plan
@@ -130,4 +133,83 @@ def test_a_stage_that_cannot_restore_fails_the_session_clearly(tmp_path):
         await driver.close(EndReason.FAILED)
 
     run(go())
+    assert stages.held() == NOTHING_HELD
+
+
+@pytest.mark.parametrize(("stage", "method"), [("decode", "DecodeChunk"), ("refine", "RunPhase")])
+def test_a_call_that_never_answers_is_given_up_on_and_the_session_rebuilt(
+    tmp_path, expected, stage, method
+):
+    """A stage call that hangs (sent to a replica as it went away: seen on a local Ray, where
+    the call waited forever) is cancelled after `call_timeout_s` and handled as a lost replica:
+    the stage's share is rebuilt, the call made again, the session completes exactly."""
+    stages = real_stages(tmp_path / "store")
+    handles = dataclasses.replace(stages.handles, call_timeout_s=0.5)
+    plan = session_plan(
+        mode="histream+", frames=57, object_id="video_t", prompt="a red fox", seed=7
+    )
+    restored: list[StageName] = []
+    driver = SessionDriver(handles, plan, on_restore=lambda s, _: restored.append(s))
+    calls = [0]
+
+    def first_of_chunk_2(request) -> bool:
+        calls[0] += request.chunk_index == 2
+        return request.chunk_index == 2 and calls[0] == 1
+
+    getattr(stages, stage).gate(method, when=first_of_chunk_2)  # never opened
+
+    async def go():
+        await driver.open()
+        chunks = [c async for c in driver.chunks()]
+        await driver.finish(EndReason.COMPLETED)
+        return chunks
+
+    chunks = run(go())
+    assert [c.index for c in chunks] == list(range(5))
+    assert stages.journal.find(method, what="cancel", chunk=2)  # the hung call was cancelled
+    assert StageName(getattr(StageName, stage.upper())) in restored
+    got = [from_proto(c.latents) for c in chunks]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert stages.held() == NOTHING_HELD
+
+
+def test_a_stale_copy_left_on_a_replica_is_refused_and_rebuilt_not_used(tmp_path, expected):
+    """The refine stage's copy of a session goes back to what it was before chunk 2 (as when
+    the session moves to a new replica for a chunk and comes back after a scale-down: the old
+    replica still holds its earlier copy). Going on from it would silently drop chunk 2 from
+    the cache; the stage refuses it and the driver rebuilds it: the latents stay exact."""
+    stages = real_stages(tmp_path / "store")
+    plan = session_plan(
+        mode="histream+", frames=57, object_id="video_s", prompt="a red fox", seed=7
+    )
+    restored: list[StageName] = []
+    driver = SessionDriver(stages.handles, plan, on_restore=lambda s, _: restored.append(s))
+    table = stages.refine.target.sessions
+    old: dict = {}
+
+    async def keep_a_copy(request) -> None:
+        if request.chunk_index == 2 and not old:
+            held = table.get(request.session_id)
+            old[request.session_id] = DenoiseSession(
+                held.shape, held.seed, copy.deepcopy(held.state), position=held.position
+            )
+
+    async def put_it_back(request) -> None:
+        if request.chunk_index == 3 and old:
+            table._items[request.session_id] = old.pop(request.session_id)
+
+    stages.refine.hooks.setdefault("RunPhase", []).extend([keep_a_copy, put_it_back])
+
+    async def go():
+        await driver.open()
+        chunks = [c async for c in driver.chunks()]
+        await driver.finish(EndReason.COMPLETED)
+        return chunks
+
+    chunks = run(go())
+    assert [c.index for c in chunks] == list(range(5))
+    refused = stages.journal.find("RunPhase", stage="refine", what="raise", chunk=3)
+    assert refused and StageName.REFINE in restored
+    got = [from_proto(c.latents) for c in chunks]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     assert stages.held() == NOTHING_HELD
