@@ -106,6 +106,11 @@ class ServeSettings(BaseSettings):
     video_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # expires_at of finished videos
     max_prompt_chars: int = Field(2000, ge=1)
     max_request_bytes: int = Field(1 << 20, ge=1024)  # HTTP bodies; larger ones answer 413
+    max_file_bytes: int = Field(64 << 20, ge=1024)  # an uploaded file (POST /v1/files)
+    max_batch_lines: int = Field(50_000, ge=1)  # requests in one batch's input file
+    # videos of one tenant's batches running at once on a gateway replica (the rest wait), so
+    # that a large batch leaves the stages room for streaming sessions and single videos
+    batch_concurrency: int = Field(2, ge=1)
     max_message_bytes: int = Field(64 << 10, ge=1024)  # a client's WebSocket text message
     # a WebSocket client's messages per second (bursts of as many); faster ones are refused
     max_message_rate: float = Field(20.0, gt=0)

@@ -93,3 +93,28 @@ async def read_fields(request: Request, limit: int) -> dict:
     if kind.startswith(FORM_TYPES):
         return parse_form(raw, kind)
     return parse_object(decode_utf8(raw, "the body"))
+
+
+async def read_upload(request: Request, limit: int) -> tuple[dict[str, str], str, bytes]:
+    """A multipart upload (POST /v1/files): its text fields, and its one file part's name and
+    bytes (`file`), the body refused with 413 past `limit` bytes."""
+    kind = request.headers.get("content-type", "")
+    if not kind.startswith("multipart/form-data"):
+        raise InvalidArgument("upload a file as multipart/form-data with fields file and purpose")
+    raw = await read_body(request, limit)
+    header = f"Content-Type: {kind}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + raw)
+    if not message.is_multipart():
+        raise InvalidArgument("the multipart form could not be read (boundary missing?)")
+    fields: dict[str, str] = {}
+    upload: tuple[str, bytes] | None = None
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        if name == "file" and part.get_filename() is not None:
+            upload = (str(part.get_filename()), payload)
+        elif isinstance(name, str):
+            fields[name] = decode_utf8(payload, f"form field {name}", param=name)
+    if upload is None:
+        raise InvalidArgument("the upload has no file part named 'file'", param="file")
+    return fields, upload[0], upload[1]

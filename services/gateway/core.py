@@ -10,12 +10,15 @@ import time
 from collections.abc import Awaitable
 
 from services.errors import NotFound, remote_result
+from services.gateway.batches import Batches
 from services.gateway.metrics import Metrics
 from services.gateway.quotas import QuotaKeeper
-from services.gateway.requests import model_ids
+from services.gateway.requests import VideoCreate, model_ids
 from services.gateway.streams import Streams
 from services.gateway.videos import Videos
 from services.jobs import JobRunner, RecordStore
+from services.jobs.batches import BatchRunner
+from services.jobs.files import FileStore
 from services.protocol import StageName, StreamKind
 from services.sessions import Durability, SnapshotStore, StageHandles
 from services.settings import ServeSettings
@@ -66,6 +69,16 @@ class GatewayCore:
             retry_after_s=settings.retry_after_s,
         )
         self.videos = Videos(settings, self.preset, self.records, self.jobs, self.quotas)
+        files = FileStore(self.records)
+        self.batch_runner = BatchRunner(
+            lambda body, tenant: self.videos.create(VideoCreate.parse(body), tenant),
+            self.records,
+            files,
+            lease_s=settings.job_lease_s,
+            concurrency=settings.batch_concurrency,
+            tenants=self.tenancy.names,
+        )
+        self.batches = Batches(settings, files, self.batch_runner, self.quotas)
         self.streams = Streams(
             settings,
             self.preset,
@@ -87,6 +100,7 @@ class GatewayCore:
             self.jobs.adopter.start()
             self.streams.sweeper.start()
             self.streams.control.start()
+            self.batch_runner.start()
 
     def caller(self, authorization: str | None) -> str:
         """The tenant of a call carrying `authorization` (401 without a valid key), charged
@@ -122,6 +136,7 @@ class GatewayCore:
         """Shutting down: admit nothing more; suspend every session and job where it stands
         (snapshots kept: sessions resume by id, jobs go on after a restart), within
         `timeout_s`. Returns how many of each were suspended."""
+        await self.batch_runner.drain()
         jobs = asyncio.ensure_future(self.jobs.drain())
         sessions = await self.streams.drain(timeout_s)
         try:

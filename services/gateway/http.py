@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 
 from services.errors import Internal, InvalidArgument, ServiceError, Unauthenticated
-from services.gateway.bodies import read_fields
+from services.gateway.bodies import decode_utf8, parse_object, read_body, read_fields, read_upload
 from services.gateway.core import GatewayCore
 from services.gateway.requests import VideoCreate, text, whole
 
@@ -98,6 +98,68 @@ class HttpApi:
             return RedirectResponse(content.url, status_code=307)
         assert content.data is not None
         return ranged(content.data, request.headers.get("range"))
+
+    # -- files and batches (the OpenAI Files and Batch API shapes) ------------------------------
+
+    @api.post("/v1/files")
+    @answered
+    async def upload_file(self, request: Request) -> dict:
+        fields, filename, data = await read_upload(request, self.core.settings.max_file_bytes)
+        purpose = fields.get("purpose", "")
+        return await self.core.batches.upload(request.state.tenant, filename, purpose, data)
+
+    @api.get("/v1/files")
+    @answered
+    async def list_files(self, request: Request) -> dict:
+        query = dict(request.query_params)
+        limit = whole(query, "limit")
+        tenant = request.state.tenant
+        return await self.core.batches.list_files(
+            tenant, 20 if limit is None else limit, text(query, "after")
+        )
+
+    @api.get("/v1/files/{file_id}")
+    @answered
+    async def get_file(self, request: Request, file_id: str) -> dict:
+        return await self.core.batches.file(request.state.tenant, file_id)
+
+    @api.get("/v1/files/{file_id}/content")
+    @answered
+    async def file_content(self, request: Request, file_id: str) -> Response:
+        data = await self.core.batches.file_content(request.state.tenant, file_id)
+        return Response(data, media_type="application/jsonl")
+
+    @api.delete("/v1/files/{file_id}")
+    @answered
+    async def delete_file(self, request: Request, file_id: str) -> dict:
+        return await self.core.batches.delete_file(request.state.tenant, file_id)
+
+    @api.post("/v1/batches")
+    @answered
+    async def create_batch(self, request: Request) -> dict:
+        raw = await read_body(request, self.core.settings.max_request_bytes)
+        body = parse_object(decode_utf8(raw, "the body"))
+        return await self.core.batches.create(request.state.tenant, body)
+
+    @api.get("/v1/batches")
+    @answered
+    async def list_batches(self, request: Request) -> dict:
+        query = dict(request.query_params)
+        limit = whole(query, "limit")
+        tenant = request.state.tenant
+        return await self.core.batches.list(
+            tenant, 20 if limit is None else limit, text(query, "after")
+        )
+
+    @api.get("/v1/batches/{batch_id}")
+    @answered
+    async def get_batch(self, request: Request, batch_id: str) -> dict:
+        return await self.core.batches.get(request.state.tenant, batch_id)
+
+    @api.post("/v1/batches/{batch_id}/cancel")
+    @answered
+    async def cancel_batch(self, request: Request, batch_id: str) -> dict:
+        return await self.core.batches.cancel(request.state.tenant, batch_id)
 
     @api.get("/v1/usage")
     @answered

@@ -75,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--api-key", default=os.environ.get("HISTREAM_API_KEY"),
                      help="the tenant's API key (default: $HISTREAM_API_KEY)")  # fmt: skip
     cli.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the video")
+    bat = sub.add_parser(
+        "batch", help="run a JSONL file of /v1/videos requests as a batch and download the results"
+    )
+    bat.add_argument("requests", help='JSONL: {"custom_id", "method": "POST", "url": "/v1/videos", '
+                     '"body": {...}} per line')  # fmt: skip
+    bat.add_argument("--out", required=True, help="directory for output.jsonl, errors.jsonl and "
+                     "<custom_id>.mp4")  # fmt: skip
+    bat.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    bat.add_argument("--wait-ready", type=float, default=0, help="seconds to wait for /healthz")
+    bat.add_argument("--api-key", default=os.environ.get("HISTREAM_API_KEY"),
+                     help="the tenant's API key (default: $HISTREAM_API_KEY)")  # fmt: skip
+    bat.add_argument("--timeout", type=float, default=24 * 3600, help="seconds to wait")
     return parser
 
 
@@ -182,9 +194,29 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from services.local.client import run_batch
+
+    batch = run_batch(
+        args.url, args.requests, args.out, wait_ready_s=args.wait_ready,
+        timeout_s=args.timeout, api_key=args.api_key,
+    )  # fmt: skip
+    counts = batch["request_counts"]
+    print(
+        f"batch {batch['id']} {batch['status']}: {counts['completed']} completed, "
+        f"{counts['failed']} failed of {counts['total']}; results in {args.out}"
+    )
+    return 0 if batch["status"] == "completed" else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"generate": cmd_generate, "serve": cmd_serve, "submit": cmd_submit}
+    commands = {
+        "generate": cmd_generate,
+        "serve": cmd_serve,
+        "submit": cmd_submit,
+        "batch": cmd_batch,
+    }
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:

@@ -1,7 +1,10 @@
-"""A small HTTP client of the video API (`histream submit`): create, wait, download."""
+"""A small HTTP client of the video API: one video (`histream submit`: create, wait,
+download) or a batch of them (`histream batch`)."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from pathlib import Path
 
@@ -78,3 +81,58 @@ def submit_video(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(response.content)
         return path
+
+
+def run_batch(
+    url: str,
+    requests_path: str | Path,
+    out_dir: str | Path,
+    wait_ready_s: float = 0,
+    timeout_s: float = 24 * 3600,
+    api_key: str | None = None,
+) -> dict:
+    """Upload a JSONL of /v1/videos requests, create a batch, show its progress, then write
+    `output.jsonl`, `errors.jsonl` and each completed video as `<custom_id>.mp4` into
+    `out_dir`. Returns the finished batch object."""
+    data = Path(requests_path).read_bytes()
+    out = Path(out_dir)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    with httpx.Client(base_url=url, timeout=120, follow_redirects=True, headers=headers) as client:
+        if wait_ready_s:
+            wait_ready(client, wait_ready_s)
+        files = {"file": (Path(requests_path).name, data, "application/jsonl")}
+        uploaded = _check(client.post("/v1/files", data={"purpose": "batch"}, files=files))
+        body = {"input_file_id": uploaded["id"], "endpoint": "/v1/videos",
+                "completion_window": "24h"}  # fmt: skip
+        batch = _check(client.post("/v1/batches", json=body))
+        deadline = time.monotonic() + timeout_s
+        total = batch["request_counts"]["total"]
+        with tqdm(total=total, desc=f"batch …{batch['id'][-10:]}", unit="video") as bar:
+            while batch["status"] not in ("completed", "failed", "cancelled", "expired"):
+                if time.monotonic() > deadline:
+                    raise ApiError(f"batch {batch['id']} not done after {timeout_s:.0f} s")
+                time.sleep(1.0)
+                batch = _check(client.get(f"/v1/batches/{batch['id']}"))
+                counts = batch["request_counts"]
+                bar.update(counts["completed"] + counts["failed"] - bar.n)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, key in (("output.jsonl", "output_file_id"), ("errors.jsonl", "error_file_id")):
+            if batch.get(key):
+                response = client.get(f"/v1/files/{batch[key]}/content")
+                if response.status_code >= 400:
+                    _check(response)
+                (out / name).write_bytes(response.content)
+        if (out / "output.jsonl").exists():
+            for line in (out / "output.jsonl").read_text().splitlines():
+                result = json.loads(line)
+                video = result["response"]["body"]
+                response = client.get(f"/v1/videos/{video['id']}/content")
+                if response.status_code >= 400:
+                    _check(response)
+                (out / f"{safe_name(result['custom_id'])}.mp4").write_bytes(response.content)
+        return batch
+
+
+def safe_name(custom_id: str) -> str:
+    """A file name from a custom_id: characters other than [A-Za-z0-9._-] become '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", custom_id)[:200] or "_"

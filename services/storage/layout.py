@@ -65,6 +65,20 @@ class Layout:
         prefix = self.video_prefix if kind == "video" else self.session_prefix
         return prefix(object_id) + "snapshot.pb"
 
+    def files_prefix(self) -> str:
+        """Uploaded files (batch input) and the files batches write (their output and errors)."""
+        return f"{self.tenant_prefix()}files/"
+
+    def file_key(self, file_id: str, name: str) -> str:
+        """`meta.json` (the file object) or `content` (its bytes)."""
+        return check_key(f"{self.files_prefix()}{_check_id('file_id', file_id)}/{name}")
+
+    def batches_prefix(self) -> str:
+        return f"{self.tenant_prefix()}batches/"
+
+    def batch_record_key(self, batch_id: str) -> str:
+        return check_key(f"{self.batches_prefix()}{_check_id('batch_id', batch_id)}/record.json")
+
     def sessions_prefix(self) -> str:
         return f"{self.tenant_prefix()}sessions/"
 

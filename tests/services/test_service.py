@@ -446,3 +446,64 @@ def test_bad_session_starts(service):
         list(stub.StreamSession(api_pb2.StreamSessionRequest(prompt=""), metadata=md))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert stage_calls() == before
+
+
+def test_a_batch_through_the_openai_client(service, tmp_path):
+    """The official client's Files and Batches calls: upload a JSONL of /v1/videos requests
+    (one of them bad), create the batch, follow it, read its output and error files, download
+    a video the output names."""
+    api = client(service.url)
+    requests = [
+        {"custom_id": "fox", "method": "POST", "url": "/v1/videos",
+         "body": {"prompt": PROMPT, "seconds": "1", "size": "96x64", "seed": 4}},
+        {"custom_id": "bad", "method": "POST", "url": "/v1/videos",
+         "body": {"prompt": PROMPT, "seconds": "99"}},
+        {"custom_id": "owl", "method": "POST", "url": "/v1/videos",
+         "body": {"prompt": "an owl at dusk", "seconds": "1", "size": "96x64", "seed": 5}},
+    ]  # fmt: skip
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    uploaded = api.files.create(file=path.open("rb"), purpose="batch")
+    assert (uploaded.object, uploaded.purpose, uploaded.filename) == ("file", "batch", path.name)
+    batch = api.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/videos", completion_window="24h",
+        metadata={"run": "test"},
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while batch.status not in ("completed", "failed", "cancelled") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        batch = api.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    counts = batch.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (3, 2, 1)
+    assert batch.metadata == {"run": "test"}
+    assert batch.id in [b.id for b in api.batches.list(limit=100).data]
+    output = [json.loads(x) for x in api.files.content(batch.output_file_id).text.splitlines()]
+    errors = [json.loads(x) for x in api.files.content(batch.error_file_id).text.splitlines()]
+    assert [o["custom_id"] for o in output] == ["fox", "owl"]
+    assert [(e["custom_id"], e["error"]["line"]) for e in errors] == [("bad", 2)]
+    assert "seconds" in errors[0]["error"]["message"]
+    video_id = output[0]["response"]["body"]["id"]
+    mp4 = tmp_path / "fox.mp4"
+    api.videos.download_content(video_id).write_to_file(mp4)
+    assert read_video(mp4) == (21, 96, 64)
+
+
+def test_histream_batch_submits_follows_and_downloads(service, tmp_path, capsys):
+    from services.local.cli import main
+
+    lines = [
+        {"custom_id": "a/1", "method": "POST", "url": "/v1/videos",
+         "body": {"prompt": PROMPT, "seconds": "1", "size": "96x64", "seed": 1}},
+        {"custom_id": "b", "method": "POST", "url": "/v1/videos", "body": {"prompt": ""}},
+    ]  # fmt: skip
+    requests = tmp_path / "in.jsonl"
+    requests.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out"
+    code = main(["batch", str(requests), "--out", str(out), "--url", service.url])
+    assert code == 0
+    assert "1 completed, 1 failed of 2" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["a_1.mp4", "errors.jsonl", "output.jsonl"]
+    assert read_video(out / "a_1.mp4") == (21, 96, 64)
+    [error] = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
+    assert error["custom_id"] == "b" and error["error"]["line"] == 2
