@@ -58,6 +58,13 @@ def answered(method: Callable[..., Awaitable]) -> Callable[..., Awaitable[Respon
     return route
 
 
+def paging(request: Request) -> tuple[int, str | None]:
+    """A list route's `limit` (default 20) and `after` query parameters."""
+    query = dict(request.query_params)
+    limit = whole(query, "limit")
+    return 20 if limit is None else limit, text(query, "after")
+
+
 class HttpApi:
     core: GatewayCore
 
@@ -111,12 +118,7 @@ class HttpApi:
     @api.get("/v1/files")
     @answered
     async def list_files(self, request: Request) -> dict:
-        query = dict(request.query_params)
-        limit = whole(query, "limit")
-        tenant = request.state.tenant
-        return await self.core.batches.list_files(
-            tenant, 20 if limit is None else limit, text(query, "after")
-        )
+        return await self.core.batches.list_files(request.state.tenant, *paging(request))
 
     @api.get("/v1/files/{file_id}")
     @answered
@@ -144,12 +146,7 @@ class HttpApi:
     @api.get("/v1/batches")
     @answered
     async def list_batches(self, request: Request) -> dict:
-        query = dict(request.query_params)
-        limit = whole(query, "limit")
-        tenant = request.state.tenant
-        return await self.core.batches.list(
-            tenant, 20 if limit is None else limit, text(query, "after")
-        )
+        return await self.core.batches.list(request.state.tenant, *paging(request))
 
     @api.get("/v1/batches/{batch_id}")
     @answered

@@ -158,19 +158,11 @@ def test_a_call_that_never_answers_is_given_up_on_and_the_session_rebuilt(
 
     getattr(stages, stage).gate(method, when=first_of_chunk_2)  # never opened
 
-    async def go():
-        await driver.open()
-        chunks = [c async for c in driver.chunks()]
-        await driver.finish(EndReason.COMPLETED)
-        return chunks
-
-    chunks = run(go())
+    chunks = run(completed(driver))
     assert [c.index for c in chunks] == list(range(5))
     assert stages.journal.find(method, what="cancel", chunk=2)  # the hung call was cancelled
     assert StageName(getattr(StageName, stage.upper())) in restored
-    got = [from_proto(c.latents) for c in chunks]
-    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
-    assert stages.held() == NOTHING_HELD
+    assert_exact(chunks, expected, stages)
 
 
 def test_a_stale_copy_left_on_a_replica_is_refused_and_rebuilt_not_used(tmp_path, expected):
@@ -200,16 +192,23 @@ def test_a_stale_copy_left_on_a_replica_is_refused_and_rebuilt_not_used(tmp_path
 
     stages.refine.hooks.setdefault("RunPhase", []).extend([keep_a_copy, put_it_back])
 
-    async def go():
-        await driver.open()
-        chunks = [c async for c in driver.chunks()]
-        await driver.finish(EndReason.COMPLETED)
-        return chunks
-
-    chunks = run(go())
+    chunks = run(completed(driver))
     assert [c.index for c in chunks] == list(range(5))
     refused = stages.journal.find("RunPhase", stage="refine", what="raise", chunk=3)
     assert refused and StageName.REFINE in restored
+    assert_exact(chunks, expected, stages)
+
+
+async def completed(driver: SessionDriver) -> list:
+    await driver.open()
+    chunks = [c async for c in driver.chunks()]
+    await driver.finish(EndReason.COMPLETED)
+    return chunks
+
+
+def assert_exact(chunks, expected, stages) -> None:
+    """Every chunk once, the in-process generator's latents, nothing left held."""
+    assert [c.index for c in chunks] == list(range(len(expected)))
     got = [from_proto(c.latents) for c in chunks]
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     assert stages.held() == NOTHING_HELD
