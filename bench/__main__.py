@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import breakdown, durability, health, memory, real_flops, serving, table2
+from bench import batch, breakdown, durability, health, memory, real_flops, serving, table2
 from bench.report import stamp, write_section
 
 Section = Callable[[argparse.Namespace], str]
@@ -32,6 +32,7 @@ SECTIONS: dict[str, Section] = {
     "serving": lambda a: serving.section(a.preset, a.serving_repeats, a.frames, _log),
     "health": lambda a: health.section(log=_log),
     "durability": lambda a: durability.section(a.preset, a.frames, a.durability_repeats, _log),
+    "batch": lambda a: batch.section(a.batch_presets, a.batch_videos, log=_log),
 }
 
 MODEL_ONLY = {"real-flops"}  # sections computed by the FLOP model, not measured
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--table2-presets", nargs="+", default=["bench", "tiny"], help="presets of table2"
     )
+    parser.add_argument("--batch-presets", nargs="+", default=["tiny", "bench"])
+    parser.add_argument("--batch-videos", type=int, default=8, help="videos of the tiny batch")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
     args = parser.parse_args(argv)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -25,6 +25,12 @@ class StageScaling(BaseModel):
     max_ongoing_requests: int | None = Field(None, ge=1)
     num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    # autoscaling only (None: Serve's defaults): how long demand must stay above (below) the
+    # target before a replica is added (removed), and the window the demand is averaged over
+    upscale_delay_s: float | None = Field(None, ge=0)
+    downscale_delay_s: float | None = Field(None, ge=0)
+    look_back_period_s: float | None = Field(None, gt=0)
+    metrics_interval_s: float | None = Field(None, gt=0)  # how often demand is reported
 
     def deployment_options(self, default_ongoing: int = 16) -> dict:
         """Serve deployment options: a fixed `num_replicas` when min and max agree (what an
@@ -41,8 +47,10 @@ class StageScaling(BaseModel):
             "max_replicas": max(self.max_replicas, self.min_replicas),
             "target_ongoing_requests": self.target_ongoing_requests,
         }
-        if self.initial_replicas is not None:
-            autoscaling["initial_replicas"] = self.initial_replicas
+        for name in ("initial_replicas", "upscale_delay_s", "downscale_delay_s",
+                     "look_back_period_s", "metrics_interval_s"):  # fmt: skip
+            if getattr(self, name) is not None:
+                autoscaling[name] = getattr(self, name)
         return {"autoscaling_config": autoscaling, **options}
 
 
@@ -96,7 +104,7 @@ class ServeSettings(BaseSettings):
     # a stage call unanswered this long is taken for lost (as if its replica died): the session's
     # state is rebuilt and the call made again. A call sent to a replica as it goes away can
     # otherwise wait forever. Well above any one call's time (a chunk's phase or decode).
-    stage_call_timeout_s: float = Field(600.0, gt=0)
+    stage_call_timeout_s: float = Field(120.0, gt=0)
     # a suspended session's stages keep its caches this long: a resume within it goes on at
     # once; after it, a resume rebuilds them from the snapshot (a re-prefill)
     session_resume_grace_s: float = Field(30.0, gt=0)

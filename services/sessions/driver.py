@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from protos.histream.v1 import stages_pb2
-from services.errors import AtCapacity, InvalidArgument, SessionNotHeld
+from services.errors import AtCapacity, InvalidArgument, ReplicaLost, SessionNotHeld
 from services.protocol import (
     SESSION_TRANSITIONS,
     ChunkReady,
@@ -39,6 +39,7 @@ from services.sessions.restore import Durability, Restorer
 
 log = logging.getLogger("histream.sessions")
 
+OPEN_ATTEMPTS_LOST = 3  # an open lost with its replica (or silent) is tried again this often
 STALL_LOG_S = 60.0  # a chunk awaited this long is logged with what the session's tasks wait on
 
 
@@ -73,15 +74,24 @@ async def admitted(
     deadline_s: float,
     on_wait: Callable[[], None] | None,
 ) -> Opened:
-    """`attempt(routing_id)` until the stages admit the session. A replica at capacity is
-    answered by trying again under a new routing id (another replica, most likely), with
-    backoff, until `deadline_s` has passed; `on_wait` is called before each wait."""
-    started, delay = time.monotonic(), 0.05
+    """`attempt(routing_id)` until the stages admit the session. A replica at capacity, or one
+    lost (or silent) under the call, is answered by trying again under a new routing id
+    (another replica, most likely), with backoff, until `deadline_s` has passed; `on_wait` is
+    called before each wait for capacity."""
+    started, delay, lost = time.monotonic(), 0.05, 0
     while True:
         try:
             return await attempt(f"{object_id}.{uuid.uuid4().hex[:8]}")
-        except AtCapacity:
+        except (AtCapacity, ReplicaLost) as err:
             await stages.release()
+            if isinstance(err, ReplicaLost):  # tried again a few times, whatever the deadline
+                lost += 1
+                log.warning("opening %s: %s; trying again", object_id, err.message)
+                if lost > OPEN_ATTEMPTS_LOST:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
             if time.monotonic() - started > deadline_s:
                 raise
             if on_wait is not None:
@@ -286,7 +296,9 @@ class SessionDriver:
         """Seal the media (an MP4 + manifest for videos, ENDLIST for sessions) and free every
         stage; returns the number of frames sealed."""
         self.lifecycle.to(SessionStatus.FINISHING)
-        frames = await self.stages.finish(video)
+        frames = await self.restorer.retried(
+            lambda: self.stages.finish(video), self.restorer.decoder
+        )
         await self.stages.release()
         await self._forget()
         if self.lifecycle.allows(SessionStatus.ENDED):  # else closed meanwhile, by a disconnect

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from histream_model.config import Resolution, VideoShape
 from protos.histream.v1 import stages_pb2
-from services.errors import AtCapacity, SessionNotHeld, remote_result
+from services.errors import AtCapacity, ReplicaLost, SessionNotHeld, remote_result
 from services.logs import ids
 from services.protocol import Generation, StageName, StreamKind, session_spec
 
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from services.sessions.record import SessionRecord
 
 log = logging.getLogger("histream.sessions")
+
+ENCODE_ATTEMPTS = 3  # a prompt encoding lost with its replica (or silent) is asked again
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,13 @@ class SessionStages:
     async def encode(self, prompt: str) -> stages_pb2.Tensor:
         """The prompt's text context (any structure replica: no session state involved)."""
         request = stages_pb2.EncodePromptRequest(prompt=prompt)
-        response = await self._answer(self.handles.structure.EncodePrompt.remote(request))
+        for attempt in range(ENCODE_ATTEMPTS):  # no session state: safe to ask again
+            try:
+                response = await self._answer(self.handles.structure.EncodePrompt.remote(request))
+                break
+            except ReplicaLost:
+                if attempt == ENCODE_ATTEMPTS - 1:
+                    raise
         return response.context
 
     async def open(self, session_id: str, context: stages_pb2.Tensor) -> Opened:

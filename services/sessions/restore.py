@@ -93,11 +93,12 @@ class Restorer:
     async def retried(self, call: Callable[[], Awaitable[T]], restore: Callable[[], Awaitable]):
         """`call()`; if a stage does not hold the session (or its replica died), `restore()`
         and `call()` again."""
-        started, delay = time.monotonic(), 0.1
-        while True:
+        started, delay = None, 0.1  # the deadline runs from the first failure: a call may
+        while True:  # take long (or hang until stage_call_timeout_s) before it fails
             try:
                 return await call()
             except SessionNotHeld as err:
+                started = started if started is not None else time.monotonic()
                 if time.monotonic() - started > self.deadline_s:
                     raise
                 log.warning(

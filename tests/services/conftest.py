@@ -79,7 +79,7 @@ def service(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "session_resume_grace_s": 4,  # short: a lost client's caches go soon (test_resume)
         "job_lease_s": 3,  # short: a dead gateway's jobs are taken up soon (test_resume)
         # a call lost with a replica being removed is given up on in time (test_survival)
-        "stage_call_timeout_s": 45,
+        "stage_call_timeout_s": 30,
         **{name: stage for name in ("gateway", "structure", "refine", "decode")},
     }
     s3_settings = ServeSettings(
@@ -167,3 +167,36 @@ def tenants_service(service: Service, tmp_path_factory: pytest.TempPathFactory) 
     return TenantService(
         url=f"{service.url}/tenants", storage=LocalStorage(root / "store"), keys=TENANT_KEYS
     )
+
+
+@dataclass(frozen=True)
+class ScalingService:
+    """App "scaling" under /scaling: its decode pool (the stage a batch loads most on this
+    machine's CPU) autoscales between 1 and 2 replicas on ongoing requests, with short delays
+    (test_autoscaling)."""
+
+    url: str
+    ws_url: str
+
+
+@pytest.fixture(scope="session")
+def scaling_service(service: Service, tmp_path_factory: pytest.TempPathFactory) -> ScalingService:
+    """Deployed on first use only; the service's teardown stops it with the rest."""
+    from services.local import server
+
+    decode = StageScaling(
+        min_replicas=1, max_replicas=2, target_ongoing_requests=1.5, num_cpus=0,
+        upscale_delay_s=1, downscale_delay_s=3, look_back_period_s=5, metrics_interval_s=0.5,
+    )  # fmt: skip
+    settings = service.settings.model_copy(
+        update={
+            "storage": StorageSettings(local_dir=str(tmp_path_factory.mktemp("scaling"))),
+            "external_scaler": False,
+            "decode": decode,
+            "batch_concurrency": 4,
+            "max_running_jobs": 4,
+        }
+    )
+    server.start(settings, app_name="scaling", route_prefix="/scaling")
+    port = service.settings.http_port
+    return ScalingService(f"{service.url}/scaling", f"ws://127.0.0.1:{port}/scaling/v1/sessions")

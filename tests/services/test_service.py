@@ -474,12 +474,12 @@ def test_a_batch_through_the_openai_client(service, tmp_path):
         time.sleep(0.5)
         batch = api.batches.retrieve(batch.id)
     assert batch.status == "completed", batch
-    counts = batch.request_counts
-    assert (counts.total, counts.completed, counts.failed) == (3, 2, 1)
-    assert batch.metadata == {"run": "test"}
-    assert batch.id in [b.id for b in api.batches.list(limit=100).data]
     output = [json.loads(x) for x in api.files.content(batch.output_file_id).text.splitlines()]
     errors = [json.loads(x) for x in api.files.content(batch.error_file_id).text.splitlines()]
+    counts = batch.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (3, 2, 1), errors
+    assert batch.metadata == {"run": "test"}
+    assert batch.id in [b.id for b in api.batches.list(limit=100).data]
     assert [o["custom_id"] for o in output] == ["fox", "owl"]
     assert [(e["custom_id"], e["error"]["line"]) for e in errors] == [("bad", 2)]
     assert "seconds" in errors[0]["error"]["message"]

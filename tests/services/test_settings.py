@@ -24,3 +24,20 @@ def test_a_replica_range_autoscales():
     # scale to zero with no range is still autoscaling (a fixed count of 0 serves nothing)
     idle = StageScaling(min_replicas=0, max_replicas=1).deployment_options()
     assert idle["autoscaling_config"]["min_replicas"] == 0
+
+
+def test_autoscaling_delays_and_window_pass_through_to_serve():
+    from ray.serve.config import AutoscalingConfig
+
+    scaling = StageScaling(
+        min_replicas=1, max_replicas=2, target_ongoing_requests=1,
+        upscale_delay_s=1, downscale_delay_s=8, look_back_period_s=3,
+    )  # fmt: skip
+    config = scaling.deployment_options()["autoscaling_config"]
+    assert (config["upscale_delay_s"], config["downscale_delay_s"]) == (1, 8)
+    parsed = AutoscalingConfig(**config)  # what Serve makes of it
+    assert (parsed.upscale_delay_s, parsed.look_back_period_s) == (1, 3)
+    assert (
+        "upscale_delay_s"
+        not in StageScaling(max_replicas=2).deployment_options()["autoscaling_config"]
+    )

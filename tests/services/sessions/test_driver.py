@@ -14,7 +14,7 @@ import torch
 from histream_model.components import load_components
 from histream_model.generator import HiStreamGenerator
 from protos.histream.v1 import stages_pb2
-from services.errors import AtCapacity, Unavailable
+from services.errors import AtCapacity, ReplicaLost, Unavailable
 from services.media import read_video
 from services.protocol import EndReason, IllegalTransition, SessionStatus, from_proto
 from services.sessions import SessionDriver, StageHandles
@@ -336,3 +336,30 @@ def test_a_stuck_chunk_is_logged_with_where_the_session_waits(monkeypatch, caplo
     stuck = [r.getMessage() for r in caplog.records if "no progress" in r.getMessage()]
     assert stuck[0].startswith(f"session {driver.session_id}: no progress for 0 s")
     assert "in decode" in stuck[0]  # the stack names the decode awaiting its stage call
+
+
+@pytest.mark.parametrize(
+    ("stage", "method"),
+    [("structure", "EncodePrompt"), ("refine", "OpenSession"), ("decode", "OpenStream"),
+     ("decode", "FinishStream")],
+)  # fmt: skip
+def test_a_call_lost_with_its_replica_before_any_chunk_is_made_again(tmp_path, stage, method):
+    """Encoding the prompt, opening on a stage and sealing the media are asked again when the
+    replica is lost (or silent) under the call: the video completes all the same."""
+    stages = real_stages(tmp_path / "store")
+    lost = ReplicaLost("no answer from the replica within 20 s (stage_call_timeout_s)")
+    getattr(stages, stage).fail(method, lambda: lost, times=1)
+    driver = SessionDriver(stages.handles, session_plan(frames=33))
+
+    async def go():
+        if method == "EncodePrompt":
+            await driver.stages.encode("a heron")
+        await driver.open()
+        chunks = [c.index async for c in driver.chunks()]
+        video = stages_pb2.VideoMetadata(id="video_1", model="tiny", seed=3, size="96x64")
+        return chunks, await driver.finish(EndReason.COMPLETED, video=video)
+
+    chunks, frames = run(go())
+    assert chunks == [0, 1, 2] and frames == 33
+    assert len(stages.journal.find(method, what="raise")) == 1
+    assert driver.status == SessionStatus.ENDED and stages.held() == NOTHING_HELD

@@ -19,7 +19,7 @@ from services.errors import SessionNotHeld
 from services.media import read_video
 from services.protocol import EndReason, StageName, StreamKind, from_proto
 from services.sessions import SessionDriver
-from services.sessions.restore import Durability, SnapshotStore
+from services.sessions.restore import Durability, Restorer, SnapshotStore
 from services.stages.denoise import DenoiseSession
 from services.storage import Layout, LocalStorage
 from tests.services.fakes import real_stages
@@ -138,11 +138,14 @@ def test_a_stage_that_cannot_restore_fails_the_session_clearly(tmp_path):
 
 @pytest.mark.parametrize(("stage", "method"), [("decode", "DecodeChunk"), ("refine", "RunPhase")])
 def test_a_call_that_never_answers_is_given_up_on_and_the_session_rebuilt(
-    tmp_path, expected, stage, method
+    tmp_path, expected, stage, method, monkeypatch
 ):
     """A stage call that hangs (sent to a replica as it went away: seen on a local Ray, where
     the call waited forever) is cancelled after `call_timeout_s` and handled as a lost replica:
-    the stage's share is rebuilt, the call made again, the session completes exactly."""
+    the stage's share is rebuilt, the call made again, the session completes exactly. The
+    restore deadline runs from the failure, not the call's start (here it is shorter than
+    the timeout)."""
+    monkeypatch.setattr(Restorer, "deadline_s", 0.2)
     stages = real_stages(tmp_path / "store")
     handles = dataclasses.replace(stages.handles, call_timeout_s=0.5)
     plan = session_plan(
