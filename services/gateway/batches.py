@@ -180,12 +180,12 @@ class Batches:
         return lines
 
     def check_body(self, body: dict) -> None:
+        """POST /v1/videos' checks of a body (raises InvalidArgument naming the field)."""
         s = self.settings
-        generation = resolve_video(
+        resolve_video(
             VideoCreate.parse(body), s.get_preset(), s.served_model, s.frame_rate,
             s.max_prompt_chars,
         )  # fmt: skip
-        del generation
 
     async def get(self, tenant: str, batch_id: str) -> dict:
         return (await self.batches.for_tenant(tenant).get(batch_id)).public()

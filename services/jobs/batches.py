@@ -128,19 +128,19 @@ class BatchStore:
     async def put(self, batch: BatchRecord) -> None:
         key = self.records.layout.batch_record_key(batch.id)
         data = batch.model_dump_json().encode()
-        await self.records._call(self.records.storage.put, key, data, "application/json")
+        await self.records.storage_call(self.records.storage.put, key, data, "application/json")
 
     async def get(self, batch_id: str) -> BatchRecord:
         try:
             key = self.records.layout.batch_record_key(batch_id)
-            data = await self.records._call(self.records.storage.get, key)
+            data = await self.records.storage_call(self.records.storage.get, key)
         except (ObjectNotFound, ValueError):
             raise NotFound(f"no batch with id {batch_id!r}", param="batch_id") from None
         return BatchRecord.model_validate_json(data)
 
     async def ids(self) -> list[str]:
         prefix = self.records.layout.batches_prefix()
-        keys = await self.records._call(self.records.storage.list, prefix)
+        keys = await self.records.storage_call(self.records.storage.list, prefix)
         return sorted(k.rsplit("/", 2)[-2] for k in keys if k.endswith("/record.json"))
 
 

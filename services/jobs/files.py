@@ -54,16 +54,16 @@ class FileStore:
             filename=filename, purpose=purpose,
         )  # fmt: skip
         storage, layout = self.records.storage, self.layout
-        await self.records._call(storage.put, layout.file_key(meta.id, "content"), data)
+        await self.records.storage_call(storage.put, layout.file_key(meta.id, "content"), data)
         body = meta.model_dump_json().encode()
         key = layout.file_key(meta.id, "meta.json")
-        await self.records._call(storage.put, key, body, "application/json")
+        await self.records.storage_call(storage.put, key, body, "application/json")
         return meta
 
     async def get(self, file_id: str) -> FileObject:
         try:
             key = self.layout.file_key(file_id, "meta.json")
-            data = await self.records._call(self.records.storage.get, key)
+            data = await self.records.storage_call(self.records.storage.get, key)
         except (ObjectNotFound, ValueError):
             raise NotFound(f"no file with id {file_id!r}", param="file_id") from None
         return FileObject.model_validate_json(data)
@@ -72,12 +72,13 @@ class FileStore:
         await self.get(file_id)
         key = self.layout.file_key(file_id, "content")
         try:
-            return await self.records._call(self.records.storage.get, key)
+            return await self.records.storage_call(self.records.storage.get, key)
         except ObjectNotFound:
             raise NotFound(f"file {file_id!r} has no content", param="file_id") from None
 
     async def list(self) -> list[FileObject]:
-        keys = await self.records._call(self.records.storage.list, self.layout.files_prefix())
+        prefix = self.layout.files_prefix()
+        keys = await self.records.storage_call(self.records.storage.list, prefix)
         files = []
         for key in sorted(k for k in keys if k.endswith("/meta.json")):
             try:
@@ -90,4 +91,4 @@ class FileStore:
         await self.get(file_id)
         for name in ("meta.json", "content"):
             key = self.layout.file_key(file_id, name)
-            await self.records._call(self.records.storage.delete, key)
+            await self.records.storage_call(self.records.storage.delete, key)

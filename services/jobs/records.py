@@ -105,7 +105,7 @@ class RecordStore:
             store = self._tenants[tenant] = RecordStore(self.storage, Layout(tenant))
         return store
 
-    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+    async def storage_call(self, fn: Callable[..., T], *args: object) -> T:
         try:
             return await asyncio.to_thread(fn, *args)
         except (ObjectNotFound, ValueError):
@@ -120,23 +120,23 @@ class RecordStore:
     async def put(self, record: VideoRecord) -> None:
         data = record.model_dump_json().encode()
         key = self.layout.video_record_key(record.id)
-        await self._call(self.storage.put, key, data, "application/json")
+        await self.storage_call(self.storage.put, key, data, "application/json")
 
     async def get(self, video_id: str) -> VideoRecord:
         try:
             key = self.layout.video_record_key(video_id)
-            data = await self._call(self.storage.get, key)
+            data = await self.storage_call(self.storage.get, key)
         except (ObjectNotFound, ValueError):
             raise NotFound(f"no video with id {video_id!r}", param="video_id") from None
         return VideoRecord.model_validate_json(data)
 
     async def exists(self, video_id: str) -> bool:
-        return await self._call(self.storage.exists, self.layout.video_record_key(video_id))
+        return await self.storage_call(self.storage.exists, self.layout.video_record_key(video_id))
 
     async def ids(self) -> list[str]:
         """The ids of the tenant's videos, sorted (creation order: see new_video_id); reads
         no record."""
-        keys = await self._call(self.storage.list, self.layout.videos_prefix())
+        keys = await self.storage_call(self.storage.list, self.layout.videos_prefix())
         return sorted(k.rsplit("/", 2)[-2] for k in keys if k.endswith("/record.json"))
 
     async def read(self, video_ids: list[str]) -> list[VideoRecord]:
@@ -148,22 +148,22 @@ class RecordStore:
         return records
 
     async def list(self) -> list[VideoRecord]:
-        keys = await self._call(self.storage.list, self.layout.videos_prefix())
+        keys = await self.storage_call(self.storage.list, self.layout.videos_prefix())
         records = []
         for key in keys:
             if key.endswith("/record.json"):
                 with contextlib.suppress(ObjectNotFound):
-                    data = await self._call(self.storage.get, key)
+                    data = await self.storage_call(self.storage.get, key)
                     records.append(VideoRecord.model_validate_json(data))
         return records
 
     async def delete(self, video_id: str) -> int:
-        return await self._call(delete_video, self.storage, self.layout, video_id)
+        return await self.storage_call(delete_video, self.storage, self.layout, video_id)
 
     async def content(self, video_id: str) -> bytes:
         key = self.layout.video_key(video_id)
         try:
-            return await self._call(self.storage.get, key)
+            return await self.storage_call(self.storage.get, key)
         except ObjectNotFound:
             raise NotFound(f"video {video_id!r} has no content yet", param="video_id") from None
 
