@@ -28,6 +28,7 @@ from services.errors import (
 )
 from services.logs import ids
 from services.protocol import EndReason
+from services.protocol.routing import own_request_id
 from services.sessions import SessionRegistry
 
 log = logging.getLogger("histream.gateway")
@@ -81,6 +82,7 @@ class SessionControl:
         if self.mailbox is None or self.sessions.holds(session_id):
             return await self._here(op, session_id, token, tenant, **args)
         self.start()
+        own_request_id()
         send = self.mailbox.send.remote(session_id, tenant, op, {"token": token, **args})
         return await remote_result(send)
 
@@ -109,12 +111,14 @@ class SessionControl:
         """A session now driven here: tell the mailbox (at once; each poll tells it again)."""
         if self.mailbox is not None:
             self.start()
+            own_request_id()
             self._spawn(remote_result(
                 self.mailbox.register.remote(self.owner, next(self._seq), session_id, tenant)
             ))  # fmt: skip
 
     def ended(self, session_id: str) -> None:
         if self.mailbox is not None:
+            own_request_id()
             self._spawn(remote_result(
                 self.mailbox.release.remote(self.owner, next(self._seq), session_id)
             ))  # fmt: skip
@@ -128,6 +132,7 @@ class SessionControl:
         while True:
             sessions = {live.id: live.driver.plan.tenant for live in self.sessions.all()}
             seq = next(self._seq)
+            own_request_id()
             try:
                 letters = await remote_result(
                     self.mailbox.collect.remote(self.owner, seq, sessions, self.poll_s)
@@ -153,6 +158,7 @@ class SessionControl:
             error = err
         except Exception as err:
             error = Internal.logged(log, err, f"a session's {letter['op']} from another replica")
+        own_request_id()
         await remote_result(self.mailbox.answer.remote(letter["id"], result, error))
 
     def _spawn(self, work) -> None:

@@ -19,6 +19,7 @@ from protos.histream.v1 import stages_pb2
 from services.errors import AtCapacity, ReplicaLost, SessionNotHeld, remote_result
 from services.logs import ids
 from services.protocol import Generation, StageName, StreamKind, session_spec
+from services.protocol.routing import own_request_id
 
 if TYPE_CHECKING:
     from services.sessions.record import SessionRecord
@@ -105,6 +106,7 @@ class SessionStages:
         return remote_result(response, self.handles.call_timeout_s)
 
     def _pinned(self, name: StageName) -> Any:
+        own_request_id()  # concurrent calls of one request must not share Serve's request id
         return self.handles[name].options(session_id=self.session_id)
 
     async def call(self, name: StageName, method: str, request: object) -> Any:
@@ -116,6 +118,7 @@ class SessionStages:
         request = stages_pb2.EncodePromptRequest(prompt=prompt)
         for attempt in range(ENCODE_ATTEMPTS):  # no session state: safe to ask again
             try:
+                own_request_id()
                 response = await self._answer(self.handles.structure.EncodePrompt.remote(request))
                 break
             except ReplicaLost:

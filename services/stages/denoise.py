@@ -47,6 +47,7 @@ from services.errors import InvalidArgument, SessionNotHeld, remote_result
 from services.logs import ids
 from services.protocol import StageName, from_proto, shape_of, to_proto
 from services.protocol.identity import replica_name
+from services.protocol.routing import own_request_id
 from services.protocol.snapshot import kept_latents, prompt_index
 from services.settings import ServeSettings
 from services.stages.base import SessionStage, rpc
@@ -217,6 +218,7 @@ class DenoiseStage(SessionStage[DenoiseSession]):
                 phase=index,
                 latents=to_proto(handoff(session.shape, phase, output)),
             )
+            own_request_id()  # see services/protocol/routing.py
             pinned = peer.options(session_id=session_id)  # type: ignore[attr-defined]
             done = await remote_result(pinned.RunPhase.remote(request))
             passes += done.passes

@@ -507,3 +507,32 @@ def test_histream_batch_submits_follows_and_downloads(service, tmp_path, capsys)
     assert read_video(out / "a_1.mp4") == (21, 96, 64)
     [error] = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
     assert error["custom_id"] == "b" and error["error"]["line"] == 2
+
+
+def test_two_prompt_updates_sent_at_once_are_both_answered(service):
+    """Both updates' prompt encodings are in flight at once from one WebSocket request: each
+    call must be routed on its own (they once shared Serve's internal request id, and the
+    second was never answered)."""
+    start = {"type": "start", "prompt": PROMPT, "size": "128x64", "num_frames": 477, "seed": 2}
+    accepted, kinds = [], []
+    with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
+        ws.send(json.dumps(start))
+        sent = False
+        while True:
+            message = ws.recv(timeout=60)
+            if isinstance(message, bytes):
+                continue
+            event = json.loads(message)
+            kinds.append(event["type"])
+            if event["type"] == "chunk" and not sent:
+                ws.send(json.dumps({"type": "prompt", "prompt": "a heron in the reeds"}))
+                ws.send(json.dumps({"type": "prompt", "prompt": "an owl at dusk"}))
+                sent = True
+            elif event["type"] == "prompt.accepted":
+                accepted.append(event["prompt_version"])
+            elif event["type"] in ("session.ended", "error"):
+                break
+    # both answered; the second is version 2 (the first is 1, or 2 if the second superseded it
+    # before a chunk boundary: superseded updates are answered with the one that applied)
+    assert len(accepted) == 2 and sorted(accepted)[1] == 2, (accepted, kinds[-5:])
+    assert kinds[-1] == "session.ended"
