@@ -19,6 +19,7 @@ from websockets.sync.client import connect
 
 from services.media import read_video
 from tests.services.test_service import PROMPT, stage, wait_until
+from tests.services.test_survival import Stream
 
 APP = "scaling"
 STAGE = "DecodePool"
@@ -49,26 +50,8 @@ def held(app: str = APP) -> int:
 def test_a_batch_scales_a_stage_up_and_down_under_a_live_session(scaling_service, tmp_path):
     # a long session (a minute or more on this machine), so it streams across both changes
     start = {"type": "start", "prompt": PROMPT, "size": "384x256", "num_frames": 477, "seed": 8}
-    received: list[tuple[dict, bytes]] = []
-    init, ended = [b""], []
-
-    def read(ws) -> None:
-        pending = None
-        while True:
-            message = ws.recv(timeout=120)
-            if isinstance(message, bytes):
-                if pending is None:
-                    init[0] = init[0] or message
-                else:
-                    received.append((pending, message))
-                    pending = None
-                continue
-            event = json.loads(message)
-            if event["type"] == "chunk":
-                pending = event
-            elif event["type"] in ("session.ended", "error"):
-                ended.append(event)
-                return
+    stream = Stream()
+    received, init, ended, read = stream.received, stream.init, stream.ended, stream.read
 
     replicas: list[int] = []
     watching = threading.Event()

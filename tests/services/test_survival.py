@@ -17,6 +17,34 @@ from services.media import read_video
 from tests.services.test_service import PROMPT, held_sessions, metric, wait_until
 
 
+class Stream:
+    """What a WebSocket session sends, read on a thread: the init segment, each chunk's event
+    with its media, and the event that ended it."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[dict, bytes]] = []
+        self.init: list[bytes] = [b""]
+        self.ended: list[dict] = []
+
+    def read(self, ws) -> None:
+        pending = None
+        while True:
+            message = ws.recv(timeout=120)
+            if isinstance(message, bytes):
+                if pending is None:
+                    self.init[0] = self.init[0] or message
+                else:
+                    self.received.append((pending, message))
+                    pending = None
+                continue
+            event = json.loads(message)
+            if event["type"] == "chunk":
+                pending = event
+            elif event["type"] in ("session.ended", "error"):
+                self.ended.append(event)
+                return
+
+
 def kill_replica(app: str, deployment: str) -> str:
     return server.kill_replica(app, deployment)
 
@@ -76,26 +104,8 @@ def test_a_session_survives_its_stage_scaling_up_then_down(service, tmp_path, de
     and back to one (the replica removed may be the one holding it): it completes all the
     same, every chunk once, and nothing stays held."""
     start = {"type": "start", "prompt": PROMPT, "size": "384x256", "num_frames": 477, "seed": 5}
-    received: list[tuple[dict, bytes]] = []
-    init, ended = [b""], []
-
-    def read(ws) -> None:
-        pending = None
-        while True:
-            message = ws.recv(timeout=120)
-            if isinstance(message, bytes):
-                if pending is None:
-                    init[0] = init[0] or message
-                else:
-                    received.append((pending, message))
-                    pending = None
-                continue
-            event = json.loads(message)
-            if event["type"] == "chunk":
-                pending = event
-            elif event["type"] in ("session.ended", "error"):
-                ended.append(event)
-                return
+    stream = Stream()
+    received, init, ended, read = stream.received, stream.init, stream.ended, stream.read
 
     with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
         ws.send(json.dumps(start))
