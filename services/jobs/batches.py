@@ -26,14 +26,13 @@ from pydantic import BaseModel, Field
 
 from services.errors import NotFound, QueueFull, QuotaExceeded, ServiceError
 from services.jobs.files import FileStore
+from services.jobs.leases import CLAIM_SETTLE_S
 from services.jobs.records import RecordStore, VideoError, VideoRecord, VideoStatus
 from services.logs import ids
 from services.sessions.periodic import Periodic
 from services.storage import ObjectNotFound
 
 log = logging.getLogger("histream.jobs")
-
-CLAIM_SETTLE_S = 0.5  # a claim is read back after this long (see leases.py)
 
 
 class BatchStatus(enum.StrEnum):
