@@ -29,7 +29,7 @@ def _video_frames(latent_frames: int) -> int:
 def _held(state) -> int:
     """Bytes a started session holds: both caches and each resolution's text K/V."""
     texts = sum(r.text.nbytes for r in (state.low, state.high) if r is not None)
-    return sum(state.caches.nbytes().values()) + texts
+    return sum(state.kv_bytes().values()) + texts
 
 
 def length_table(preset_name: str = "bench", log: Log | None = None) -> str:

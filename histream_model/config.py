@@ -131,6 +131,12 @@ class HiStreamOptions:
     high: ResolutionOptions = ResolutionOptions(ntk_factors=(1.0, 5.0, 5.0))  # the generated one
     first_chunk_attn_scale: float = 2.0  # CineScale factor c on chunk 1's high-res passes
     attn_reference_tokens: int | None = None  # N_ref; None = low-res tokens per latent frame
+    # Diagonal distillation: steps of chunk 1, 2, ...; the last is the floor every later chunk
+    # takes (strictly decreasing, each >= 1; the paper's description: 5, 4, 3, then 2)
+    diagonal_steps: tuple[int, ...] = (5, 4, 3, 2)
+    # histream-diagonal: what writes KV_low of chunks 2.. ("commit": a t = 0 pass on Down(x0);
+    # "last-pass": the low-res denoising pass's keys/values, on pure noise at one step)
+    diagonal_low_context: str = "commit"
 
     def __post_init__(self) -> None:
         if self.chunk_frames < 1:
@@ -144,20 +150,42 @@ class HiStreamOptions:
             raise ValueError(f"low_res_factor={self.low_res_factor} must be >= 1")
         if self.first_chunk_attn_scale <= 0:
             raise ValueError(f"first_chunk_attn_scale={self.first_chunk_attn_scale} must be > 0")
+        check_diagonal_steps(self.diagonal_steps)
+        if self.diagonal_low_context not in ("commit", "last-pass"):
+            raise ValueError(
+                f"diagonal_low_context={self.diagonal_low_context!r} must be 'commit' or "
+                "'last-pass'"
+            )
 
     def at(self, resolution: Resolution) -> ResolutionOptions:
         """The HD knobs of one resolution."""
         return self.low if resolution == Resolution.LOW else self.high
 
     def step_list(self, num_steps: int) -> tuple[int, ...]:
-        """The unwarped timesteps for a chunk denoised in `num_steps` steps."""
+        """The unwarped timesteps for a chunk denoised in `num_steps` steps: `timesteps` or
+        `fast_timesteps` when one has that many, else evenly spaced from the top down (the
+        rule both defaults follow: 4 -> 1000, 750, 500, 250; 5 -> 1000, 800, ..., 200)."""
         for steps in (self.timesteps, self.fast_timesteps):
             if len(steps) == num_steps:
                 return steps
-        raise ValueError(
-            f"no step list with {num_steps} steps (have {len(self.timesteps)} and "
-            f"{len(self.fast_timesteps)})"
-        )
+        n = self.num_train_timesteps
+        if not 1 <= num_steps <= n:
+            raise ValueError(f"num_steps={num_steps} must be in [1, {n}]")
+        return tuple(round(n * (num_steps - k) / num_steps) for k in range(num_steps))
+
+
+def check_diagonal_steps(steps: tuple[int, ...]) -> None:
+    """A Diagonal step list: at least one count, each >= 1, strictly decreasing to its floor."""
+    if not steps:
+        raise ValueError("diagonal_steps is empty; give the steps of chunk 1, 2, ... (e.g. 5,4,3,2)")
+    for i, count in enumerate(steps):
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"diagonal_steps[{i}]={count!r} must be an integer >= 1 (the floor)")
+        if i and count >= steps[i - 1]:
+            raise ValueError(
+                f"diagonal_steps={list(steps)} must decrease strictly: entry {i} ({count}) is not "
+                f"below entry {i - 1} ({steps[i - 1]}); the last entry is the floor later chunks keep"
+            )
 
 
 @dataclass(frozen=True)
@@ -170,6 +198,7 @@ class Mode:
     first_chunk_steps: tuple[int, int]  # (low, high) denoising steps on chunk 1
     later_chunk_steps: tuple[int, int]  # (low, high) denoising steps on chunks 2..
     schedule: str = "histream"  # which schedule family plans its chunks (histream_model.schedules)
+    summary: str = ""  # what the mode is, in a line (README's mode table, GET /v1/models)
 
     @property
     def resolutions(self) -> tuple[Resolution, ...]:
@@ -183,12 +212,39 @@ class Mode:
 MODES: dict[str, Mode] = {
     m.name: m
     for m in (
-        Mode("histream", True, True, (2, 2), (2, 2)),
-        Mode("histream+", True, True, (2, 2), (1, 1)),
-        Mode("no-drc", False, True, (0, 4), (0, 4)),
-        Mode("no-agsw", True, False, (2, 2), (2, 2)),
-        Mode("naive-2step", True, True, (1, 1), (1, 1)),
-        Mode("self-forcing", False, False, (0, 4), (0, 4)),
+        Mode("histream", True, True, (2, 2), (2, 2), summary="HiStream: DRC + AGSW, 2 + 2 steps"),
+        Mode(
+            "histream+", True, True, (2, 2), (1, 1),
+            summary="HiStream+: DRC + AGSW, 2 + 2 steps on chunk 1, 1 + 1 after",
+        ),
+        Mode("no-drc", False, True, (0, 4), (0, 4), summary="ablation: AGSW, 4 high-res steps"),
+        Mode("no-agsw", True, False, (2, 2), (2, 2), summary="ablation: DRC, full history"),
+        Mode("naive-2step", True, True, (1, 1), (1, 1), summary="ablation: 1 + 1 steps always"),
+        Mode(
+            "self-forcing", False, False, (0, 4), (0, 4),
+            summary="baseline: 4 high-res steps, full history",
+        ),
+        # Diagonal distillation: the step counts come from the preset's `diagonal_steps` (these
+        # two fields are its defaults' first and floor); chunks 2.. are never committed at t = 0
+        Mode(
+            "diagonal", False, True, (0, 5), (0, 2), schedule="diagonal",
+            summary="Diagonal: 5, 4, 3, then 2 high-res steps; later chunks' context from "
+            "their last pass (no commit)",
+        ),
+        Mode(
+            "histream-diagonal", True, True, (2, 2), (1, 1), schedule="diagonal",
+            summary="HiStream+ steps with Diagonal context: KV_high from the last pass, "
+            "KV_low from Down(x0)",
+        ),
+        # HiAR: one cache per denoising step, holding earlier chunks at the next step's noise
+        Mode(
+            "hiar", False, True, (0, 4), (0, 4), schedule="hiar",
+            summary="HiAR: 4 high-res steps, each against its own cache at its noise level",
+        ),
+        Mode(
+            "histream-hiar", True, True, (2, 2), (2, 2), schedule="hiar",
+            summary="HiAR with DRC: steps 1-2 at low resolution, 3-4 at high, a cache each",
+        ),
     )
 }
 

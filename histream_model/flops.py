@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from histream_model.config import DiTConfig, Preset, Resolution, VideoShape, get_mode
 from histream_model.kv_cache import CacheLayout
-from histream_model.schedules import PassKind, plan_chunk
+from histream_model.schedules import PassKind, plan_chunk, session_caches
 
 # -- one forward pass --------------------------------------------------------------------------
 
@@ -200,15 +200,18 @@ def session_bytes(
 ) -> dict[str, int]:
     """What one session holds between chunks: {"kv_low", "kv_high", "text_kv"} in bytes.
 
-    The text K/V is held once per resolution state (each stage keeps its own copy).
+    "kv_low"/"kv_high" sum every cache at that resolution (one for HiStream's schedules, one per
+    step there for HiAR's). The text K/V is counted once per resolution (each stage keeps its own
+    copy, shared by its caches).
     """
     shape = VideoShape(preset, get_mode(mode), height, width, num_frames)
     config = preset.dit
     out = {"kv_low": 0, "kv_high": 0, "text_kv": 0}
     for resolution in shape.mode.resolutions:
-        layout = cache_layout(shape, resolution)
-        out[f"kv_{resolution}"] = kv_bytes(config, layout, batch, bytes_per_element)
         out["text_kv"] += text_kv_bytes(config, batch, bytes_per_element)
+    for resolution in session_caches(shape).values():
+        layout = cache_layout(shape, resolution)
+        out[f"kv_{resolution}"] += kv_bytes(config, layout, batch, bytes_per_element)
     return out
 
 

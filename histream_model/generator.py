@@ -14,8 +14,7 @@ import torch
 
 from histream_model.config import Preset, Resolution, VideoShape, get_mode, get_preset
 from histream_model.dit import WanDiT
-from histream_model.kv_cache import DualCache
-from histream_model.schedules import ResolutionState, new_resolution_state, plan_chunk, run_chunk
+from histream_model.schedules import ResolutionState, new_session_states, plan_chunk, run_chunk, set_text
 
 
 @dataclass
@@ -24,21 +23,29 @@ class SessionState:
 
     shape: VideoShape
     seed: int
-    states: dict[Resolution, ResolutionState]  # one per resolution the mode uses
+    states: dict[str, ResolutionState]  # one per cache the schedule names ("low", "high.3"...)
     next_chunk: int = 0
 
     @property
     def high(self) -> ResolutionState:
+        """KV_high's state (HiStream's and Diagonal's schedules; HiAR names a cache per step)."""
         return self.states[Resolution.HIGH]
 
     @property
     def low(self) -> ResolutionState | None:
-        """None without dual-resolution caching."""
+        """KV_low's state; None without dual-resolution caching."""
         return self.states.get(Resolution.LOW)
 
-    @property
-    def caches(self) -> DualCache:
-        return DualCache(low=self.low.cache if self.low else None, high=self.high.cache)
+    def kv_bytes(self) -> dict[str, int]:
+        """Bytes of the caches allocated at each resolution: {"low", "high"}."""
+        out = {str(res): 0 for res in Resolution}
+        for state in self.states.values():
+            out[state.resolution] += state.cache.nbytes
+        return out
+
+    def text_bytes(self) -> int:
+        """Bytes of the text K/V (one copy, shared by every cache state)."""
+        return sum({id(s.text): s.text.nbytes for s in self.states.values()}.values())
 
     @property
     def done(self) -> bool:
@@ -46,11 +53,10 @@ class SessionState:
 
     def passes(self) -> dict[tuple[Resolution, str], int]:
         """Forward passes run so far, by (resolution, "denoise" or "commit")."""
-        out = {}
-        for res in Resolution:
-            state = self.states.get(res)
-            out[res, "denoise"] = state.denoise_passes if state else 0
-            out[res, "commit"] = state.commit_passes if state else 0
+        out = {(res, kind): 0 for res in Resolution for kind in ("denoise", "commit")}
+        for state in self.states.values():
+            out[state.resolution, "denoise"] += state.denoise_passes
+            out[state.resolution, "commit"] += state.commit_passes
         return out
 
 
@@ -66,6 +72,9 @@ class ChunkResult:
     high_passes: int  # all high-res forward passes (denoising + commit)
     seconds: float  # wall time of the chunk's denoising and commits
     kv_bytes: dict[str, int] = field(default_factory=dict)  # {"low", "high"} allocated bytes
+    # latents the chunk's cache writes read that a restore cannot derive from `latents`, by
+    # phase index (HiAR's re-noised writes, Diagonal's kept last passes; see schedules/restore)
+    write_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class HiStreamGenerator:
@@ -90,17 +99,13 @@ class HiStreamGenerator:
         shape = VideoShape(self.preset, self.mode, height, width, num_frames)
         batch = context.shape[0]
         with torch.no_grad():
-            states = {
-                res: new_resolution_state(self.model, shape, res, context, batch)
-                for res in self.mode.resolutions
-            }
+            states = new_session_states(self.model, shape, context, batch)
         return SessionState(shape=shape, seed=seed, states=states)
 
     @torch.no_grad()
     def set_prompt(self, state: SessionState, context: torch.Tensor) -> None:
         """Condition the following chunks on a new prompt; the caches are kept."""
-        for res in state.states.values():
-            res.text = self.model.text_kv(context.to(res.cache.k.device))
+        set_text(self.model, state.states, context)
 
     def step(self, state: SessionState) -> ChunkResult:
         """Generate the session's next chunk (Algorithm 1, lines 4-30)."""
@@ -109,7 +114,8 @@ class HiStreamGenerator:
         plan = plan_chunk(state.shape, state.next_chunk)
         before = state.passes()
         started = time.perf_counter()
-        x0 = run_chunk(self.model, state.states, state.shape, plan, state.seed)
+        writes: dict[int, torch.Tensor] = {}
+        x0 = run_chunk(self.model, state.states, state.shape, plan, state.seed, writes=writes)
         if x0.is_cuda:
             torch.cuda.synchronize(x0.device)
         seconds = time.perf_counter() - started
@@ -125,7 +131,8 @@ class HiStreamGenerator:
             low_passes=ran[low, "denoise"] + ran[low, "commit"],
             high_passes=ran[high, "denoise"] + ran[high, "commit"],
             seconds=seconds,
-            kv_bytes=state.caches.nbytes(),
+            kv_bytes=state.kv_bytes(),
+            write_inputs=writes,
         )
 
     def generate(

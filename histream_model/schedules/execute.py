@@ -1,7 +1,7 @@
-"""Running a chunk plan: each phase against one resolution's state; the chunk as its phases.
+"""Running a chunk plan: each phase against one cache's state; the chunk as its phases.
 
-Each phase reads only the state of its own resolution (its cache, text K/V and RoPE
-frequencies), so a caller can hold the low-res state in one process and the high-res state in
+Each phase reads only the state of its own cache (the cache, text K/V and RoPE frequencies of
+its resolution), so a caller can hold the low-res caches in one process and the high-res ones in
 another (the distributed stages do) and compute the same latents as `run_chunk` does in one.
 Between phases the latent travels in its smaller form: `handoff` downsamples on the sender's
 side, `phase_input` upsamples on the receiver's (and downsamples what arrives undownsampled).
@@ -23,7 +23,7 @@ from histream_model.dit import TextKV, WanDiT
 from histream_model.kv_cache import CacheLayout, ChunkSlots, KVCache
 from histream_model.rope import RopeAxes, RopeTable
 from histream_model.schedules.flow import FlowSchedule, chunk_noise
-from histream_model.schedules.plan import ChunkPlan, Entry, Phase
+from histream_model.schedules.plan import ChunkPlan, Entry, Phase, Write
 
 # Wraps each part of a phase ("input", "denoise", "commit") for callers that time them.
 Timer = Callable[[str], AbstractContextManager]
@@ -36,7 +36,7 @@ def _untimed(*_: object) -> AbstractContextManager:
 
 @dataclass
 class ResolutionState:
-    """One resolution's share of a session: its cache, text K/V and RoPE frequencies."""
+    """One cache of a session: the cache, and its resolution's text K/V and RoPE frequencies."""
 
     resolution: Resolution
     channels: int  # latent channels (the DiT's in_dim)
@@ -46,6 +46,10 @@ class ResolutionState:
     text: TextKV  # cross-attention K/V of the current prompt
     denoise_passes: int = 0  # forward passes run so far, for reports
     commit_passes: int = 0
+    name: str = ""  # the cache's name in the schedule's phases ("": the resolution's)
+
+    def __post_init__(self) -> None:
+        self.name = self.name or str(self.resolution)
 
     @property
     def batch(self) -> int:
@@ -58,8 +62,11 @@ def new_resolution_state(
     resolution: Resolution | str,
     context: torch.Tensor,
     batch: int = 1,
+    name: str = "",
+    text: TextKV | None = None,
 ) -> ResolutionState:
-    """Fresh state for one resolution: an empty cache sized from the config, the text K/V."""
+    """Fresh state for one cache at `resolution` (named `name`, default the resolution's): an
+    empty cache sized from the config, the text K/V (`text`, shared, if already computed)."""
     try:
         resolution = Resolution(resolution)
     except ValueError:
@@ -72,8 +79,23 @@ def new_resolution_state(
         latent_hw=shape.latent_hw(resolution),
         rope=RopeAxes.build(model.config, shape.preset.options.at(resolution).ntk_factors),
         cache=KVCache(layout, model.config, batch=batch, device=weight.device, dtype=weight.dtype),
-        text=model.text_kv(context.to(weight.device)),
+        text=text if text is not None else model.text_kv(context.to(weight.device)),
+        name=name,
     )
+
+
+def set_text(
+    model: WanDiT, states: Mapping[str, ResolutionState] | list, context: torch.Tensor
+) -> None:
+    """Condition every given state on `context`: the text K/V are computed once and shared by
+    all the states (they do not depend on the cache or the resolution)."""
+    states = list(states.values()) if isinstance(states, Mapping) else list(states)
+    if not states:
+        return
+    with torch.no_grad():
+        text = model.text_kv(context.to(states[0].cache.k.device))
+    for state in states:
+        state.text = text
 
 
 def _flow(options: HiStreamOptions) -> FlowSchedule:
@@ -117,9 +139,14 @@ def phase_input(
     if phase.entry == Entry.DOWNSAMPLE:  # usually already done by the sender (`handoff`)
         same = tuple(x.shape[-2:]) == state.latent_hw
         return x if same else downsample(x, state.latent_hw)
-    up = upsample(x, state.latent_hw)
-    eps = chunk_noise(seed, plan.index, phase.first_draw, up.shape, device)
-    return _flow(options).renoise(up, eps, phase.timesteps[0])
+    if phase.entry == Entry.UPSAMPLE:
+        x = upsample(x, state.latent_hw)
+    elif tuple(x.shape[-2:]) != state.latent_hw:
+        raise ValueError(
+            f"a {phase.entry} phase needs latents of {state.latent_hw}, got {tuple(x.shape[-2:])}"
+        )
+    eps = chunk_noise(seed, plan.index, phase.first_draw, x.shape, device)
+    return _flow(options).renoise(x, eps, phase.timesteps[0])
 
 
 @dataclass(frozen=True)
@@ -155,8 +182,9 @@ def _denoise(
     options: HiStreamOptions,
     seed: int,
     x: torch.Tensor,
-) -> torch.Tensor:
-    """The phase's steps: predict x0, re-noise it with fresh noise to the next timestep."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The phase's steps: predict x0, re-noise it with fresh noise to the next timestep.
+    Returns the last x0 and the last pass's input."""
     flow = _flow(options)
     x0 = x
     for j, t in enumerate(phase.timesteps):
@@ -167,14 +195,33 @@ def _denoise(
         if j + 1 < len(phase.timesteps):
             eps = chunk_noise(seed, plan.index, phase.first_draw + j + 1, x.shape, x.device)
             x = flow.renoise(x0, eps, phase.timesteps[j + 1])
-    return x0
+    return x0, x
 
 
-def _commit(forward: _Pass, x0: torch.Tensor) -> None:
-    """The t = 0 pass writing the chunk's clean keys/values; the window slides."""
-    forward(x0, 0.0, kv_only=True)
+def _commit(forward: _Pass, x: torch.Tensor, t: float = 0.0) -> None:
+    """The kv-only pass writing the chunk's keys/values of `x` at `t` (the clean x0 at t = 0
+    for a commit); the window slides."""
+    forward(x, t, kv_only=True)
     forward.state.cache.commit(forward.slots)
     forward.state.commit_passes += 1
+
+
+def write_input(
+    plan: ChunkPlan, phase: Phase, options: HiStreamOptions, seed: int, x0: torch.Tensor
+) -> torch.Tensor:
+    """What a RENOISED write pass reads: the phase's x0 re-noised to its write timestep."""
+    eps = chunk_noise(seed, plan.index, phase.write_draw, x0.shape, x0.device)
+    return _flow(options).renoise(x0, eps, phase.write_t)
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """What a phase gives: its result (see plan.py) and, when its cache write read a latent
+    that cannot be derived from the chunk's output, that latent (a restore replays the write
+    from it)."""
+
+    latents: torch.Tensor
+    write_input: torch.Tensor | None = None
 
 
 def run_phase(
@@ -186,40 +233,55 @@ def run_phase(
     seed: int,
     received: torch.Tensor | None = None,
     timer: Timer = _untimed,
-) -> torch.Tensor:
-    """Run one phase against its resolution's state; returns its result (see plan.py)."""
-    if state.resolution != phase.resolution:
-        raise ValueError(f"a {phase.resolution} phase cannot run on {state.resolution} state")
+) -> PhaseResult:
+    """Run one phase against its cache's state; returns its result (see plan.py)."""
+    if state.resolution != phase.resolution or state.name != phase.cache:
+        raise ValueError(f"a phase on cache {phase.cache!r} cannot run on {state.name!r}")
     with timer("input"):
         x = phase_input(state, plan, phase, options, seed, received)
     forward = _Pass.of(model, state, plan, phase)
+    last_input = None
     if phase.timesteps:
         with timer("denoise"):
-            x = _denoise(forward, plan, phase, options, seed, x)
-    if phase.commit:
+            x, last_input = _denoise(forward, plan, phase, options, seed, x)
+    written = None
+    if phase.write == Write.CLEAN:
         with timer("commit"):
             _commit(forward, x)
-    return x
+    elif phase.write == Write.RENOISED:
+        with timer("commit"):
+            written = write_input(plan, phase, options, seed, x)
+            _commit(forward, written, phase.write_t)
+    elif phase.write == Write.LAST_PASS:  # the last pass wrote the keys/values: keep them
+        state.cache.commit(forward.slots)
+        written = last_input
+    return PhaseResult(x, written)
 
 
 def run_chunk(
     model: WanDiT,
-    states: Mapping[Resolution, ResolutionState],
+    states: Mapping[str, ResolutionState],
     shape: VideoShape,
     plan: ChunkPlan,
     seed: int,
     timer: PhaseTimer = _untimed,
+    writes: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Every phase of the chunk in order, in this process; returns the chunk's clean latents."""
+    """Every phase of the chunk in order, in this process; returns the chunk's clean latents.
+    `states` holds every cache the plan's phases name (`Phase.cache`). The write inputs a
+    restore needs (`PhaseResult.write_input`) go into `writes` by phase index, if given."""
     latents = received = None
     options = shape.preset.options
     for i, phase in enumerate(plan.phases):
-        state = states[phase.resolution]
+        state = states[phase.cache]
 
         def part(name: str, phase: Phase = phase) -> AbstractContextManager:
             return timer(phase, name)
 
-        result = run_phase(model, state, plan, phase, options, seed, received, part)
+        done = run_phase(model, state, plan, phase, options, seed, received, part)
+        if writes is not None and done.write_input is not None:
+            writes[i] = done.write_input
+        result = done.latents
         if i == plan.output:
             latents = result
         if i + 1 < len(plan.phases):

@@ -18,9 +18,46 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from histream_model.attention import scaled_softmax_scale
-from histream_model.config import Mode, Resolution, VideoShape
+from histream_model.config import HiStreamOptions, Mode, Resolution, VideoShape
 from histream_model.schedules.flow import FlowSchedule
-from histream_model.schedules.plan import ChunkPlan, Entry, Phase
+from histream_model.schedules.plan import ChunkPlan, Entry, Phase, Write
+
+
+def warped_steps(options: HiStreamOptions, num_steps: int) -> tuple[float, ...]:
+    """The timesteps a chunk denoised in `num_steps` steps is evaluated at (list, then shift)."""
+    return FlowSchedule(options.shift, options.num_train_timesteps).warp(
+        options.step_list(num_steps)
+    )
+
+
+def first_chunk_scale(shape: VideoShape, index: int) -> float | None:
+    """CineScale's softmax scale of chunk `index`'s high-res passes: the first chunk only."""
+    options = shape.preset.options
+    if index != 0 or options.first_chunk_attn_scale == 1.0:
+        return None
+    reference = options.attn_reference_tokens or shape.tokens_per_frame(shape.low_latent_hw)
+    return scaled_softmax_scale(shape.preset.dit.head_dim, options.first_chunk_attn_scale, reference)
+
+
+def check_index(shape: VideoShape, index: int) -> None:
+    if not 0 <= index < shape.num_chunks:
+        raise ValueError(f"chunk index {index} outside [0, {shape.num_chunks})")
+
+
+def histream_phases(
+    shape: VideoShape, index: int, low: int, high: int, write: Write = Write.CLEAN
+) -> tuple[Phase, ...]:
+    """One chunk of Algorithm 1 with `low` + `high` steps; `write` is how the high-res phase
+    leaves it in KV_high (Algorithm 1: a clean commit). Without low steps, one high phase."""
+    warped = warped_steps(shape.preset.options, low + high)
+    scale = first_chunk_scale(shape, index)
+    if not low:
+        return (Phase(Resolution.HIGH, Entry.NOISE, warped, 0, write, scale=scale),)
+    return (
+        Phase(Resolution.LOW, Entry.NOISE, warped[:low], first_draw=0),
+        Phase(Resolution.HIGH, Entry.UPSAMPLE, warped[low:], low, write, scale=scale),
+        Phase(Resolution.LOW, Entry.DOWNSAMPLE, (), first_draw=0, write=Write.CLEAN),
+    )
 
 
 @dataclass(frozen=True)
@@ -30,26 +67,10 @@ class HiStreamSchedule:
     mode: Mode
 
     def plan(self, shape: VideoShape, index: int) -> ChunkPlan:
-        if not 0 <= index < shape.num_chunks:
-            raise ValueError(f"chunk index {index} outside [0, {shape.num_chunks})")
-        options = shape.preset.options
+        check_index(shape, index)
         low, high = self.mode.steps(index)
-        warped = FlowSchedule(options.shift, options.num_train_timesteps).warp(
-            options.step_list(low + high)
-        )
-        scale = None
-        if index == 0 and options.first_chunk_attn_scale != 1.0:
-            reference = options.attn_reference_tokens or shape.tokens_per_frame(shape.low_latent_hw)
-            scale = scaled_softmax_scale(
-                shape.preset.dit.head_dim, options.first_chunk_attn_scale, reference
-            )
-        if self.mode.dual_resolution:
-            phases = (
-                Phase(Resolution.LOW, Entry.NOISE, warped[:low], first_draw=0, commit=False),
-                Phase(Resolution.HIGH, Entry.UPSAMPLE, warped[low:], low, commit=True, scale=scale),
-                Phase(Resolution.LOW, Entry.DOWNSAMPLE, (), first_draw=0, commit=True),
-            )
-        else:
-            phases = (Phase(Resolution.HIGH, Entry.NOISE, warped, 0, commit=True, scale=scale),)
-        m = options.chunk_frames
+        if not self.mode.dual_resolution and low:
+            raise ValueError(f"mode {self.mode.name!r} has no low resolution for {low} steps")
+        m = shape.preset.options.chunk_frames
+        phases = histream_phases(shape, index, low, high)
         return ChunkPlan(index=index, frame_start=index * m, num_frames=m, phases=phases)

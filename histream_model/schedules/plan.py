@@ -8,6 +8,14 @@ a new schedule is a new planner, not a new driver.
 A phase's input is the result of the phase before it (or fresh noise), changed by its `entry`;
 its result is the x0 of its last denoising pass, or its input when it only writes the cache. The
 chunk's latents are the result of its output phase: the last phase that denoises.
+
+Each phase's passes attend to one named cache (`Phase.cache`: "low" and "high" for HiStream;
+one per denoising step for HiAR) and may leave the chunk in it (`Phase.write`): with a separate
+kv-only pass on the clean result (Self-Forcing's and HiStream's t = 0 commit), on the result
+re-noised to the next step's level (HiAR), or by keeping what the last denoising pass wrote
+(Diagonal: no extra pass). The latent a write pass reads is its *write input*: for a clean
+commit the chunk's output (or Down of it), otherwise a latent a restore cannot derive from the
+output, which the executor therefore reports (`PhaseResult.write_input`).
 """
 
 from __future__ import annotations
@@ -24,37 +32,68 @@ class Entry(enum.StrEnum):
     NOISE = "noise"  # fresh noise at the phase's first timestep
     UPSAMPLE = "upsample"  # Up(previous result), re-noised to the phase's first timestep
     DOWNSAMPLE = "downsample"  # Down(previous result), clean: the input of a cache write
+    RENOISE = "renoise"  # the previous result (same resolution) re-noised to the first timestep
+
+
+class Write(enum.StrEnum):
+    """How a phase leaves the chunk in its cache (then the window slides)."""
+
+    NONE = "none"  # not at all: its passes' keys/values are scratch
+    CLEAN = "clean"  # a kv-only pass at t = 0 on the clean result (the commit pass)
+    RENOISED = "renoised"  # a kv-only pass on the result re-noised to `write_t` (HiAR)
+    LAST_PASS = "last-pass"  # the last denoising pass's keys/values stay (Diagonal): no pass
 
 
 class PassKind(enum.StrEnum):
     DENOISE = "denoise"  # a denoising step: predicts x0 at a timestep
-    COMMIT = "commit"  # the t = 0 pass writing clean keys/values into the cache (kv_only)
+    COMMIT = "commit"  # a kv-only pass writing the chunk's keys/values into the cache
 
 
 @dataclass(frozen=True)
 class Phase:
-    """Consecutive forward passes at one resolution, against that resolution's cache."""
+    """Consecutive forward passes at one resolution, against one cache at that resolution."""
 
-    resolution: Resolution  # whose cache, latent size and RoPE the passes use
+    resolution: Resolution  # whose latent size and RoPE the passes use
     entry: Entry  # where the input latent comes from
     timesteps: tuple[float, ...]  # warped timesteps of the denoising passes, in order
     first_draw: int  # noise draw of the entry; the re-noise before pass j (j >= 1) draws +j
-    commit: bool  # after the passes, a t = 0 pass on the result writes and slides the cache
+    write: Write = Write.NONE  # how the chunk is left in the cache after the passes
     scale: float | None = None  # softmax scale of every pass here (None: 1/sqrt(head_dim))
+    cache: str = ""  # the cache the passes attend to and write ("": named after the resolution)
+    write_t: float = 0.0  # RENOISED: the timestep the result is re-noised to and written at
+    write_draw: int = 0  # RENOISED: the noise draw of that re-noise
 
     def __post_init__(self) -> None:
+        if not self.cache:
+            object.__setattr__(self, "cache", str(self.resolution))
         if not self.timesteps and not self.commit:
             raise ValueError(f"a {self.resolution} phase must denoise or commit; it does neither")
         if self.entry == Entry.DOWNSAMPLE and self.timesteps:
             raise ValueError("a downsampled (clean) input cannot be denoised; it is only committed")
         if self.entry != Entry.DOWNSAMPLE and not self.timesteps:
             raise ValueError(f"a phase entered by {self.entry} must have denoising timesteps")
+        if self.write == Write.LAST_PASS and not self.timesteps:
+            raise ValueError("a phase with no denoising pass has no last pass to keep")
+        if self.write == Write.RENOISED and not 0 < self.write_t:
+            raise ValueError(f"a re-noised write needs a timestep > 0, got {self.write_t}")
+
+    @property
+    def commit(self) -> bool:
+        """Whether the phase leaves the chunk in its cache (by any `Write` but NONE)."""
+        return self.write != Write.NONE
+
+    @property
+    def write_timestep(self) -> float:
+        """The timestep of the pass whose keys/values the cache keeps (see `Write`)."""
+        if self.write == Write.LAST_PASS:
+            return self.timesteps[-1]
+        return self.write_t if self.write == Write.RENOISED else 0.0
 
     @property
     def passes(self) -> tuple[PassKind, ...]:
         """The forward passes this phase runs, in order."""
-        commit = (PassKind.COMMIT,) if self.commit else ()
-        return (PassKind.DENOISE,) * len(self.timesteps) + commit
+        extra = self.write in (Write.CLEAN, Write.RENOISED)
+        return (PassKind.DENOISE,) * len(self.timesteps) + (PassKind.COMMIT,) * extra
 
 
 @dataclass(frozen=True)
@@ -89,3 +128,7 @@ class ChunkPlan:
     def passes(self) -> tuple[tuple[Resolution, PassKind], ...]:
         """Every forward pass of the chunk, in the order they run."""
         return tuple((p.resolution, kind) for p in self.phases for kind in p.passes)
+
+    def caches(self) -> dict[str, Resolution]:
+        """The caches the chunk's phases use, in first-use order, with their resolutions."""
+        return {p.cache: p.resolution for p in self.phases}

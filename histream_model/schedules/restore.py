@@ -1,9 +1,11 @@
 """Rebuilding a session's caches from latents (re-prefill), for a session resumed elsewhere.
 
 The caches are not stored: they are large (KV_high alone is ~9 GB at 1080p) and every one of
-their entries was written by a chunk's commit passes, which are a function of that chunk's clean
-latents, its prompt and the cache before it. Replaying the commit passes of every chunk so far,
-in order, therefore rebuilds the caches bit for bit. Under AGSW only the anchor and the latest
+their entries was written by a chunk's cache write, a function of the latent the write read
+(the chunk's clean latents for a commit; for HiAR's re-noised writes and Diagonal's kept last
+pass, a latent the executor reports as the phase's `write_input`), its prompt and the cache
+before it. Replaying the writes of every chunk so far, in order, therefore rebuilds the caches
+bit for bit (a kept last pass is replayed as a kv-only pass on the same input: the same keys). Under AGSW only the anchor and the latest
 window are ever read again, so a snapshot keeps the anchor chunk and the last few chunks, and
 replays just those: the anchor is exact (its commit saw no earlier context), the window close
 (its keys were first computed against older windows). `tests/histream_model/schedules` and
@@ -19,7 +21,7 @@ import torch
 from histream_model.config import Resolution, VideoShape
 from histream_model.dit import WanDiT
 from histream_model.schedules.execute import ResolutionState, _commit, _Pass, handoff
-from histream_model.schedules.plan import ChunkPlan
+from histream_model.schedules.plan import ChunkPlan, Write
 
 
 def snapshot_chunks(num_chunks_done: int, anchor_chunks: int, window_chunks: int) -> list[int]:
@@ -72,11 +74,13 @@ def reprefill(
     latents: Mapping[int, torch.Tensor],
     contexts: Callable[[int], torch.Tensor],
     next_chunk: int,
+    writes: Mapping[tuple[int, int], torch.Tensor] | None = None,
 ) -> int:
-    """Replay, in chunk order, the commit passes at `state`'s resolution of the chunks whose
-    clean high-res latents are given; `contexts(k)` is the text context chunk k was generated
-    under. The cache is then ready for chunk `next_chunk`. Returns the passes run. `state`
-    should be fresh (an empty cache)."""
+    """Replay, in chunk order, the writes into `state`'s cache of the chunks whose clean
+    high-res latents are given; `contexts(k)` is the text context chunk k was generated under,
+    `writes[(k, phase)]` the write input of a phase that reported one. The cache is then ready
+    for chunk `next_chunk`. Returns the passes run. `state` should be fresh (an empty cache)."""
+    writes = writes or {}
     passes, text_of = 0, None
     for index in sorted(latents):
         plan = plans(index)
@@ -87,15 +91,18 @@ def reprefill(
         x0 = latents[index].to(device=state.cache.k.device, dtype=torch.float32)
         state.cache.skip_to(plan.frame_start)  # chunks not kept are not replayed
         for i, phase in enumerate(plan.phases):
-            if not phase.commit or phase.resolution != state.resolution:
+            if not phase.commit or phase.cache != state.name:
                 continue
-            if i < plan.output:
-                raise ValueError(
-                    f"phase {i} of chunk {index} commits before the chunk's output exists; "
-                    "it cannot be replayed from the clean latents"
-                )
-            x = x0 if i == plan.output else handoff(shape, phase, x0)
-            _commit(_Pass.of(model, state, plan, phase), x)
+            if phase.write != Write.CLEAN or i < plan.output:
+                if (index, i) not in writes:
+                    raise ValueError(
+                        f"phase {i} of chunk {index} writes its cache from a latent other than "
+                        "the chunk's output; a restore needs that write input"
+                    )
+                x = writes[index, i].to(device=state.cache.k.device, dtype=torch.float32)
+            else:
+                x = x0 if i == plan.output else handoff(shape, phase, x0)
+            _commit(_Pass.of(model, state, plan, phase), x, phase.write_timestep)
             passes += 1
     state.cache.skip_to(plans(next_chunk).frame_start if next_chunk < shape.num_chunks else 0)
     return passes

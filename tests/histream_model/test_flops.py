@@ -144,15 +144,16 @@ def test_kv_bytes_equal_the_allocated_cache(layout, dtype, size):
         assert kv_bytes(SMALL, layout, batch, size) == cache.nbytes
 
 
-@pytest.mark.parametrize("mode", ["histream+", "no-agsw", "self-forcing"])
+@pytest.mark.parametrize("mode", ["histream+", "no-agsw", "self-forcing", "hiar", "histream-hiar"])
 def test_session_bytes_equal_a_started_session(model, mode):
     state = HiStreamGenerator(model, TINY, mode).start(context(), H, W, FRAMES)
     held = session_bytes(TINY, mode, H, W, FRAMES)
-    caches = state.caches.nbytes()
+    caches = state.kv_bytes()
     assert (held["kv_low"], held["kv_high"]) == (caches["low"], caches["high"])
-    texts = [r.text.nbytes for r in (state.low, state.high) if r is not None]
-    assert held["text_kv"] == sum(texts)
-    assert cache_layout(state.shape, "high") == state.high.cache.layout
+    # one text K/V per resolution (what each stage holds; its caches share it)
+    assert held["text_kv"] == state.text_bytes() * len(state.shape.mode.resolutions)
+    high = [s for s in state.states.values() if s.resolution == "high"]
+    assert all(cache_layout(state.shape, "high") == s.cache.layout for s in high)
 
 
 def test_agsw_bytes_are_length_independent_and_full_history_linear():
@@ -166,6 +167,12 @@ def test_agsw_bytes_are_length_independent_and_full_history_linear():
     # AGSW at 1080p in bf16: 6 frames x 8160 tokens x 1536 x 2 (k, v) x 30 layers x 2 bytes
     assert held("histream", 21)["kv_high"] == 6 * 8160 * 1536 * 2 * 30 * 2
     assert held("histream", 21)["kv_low"] == 6 * 2040 * 1536 * 2 * 30 * 2
+    # HiAR: a cache per step, each under AGSW, so flat in length too
+    for mode in ("diagonal", "histream-diagonal", "hiar", "histream-hiar"):
+        assert held(mode, 21) == held(mode, 210)
+    assert held("hiar", 21)["kv_high"] == 4 * held("histream", 21)["kv_high"]
+    assert held("histream-hiar", 21)["kv_low"] == 2 * held("histream", 21)["kv_low"]
+    assert held("histream-hiar", 21)["kv_high"] == 2 * held("histream", 21)["kv_high"]
 
 
 @pytest.mark.parametrize("preset", list(PRESETS.values()), ids=list(PRESETS))
@@ -179,8 +186,12 @@ def test_1080p_speedups_are_those_of_the_flop_model():
     per_frame = {m: video_flops(preset, m, 1088, 1920, 81).per_frame for m in MODES}
     # self-forcing: 4 steps + commit at 8160 tokens/frame over a growing full history
     assert per_frame["self-forcing"] == pytest.approx(216.9e12, rel=1e-3)
-    order = ["self-forcing", "no-agsw", "no-drc", "histream", "histream+", "naive-2step"]
+    order = ["self-forcing", "hiar", "no-agsw", "no-drc", "histream-hiar", "histream",
+             "diagonal", "histream+", "naive-2step", "histream-diagonal"]  # fmt: skip
     assert [per_frame[m] for m in order] == sorted(per_frame.values(), reverse=True)
+    # Diagonal context on HiStream+ (no KV_high commit after chunk 1): ~31 TFLOP/frame + the
+    # KV_low commit of Down(x0)
+    assert per_frame["histream-diagonal"] == pytest.approx(32.6e12, rel=2e-3)
     with pytest.raises(ValueError, match="height=1080"):
         video_flops(preset, "histream", 1080, 1920, 81)
     wider = replace(preset, options=replace(preset.options, window_frames=30))

@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from histream_model import PRESETS, build_dit
+from histream_model import MODES, PRESETS, build_dit
 from histream_model.config import Resolution, VideoShape, get_mode
 from histream_model.generator import HiStreamGenerator
-from histream_model.schedules import handoff, new_resolution_state, plan_chunk, run_phase
+from histream_model.schedules import Entry, handoff, new_session_states, plan_chunk, run_phase
 
 TINY = PRESETS["tiny"]
 H, W = 64, 96  # small: 4 x 6 low-res and 8 x 12 high-res latents
@@ -103,28 +103,34 @@ def test_prompt_change_applies_from_the_next_chunk(model):
     assert (changed[1].latents - same[1].latents).abs().mean() > 1e-3
 
 
-def test_split_state_steps_equal_the_in_process_generator(model):
-    """A caller holding KV_low and KV_high apart (as the stages do), running each phase on the
-    state of its resolution and handing the latents over in their wire form, gets the same
+@pytest.mark.parametrize("mode", list(MODES))
+def test_split_state_steps_equal_the_in_process_generator(model, mode):
+    """A caller holding each resolution's caches apart (as the stages do), running each phase
+    on the state of its cache and handing the latents over in their wire form, gets the same
     latents."""
-    shape = VideoShape(TINY, get_mode("histream+"), H, W, 33)
+    shape = VideoShape(TINY, get_mode(mode), H, W, 33)
     options = TINY.options
-    low = new_resolution_state(model, shape, "low", context())
-    high = new_resolution_state(model, shape, "high", context())
+    apart = {res: new_session_states(model, shape, context(), resolution=res) for res in Resolution}
     outs = []
     for i in range(shape.num_chunks):
         plan = plan_chunk(shape, i)
-        structure, refine, commit_low = plan.phases
-        x0_low = run_phase(model, low, plan, structure, options, seed=0)
-        x0 = run_phase(model, high, plan, refine, options, seed=0, received=x0_low)
-        down = handoff(shape, commit_low, x0)
-        assert down.shape[-2:] == low.latent_hw  # Down(x0) travels, not x0
-        run_phase(model, low, plan, commit_low, options, seed=0, received=down)
-        outs.append(x0)
-    assert torch.equal(torch.cat(outs, dim=2), latents(run(model, "histream+")))
-    assert (low.commit_passes, high.commit_passes) == (3, 3)
-    with pytest.raises(ValueError, match="a high phase cannot run on low state"):
-        run_phase(model, low, plan, refine, options, seed=0, received=x0_low)
+        received = None
+        for k, phase in enumerate(plan.phases):
+            state = apart[phase.resolution][phase.cache]
+            result = run_phase(model, state, plan, phase, options, seed=0, received=received)
+            if k == plan.output:
+                outs.append(result.latents)
+            if k + 1 < len(plan.phases):
+                received = handoff(shape, plan.phases[k + 1], result.latents)
+                if plan.phases[k + 1].entry == Entry.DOWNSAMPLE:  # Down(x0) travels, not x0
+                    assert received.shape[-2:] == shape.low_latent_hw
+    assert torch.equal(torch.cat(outs, dim=2), latents(run(model, mode)))
+    states = [s for held in apart.values() for s in held.values()]
+    assert all(s.cache.frames_committed == shape.latent_frames for s in states)
+    phase = plan.phases[0]
+    for wrong in (s for s in states if s.name != phase.cache):
+        with pytest.raises(ValueError, match=f"a phase on cache '{phase.cache}' cannot run on"):
+            run_phase(model, wrong, plan, phase, options, seed=0)
 
 
 def test_plan_scales_attention_on_the_first_chunk_only():

@@ -14,6 +14,7 @@ from histream_model.schedules import (
     Entry,
     PassKind,
     Phase,
+    Write,
     plan_chunk,
     schedule_for,
 )
@@ -26,22 +27,44 @@ def shape(mode: str, frames: int = 33) -> VideoShape:
     return VideoShape(TINY, get_mode(mode), 64, 96, frames)
 
 
-def outline(plan: ChunkPlan) -> list[tuple[str, str, int, bool]]:
-    return [(p.resolution, p.entry, len(p.timesteps), p.commit) for p in plan.phases]
+def outline(plan: ChunkPlan) -> list[tuple[str, str, int, str]]:
+    return [(p.cache, p.entry, len(p.timesteps), p.write) for p in plan.phases]
 
 
-# Algorithm 1 per mode, written out: (resolution, entry, denoising steps, commit) per phase.
+CLEAN, NONE, RENOISED, LAST = Write.CLEAN, Write.NONE, Write.RENOISED, Write.LAST_PASS
+# Every mode's chunks, written out: (cache, entry, denoising steps, cache write) per phase.
 DRC = [
-    (LOW, Entry.NOISE, 2, False),
-    (HIGH, Entry.UPSAMPLE, 2, True),
-    (LOW, Entry.DOWNSAMPLE, 0, True),
+    ("low", Entry.NOISE, 2, NONE),
+    ("high", Entry.UPSAMPLE, 2, CLEAN),
+    ("low", Entry.DOWNSAMPLE, 0, CLEAN),
 ]
 DRC_1 = [
-    (LOW, Entry.NOISE, 1, False),
-    (HIGH, Entry.UPSAMPLE, 1, True),
-    (LOW, Entry.DOWNSAMPLE, 0, True),
+    ("low", Entry.NOISE, 1, NONE),
+    ("high", Entry.UPSAMPLE, 1, CLEAN),
+    ("low", Entry.DOWNSAMPLE, 0, CLEAN),
 ]
-HIGH_ONLY = [(HIGH, Entry.NOISE, 4, True)]
+HIGH_ONLY = [("high", Entry.NOISE, 4, CLEAN)]
+# Diagonal: 5, 4, 3, then 2 steps; chunk 1 committed clean, later chunks keep their last pass
+DIAGONAL = [[("high", Entry.NOISE, n, CLEAN if n == 5 else LAST)] for n in (5, 4, 3, 2, 2)]
+# HiStream+ steps; later chunks' KV_high from the high-res pass, KV_low from Down(x0)
+DRC_DIAGONAL = [
+    ("low", Entry.NOISE, 1, NONE),
+    ("high", Entry.UPSAMPLE, 1, LAST),
+    ("low", Entry.DOWNSAMPLE, 0, CLEAN),
+]
+# HiAR: a cache per step, each written with the chunk re-noised to the next step (clean last)
+HIAR = [
+    ("high.1", Entry.NOISE, 1, RENOISED),
+    ("high.2", Entry.RENOISE, 1, RENOISED),
+    ("high.3", Entry.RENOISE, 1, RENOISED),
+    ("high.4", Entry.RENOISE, 1, CLEAN),
+]
+DRC_HIAR = [
+    ("low.1", Entry.NOISE, 1, RENOISED),
+    ("low.2", Entry.RENOISE, 1, RENOISED),
+    ("high.3", Entry.UPSAMPLE, 1, RENOISED),
+    ("high.4", Entry.RENOISE, 1, CLEAN),
+]
 EXPECTED = {
     "histream": (DRC, DRC),
     "histream+": (DRC, DRC_1),
@@ -49,6 +72,9 @@ EXPECTED = {
     "no-agsw": (DRC, DRC),
     "naive-2step": (DRC_1, DRC_1),
     "self-forcing": (HIGH_ONLY, HIGH_ONLY),
+    "histream-diagonal": (DRC, DRC_DIAGONAL),
+    "hiar": (HIAR, HIAR),
+    "histream-hiar": (DRC_HIAR, DRC_HIAR),
 }
 
 
@@ -62,7 +88,62 @@ def test_each_mode_plans_algorithm_1(mode):
 
 
 def test_every_mode_has_a_schedule():
-    assert set(EXPECTED) == set(MODES)
+    assert set(EXPECTED) | {"diagonal"} == set(MODES)
+
+
+def test_diagonal_steps_decrease_to_the_floor():
+    s = shape("diagonal", 45)  # 12 latent frames: 4 chunks
+    assert [outline(plan_chunk(s, i)) for i in range(4)] == DIAGONAL[:4]
+    s = shape("diagonal", 57)  # 5 chunks: the floor repeats
+    assert outline(plan_chunk(s, 4)) == DIAGONAL[4]
+    # step lists: 5 -> 1000, 800, 600, 400, 200 and 3 -> 1000, 667, 333, warped with shift 5
+    warp = [1000 * 5 * x / (1 + 4 * x) for x in (1.0, 0.8, 0.6, 0.4, 0.2)]
+    assert plan_chunk(s, 0).timesteps(HIGH) == pytest.approx(warp)
+    warp = [1000 * 5 * x / (1 + 4 * x) for x in (1.0, 0.667, 0.333)]
+    assert plan_chunk(s, 2).timesteps(HIGH) == pytest.approx(warp)
+
+
+def test_diagonal_steps_are_configurable():
+    preset = replace(TINY, options=replace(TINY.options, diagonal_steps=(3, 1)))
+    s = VideoShape(preset, get_mode("diagonal"), 64, 96, 33)
+    assert [len(plan_chunk(s, i).timesteps(HIGH)) for i in range(3)] == [3, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        ((5, 4, 4, 2), r"must decrease strictly: entry 2 \(4\) is not below entry 1 \(4\)"),
+        ((2, 3), r"entry 1 \(3\) is not below entry 0 \(2\)"),
+        ((3, 0), r"diagonal_steps\[1\]=0 must be an integer >= 1"),
+        ((), "diagonal_steps is empty"),
+    ],
+)
+def test_bad_diagonal_steps_are_refused(steps, message):
+    with pytest.raises(ValueError, match=message):
+        replace(TINY.options, diagonal_steps=steps)
+
+
+def test_histream_diagonal_low_context_from_the_last_pass():
+    options = replace(TINY.options, diagonal_low_context="last-pass")
+    s = VideoShape(replace(TINY, options=options), get_mode("histream-diagonal"), 64, 96, 33)
+    assert outline(plan_chunk(s, 0)) == DRC
+    assert outline(plan_chunk(s, 1)) == [("low", Entry.NOISE, 1, LAST), DRC_DIAGONAL[1]]
+    with pytest.raises(ValueError, match="diagonal_low_context='both' must be"):
+        replace(TINY.options, diagonal_low_context="both")
+
+
+def test_hiar_writes_each_step_cache_at_the_next_steps_level():
+    plan = plan_chunk(shape("histream-hiar"), 1)
+    t = plan.timesteps(LOW) + plan.timesteps(HIGH)
+    assert [p.write_t for p in plan.phases[:3]] == list(t[1:])
+    assert plan.phases[3].write_timestep == 0.0
+    # a same-resolution write re-noises with the draw the next step enters from (one latent);
+    # the low -> high step gets its own low-res draw
+    assert [p.first_draw for p in plan.phases] == [0, 1, 2, 3]
+    assert [p.write_draw for p in plan.phases[:3]] == [1, 102, 3]
+    assert plan.caches() == {"low.1": LOW, "low.2": LOW, "high.3": HIGH, "high.4": HIGH}
+    assert plan.passes() == ((LOW, PassKind.DENOISE), (LOW, PassKind.COMMIT)) * 2 + (
+        (HIGH, PassKind.DENOISE), (HIGH, PassKind.COMMIT)) * 2  # fmt: skip
 
 
 def test_dual_resolution_plan_shares_one_warped_step_list_and_never_reuses_a_draw():
@@ -100,20 +181,22 @@ def test_first_chunk_scale_off_when_the_factor_is_one():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"timesteps": (), "commit": False}, "must denoise or commit"),
+        ({"timesteps": (), "write": Write.NONE}, "must denoise or commit"),
+        ({"timesteps": (), "entry": Entry.DOWNSAMPLE, "write": LAST}, "no last pass to keep"),
+        ({"write": RENOISED}, "re-noised write needs a timestep > 0"),
         ({"entry": Entry.DOWNSAMPLE}, "cannot be denoised"),
         ({"entry": Entry.UPSAMPLE, "timesteps": ()}, "must have denoising timesteps"),
     ],
 )
 def test_a_phase_that_cannot_run_is_refused(kwargs, message):
     fields = {"resolution": HIGH, "entry": Entry.NOISE, "timesteps": (1000.0,),
-              "first_draw": 0, "commit": True} | kwargs  # fmt: skip
+              "first_draw": 0, "write": CLEAN} | kwargs  # fmt: skip
     with pytest.raises(ValueError, match=message):
         Phase(**fields)
 
 
 def test_a_plan_must_start_from_noise_and_denoise():
-    commit = Phase(LOW, Entry.DOWNSAMPLE, (), 0, commit=True)
+    commit = Phase(LOW, Entry.DOWNSAMPLE, (), 0, Write.CLEAN)
     with pytest.raises(ValueError, match="starts with a phase from noise"):
         ChunkPlan(0, 0, 3, (commit,))
     with pytest.raises(ValueError, match="starts with a phase from noise"):
@@ -121,6 +204,6 @@ def test_a_plan_must_start_from_noise_and_denoise():
 
 
 def test_unknown_schedule_is_named():
-    mode = replace(get_mode("histream"), schedule="hiar")
-    with pytest.raises(ValueError, match="mode 'histream' names schedule 'hiar'; known"):
+    mode = replace(get_mode("histream"), schedule="zigzag")
+    with pytest.raises(ValueError, match="mode 'histream' names schedule 'zigzag'; known"):
         schedule_for(mode)

@@ -10,7 +10,7 @@ import torch
 from histream_model import PRESETS, build_dit, build_vae
 from histream_model.config import Resolution, VideoShape, get_mode
 from histream_model.generator import HiStreamGenerator
-from histream_model.schedules import new_resolution_state, plan_chunk, run_chunk
+from histream_model.schedules import new_session_states, plan_chunk, run_chunk, set_text
 from histream_model.schedules.restore import (
     phase_after,
     position_after,
@@ -32,14 +32,23 @@ def context(seed: int) -> torch.Tensor:
     return torch.randn(1, BENCH.dit.text_len, BENCH.dit.text_dim, generator=g)
 
 
-def uninterrupted(model, mode: str, switch_at: int = 99) -> list[torch.Tensor]:
+class Latents(list):
+    """A generation's chunk latents, with the write inputs each chunk reported."""
+
+    writes: dict[tuple[int, int], torch.Tensor]
+
+
+def uninterrupted(model, mode: str, switch_at: int = 99) -> Latents:
     gen = HiStreamGenerator(model, BENCH, mode)
     state = gen.start(context(0), H, W, FRAMES, seed=3)
-    out = []
+    out = Latents()
+    out.writes = {}
     while not state.done:
         if state.next_chunk == switch_at:
             gen.set_prompt(state, context(1))
-        out.append(gen.step(state).latents)
+        chunk = gen.step(state)
+        out.append(chunk.latents)
+        out.writes |= {(chunk.index, i): x for i, x in chunk.write_inputs.items()}
     return out
 
 
@@ -51,13 +60,13 @@ def resumed(model, mode: str, full, done: int, keep: list[int], switch_at: int =
     def prompt_of(chunk: int) -> torch.Tensor:
         return ctx[1] if chunk >= switch_at else ctx[0]
 
-    states = {}
-    for res in shape.mode.resolutions:
-        state = new_resolution_state(model, shape, res, prompt_of(done))
-        latents = {k: full[k] for k in keep}
-        reprefill(model, state, shape, lambda k: plan_chunk(shape, k), latents, prompt_of, done)
-        state.text = model.text_kv(prompt_of(done))
-        states[res] = state
+    states = new_session_states(model, shape, prompt_of(done))
+    latents = {k: full[k] for k in keep}
+    writes = {key: x for key, x in full.writes.items() if key[0] in keep}
+    for state in states.values():
+        plans = lambda k: plan_chunk(shape, k)  # noqa: E731
+        reprefill(model, state, shape, plans, latents, prompt_of, done, writes)
+    set_text(model, states, prompt_of(done))
     return [run_chunk(model, states, shape, plan_chunk(shape, k), 3) for k in range(done, 7)]
 
 
@@ -65,10 +74,32 @@ def deviation(got, want) -> float:
     return max((a - b).abs().max().item() for a, b in zip(got, want, strict=True))
 
 
-@pytest.mark.parametrize("mode", ["histream+", "no-drc"])
+NEW_MODES = ["diagonal", "histream-diagonal", "hiar", "histream-hiar"]
+
+
+@pytest.mark.parametrize("mode", ["histream+", "no-drc", *NEW_MODES])
 def test_replaying_every_chunk_is_bit_exact(model, mode):
     full = uninterrupted(model, mode)
     assert deviation(resumed(model, mode, full, 4, [0, 1, 2, 3]), full[4:]) == 0
+
+
+@pytest.mark.parametrize("mode", NEW_MODES)
+def test_a_restore_needs_the_reported_write_inputs(model, mode):
+    """HiAR's and Diagonal's caches hold latents other than the chunks' outputs: a restore
+    without them is refused, never silently rebuilt from the wrong latents."""
+    full = uninterrupted(model, mode)
+    assert full.writes  # every such chunk reported them
+    full.writes = {}
+    with pytest.raises(ValueError, match="a restore needs that write input"):
+        resumed(model, mode, full, 4, [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("mode", NEW_MODES)
+def test_anchor_and_window_replay_is_close_in_every_new_mode(model, mode):
+    full = uninterrupted(model, mode)
+    keep = snapshot_chunks(4, anchor_chunks=1, window_chunks=2)
+    scale = max(x.abs().max().item() for x in full[4:])
+    assert deviation(resumed(model, mode, full, 4, keep), full[4:]) < 1e-2 * scale
 
 
 def test_replaying_the_anchor_and_last_window_is_close_and_deterministic(model):
@@ -102,7 +133,7 @@ def test_snapshot_chunks_keep_the_anchor_and_the_latest():
     assert snapshot_chunks(10, 1, 0) == [0]
 
 
-@pytest.mark.parametrize("mode", ["histream+", "no-drc"])
+@pytest.mark.parametrize("mode", ["histream+", "no-drc", "histream-hiar"])
 def test_position_after_is_the_last_phase_each_resolution_ran(mode):
     """Where a kept state stands after `done` chunks: what a resume compares it with before
     taking it up as is."""
@@ -122,7 +153,7 @@ def test_position_after_is_the_last_phase_each_resolution_ran(mode):
         assert position_after(plans, Resolution.LOW, 4) is None
 
 
-@pytest.mark.parametrize("mode", ["histream+", "no-drc"])
+@pytest.mark.parametrize("mode", ["histream+", "no-drc", "histream-hiar"])
 def test_phase_after_walks_each_resolutions_phases_in_order(mode):
     """The order a stage checks its phases against: every phase of a resolution, chunk by
     chunk, then None."""
