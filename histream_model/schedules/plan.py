@@ -110,6 +110,9 @@ class ChunkPlan:
             raise ValueError("a chunk plan starts with a phase from noise")
         if not any(p.timesteps for p in self.phases):
             raise ValueError("a chunk plan needs at least one denoising phase")
+        for i in self.follow_ups:  # they run from the output alone: a clean commit of it
+            if self.phases[i].write != Write.CLEAN:
+                raise ValueError(f"phase {i} follows the output; it can only commit it clean")
 
     @property
     def output(self) -> int:

@@ -57,6 +57,7 @@ class SessionStarted(_Event):
     playlist_key: str  # where the HLS playlist grows in storage
     session_token: str  # the secret that prompt updates, closes and resumes by id must quote
     resumed: bool = False  # a resume: chunks go on after the client's last one
+    mode: str = ""  # the generation mode the session runs (histream_model.config.MODES)
 
     @classmethod
     def of(
@@ -69,7 +70,9 @@ class SessionStarted(_Event):
         resumed: bool = False,
     ) -> SessionStarted:
         frames, chunks, size = shape.num_frames, shape.num_chunks, (shape.width, shape.height)
-        return cls(session_id, *size, fps, chunks, frames, playlist_key, token, resumed)
+        return cls(
+            session_id, *size, fps, chunks, frames, playlist_key, token, resumed, shape.mode.name
+        )
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,15 @@ def kept_latents(snapshot: stages_pb2.SessionSnapshot) -> dict[int, torch.Tensor
     return {c.index: from_proto(c.latents) for c in snapshot.chunks if c.HasField("latents")}
 
 
+def kept_writes(snapshot: stages_pb2.SessionSnapshot) -> dict[tuple[int, int], torch.Tensor]:
+    """The write inputs the snapshot keeps, by (chunk, phase) (see ChunkLatents.write_input)."""
+    return {
+        (c.index, phase): from_proto(tensor)
+        for c in snapshot.chunks
+        for phase, tensor in c.writes.items()
+    }
+
+
 def decode_tail(
     snapshot: stages_pb2.SessionSnapshot, frames: int
 ) -> tuple[torch.Tensor | None, int]:

@@ -51,15 +51,20 @@ class ChunkWork:
         started = time.perf_counter()
         plan = plan_chunk(self.stages.plan.shape, index)
 
+        writes: dict[int, stages_pb2.Tensor] = {}
+
         async def phases() -> stages_pb2.ChunkLatents:
             latents: stages_pb2.Tensor | None = None
+            writes.clear()
             for i in range(plan.output + 1):
                 out = await self.stages.run_phase(plan.phases[i].resolution, index, i, latents)
                 latents = out.latents if out.HasField("latents") else None
+                if out.HasField("write_input"):  # what a restore replays this cache write from
+                    writes[i] = out.write_input
             return out
 
         out = await self.restorer.retried(phases, lambda: self.restorer.denoisers(index))
-        self.record.denoised_chunk(index, out.latents)
+        self.record.denoised_chunk(index, out.latents, writes)
         return out, time.perf_counter() - started
 
     async def decode(

@@ -30,6 +30,7 @@ class SessionRecord:
         self.prompts: list[stages_pb2.PromptChange] = []
         self.contexts: list[stages_pb2.Tensor] = []  # the text context of each prompt
         self.latents: dict[int, stages_pb2.Tensor] = {}  # kept chunks' clean high-res latents
+        self.writes: dict[int, dict[int, stages_pb2.Tensor]] = {}  # kept chunks' write inputs
         self.frames: dict[int, int] = {}  # decoded chunks' video frames
         self.digests: dict[int, str] = {}  # decoded chunks' latents_sha256, as sent
         self.denoised = 0  # chunks generated so far
@@ -51,6 +52,8 @@ class SessionRecord:
         for chunk in snapshot.chunks:
             if chunk.HasField("latents"):
                 record.latents[chunk.index] = chunk.latents
+            if chunk.writes:
+                record.writes[chunk.index] = dict(chunk.writes)
             record.frames[chunk.index] = chunk.num_frames
             record.digests[chunk.index] = chunk.latents_sha256
         record.denoised = record.decoded = snapshot.next_chunk
@@ -62,13 +65,21 @@ class SessionRecord:
         self.prompts.append(change)
         self.contexts.append(context)
 
-    def denoised_chunk(self, index: int, latents: stages_pb2.Tensor) -> None:
+    def denoised_chunk(
+        self,
+        index: int,
+        latents: stages_pb2.Tensor,
+        writes: dict[int, stages_pb2.Tensor] | None = None,
+    ) -> None:
         self.latents[index] = latents
+        if writes:
+            self.writes[index] = dict(writes)
         self.denoised = max(self.denoised, index + 1)
         if not self.everything:
             keep = set(snapshot_chunks(self.denoised, 1, self.window))
             for old in [k for k in self.latents if k not in keep]:
                 del self.latents[old]
+                self.writes.pop(old, None)
 
     def decoded_chunk(self, index: int, num_frames: int, sha256: str = "") -> None:
         self.frames[index] = num_frames
@@ -92,6 +103,7 @@ class SessionRecord:
                 num_frames=self.frames.get(i, 0),
                 latents=self.latents.get(i),
                 latents_sha256=self.digests.get(i, ""),
+                writes=self.writes.get(i, {}),
             )
             for i in range(next_chunk)
         ]

@@ -1,5 +1,6 @@
-"""The denoising stages: each holds one resolution's KV cache per session and runs that
-resolution's phases of every chunk's plan (`histream_model.schedules`).
+"""The denoising stages: each holds one resolution's KV caches per session (one for HiStream's
+and Diagonal's schedules, one per step there for HiAR's) and runs that resolution's phases of
+every chunk's plan (`histream_model.schedules`).
 
 - `StructureStage`: low resolution (KV_low) and the text encoder;
 - `RefineStage`: high resolution (KV_high); it runs each chunk's output phase and hands the
@@ -29,11 +30,14 @@ from histream_model.flops import cache_layout, kv_bytes, text_kv_bytes
 from histream_model.schedules import (
     ChunkPlan,
     Phase,
+    PhaseResult,
     ResolutionState,
     handoff,
-    new_resolution_state,
+    new_session_states,
     plan_chunk,
     run_phase,
+    session_caches,
+    set_text,
 )
 from histream_model.schedules.restore import (
     phase_after,
@@ -48,7 +52,7 @@ from services.logs import ids
 from services.protocol import StageName, from_proto, shape_of, to_proto
 from services.protocol.identity import replica_name
 from services.protocol.routing import own_request_id
-from services.protocol.snapshot import kept_latents, prompt_index
+from services.protocol.snapshot import kept_latents, kept_writes, prompt_index
 from services.settings import ServeSettings
 from services.stages.base import SessionStage, rpc
 
@@ -58,13 +62,21 @@ R = TypeVar("R")
 
 @dataclass
 class DenoiseSession:
-    """One stage's share of a session: its shape, seed and one resolution's state."""
+    """One stage's share of a session: its shape, seed and its resolution's cache states."""
 
     shape: VideoShape
     seed: int
-    state: ResolutionState
+    states: dict[str, ResolutionState]  # by cache name ("high", or "high.3" ... for HiAR)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     position: tuple[int, int] | None = None  # the last (chunk, phase) run: see position_after
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(state.cache.nbytes for state in self.states.values())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.states.values())).cache.k.device
 
 
 class DenoiseStage(SessionStage[DenoiseSession]):
@@ -92,12 +104,13 @@ class DenoiseStage(SessionStage[DenoiseSession]):
         return int(free * 0.9)
 
     def session_bytes(self, shape: VideoShape) -> int:
-        """What a session of `shape` holds here, exactly, before it is allocated: its cache at
+        """What a session of `shape` holds here, exactly, before it is allocated: its caches at
         this stage's resolution and one prompt's text K/V (histream_model.flops)."""
         element = torch.empty((), dtype=next(self.model.parameters()).dtype).element_size()
         config = self.model.config
         layout = cache_layout(shape, self.resolution)
-        return kv_bytes(config, layout, 1, element) + text_kv_bytes(config, 1, element)
+        caches = sum(res == self.resolution for res in session_caches(shape).values())
+        return caches * kv_bytes(config, layout, 1, element) + text_kv_bytes(config, 1, element)
 
     async def _compute(self, fn: Callable[[], R]) -> R:
         return await asyncio.to_thread(fn)
@@ -114,21 +127,21 @@ class DenoiseStage(SessionStage[DenoiseSession]):
             )
         context = from_proto(request.context)
 
-        def build() -> ResolutionState:
+        def build() -> dict[str, ResolutionState]:
             with torch.no_grad():
-                return new_resolution_state(self.model, shape, self.resolution, context)
+                return new_session_states(self.model, shape, context, resolution=self.resolution)
 
         self._start_reaper()
         nbytes = self.session_bytes(shape)
         self._make_room(spec.session_id, nbytes)
-        state = await self._compute(build)
-        self.sessions.add(spec.session_id, DenoiseSession(shape, spec.seed, state), nbytes)
+        session = DenoiseSession(shape, spec.seed, await self._compute(build))
+        self.sessions.add(spec.session_id, session, nbytes)
         log.info(
-            "%s opened session %s (%d bytes)", self.label, spec.session_id, state.cache.nbytes,
+            "%s opened session %s (%d bytes)", self.label, spec.session_id, session.kv_bytes,
             extra=ids(session_id=spec.session_id),
         )  # fmt: skip
         return stages_pb2.OpenSessionResponse(
-            session_id=spec.session_id, kv_bytes=state.cache.nbytes, num_chunks=shape.num_chunks
+            session_id=spec.session_id, kv_bytes=session.kv_bytes, num_chunks=shape.num_chunks
         )
 
     def _phase(self, session: DenoiseSession, chunk: int, index: int) -> tuple[ChunkPlan, Phase]:
@@ -153,22 +166,23 @@ class DenoiseStage(SessionStage[DenoiseSession]):
     async def RunPhase(self, request: stages_pb2.PhaseRequest) -> stages_pb2.ChunkLatents:
         session = self.sessions.get(request.session_id)
         plan, phase = self._phase(session, request.chunk_index, request.phase)
-        device = session.state.cache.k.device
-        received = from_proto(request.latents, device) if request.HasField("latents") else None
-        options, state = session.shape.preset.options, session.state
+        received = None
+        if request.HasField("latents"):
+            received = from_proto(request.latents, session.device)
+        options, state = session.shape.preset.options, session.states[phase.cache]
 
-        def run() -> torch.Tensor:
+        def run() -> PhaseResult:
             return run_phase(self.model, state, plan, phase, options, session.seed, received)
 
         async with session.lock:
             self._check_in_order(request, session)
             started = time.perf_counter()
             before = state.denoise_passes + state.commit_passes
-            result = await self._compute(run)
+            done = await self._compute(run)
             session.position = (request.chunk_index, request.phase)
             passes = state.denoise_passes + state.commit_passes - before
             if request.phase == plan.output:
-                passes += await self._hand_on(request.session_id, session, plan, result)
+                passes += await self._hand_on(request.session_id, session, plan, done.latents)
         reply = stages_pb2.ChunkLatents(
             session_id=request.session_id,
             chunk_index=request.chunk_index,
@@ -176,7 +190,9 @@ class DenoiseStage(SessionStage[DenoiseSession]):
             passes=passes,
         )
         if phase.timesteps:
-            reply.latents.CopyFrom(to_proto(result))
+            reply.latents.CopyFrom(to_proto(done.latents))
+        if done.write_input is not None:
+            reply.write_input.CopyFrom(to_proto(done.write_input))
         return reply
 
     def _check_in_order(self, request: stages_pb2.PhaseRequest, session: DenoiseSession) -> None:
@@ -236,7 +252,7 @@ class DenoiseStage(SessionStage[DenoiseSession]):
             raise InvalidArgument("a restore needs the text context of every prompt", "contexts")
         contexts = [from_proto(c) for c in request.contexts]
         done = snapshot.next_chunk
-        kept_chunks = kept_latents(snapshot)
+        kept_chunks, writes = kept_latents(snapshot), kept_writes(snapshot)
         if shape.mode.sliding_window:
             window = self.settings.snapshot_window_chunks
             replayed = snapshot_chunks(done, 1, window)
@@ -257,19 +273,27 @@ class DenoiseStage(SessionStage[DenoiseSession]):
             if adopt:
                 return await self._adopt(request.session_id, kept, prompt_of(done), started)
 
-        def rebuild() -> tuple[ResolutionState, int]:
+        def rebuild() -> tuple[dict[str, ResolutionState], int]:
+            passes = 0
             with torch.no_grad():
-                state = new_resolution_state(self.model, shape, self.resolution, prompt_of(done))
-                passes = reprefill(self.model, state, shape, plans, kept_chunks, prompt_of, done)
-                state.text = self.model.text_kv(prompt_of(done).to(state.cache.k.device))
-            return state, passes
+                context = prompt_of(done)
+                states = new_session_states(self.model, shape, context, resolution=self.resolution)
+                for state in states.values():
+                    passes += reprefill(
+                        self.model, state, shape, plans, kept_chunks, prompt_of, done, writes
+                    )
+                set_text(self.model, states, context)
+            return states, passes
 
         self._start_reaper()
         self.sessions.discard(request.session_id)
         nbytes = self.session_bytes(shape)
         self._make_room(request.session_id, nbytes)
-        state, passes = await self._compute(rebuild)
-        restored = DenoiseSession(shape, snapshot.spec.seed, state, position=position)
+        try:
+            states, passes = await self._compute(rebuild)
+        except ValueError as err:  # a snapshot without what this mode's restore reads
+            raise InvalidArgument(f"cannot restore session: {err}", "snapshot") from None
+        restored = DenoiseSession(shape, snapshot.spec.seed, states, position=position)
         self.sessions.add(request.session_id, restored, nbytes)
         log.info(
             "%s restored session %s at chunk %d", self.label, request.session_id, done,
@@ -277,7 +301,7 @@ class DenoiseStage(SessionStage[DenoiseSession]):
         )  # fmt: skip
         return stages_pb2.RestoreResponse(
             session_id=request.session_id,
-            kv_bytes=state.cache.nbytes,
+            kv_bytes=restored.kv_bytes,
             passes=passes,
             seconds=time.perf_counter() - started,
         )
@@ -289,19 +313,14 @@ class DenoiseStage(SessionStage[DenoiseSession]):
         only its prompt is set again (one the suspended driver set for a chunk it never ran
         would be wrong)."""
 
-        def retext() -> None:
-            with torch.no_grad():
-                state = session.state
-                state.text = self.model.text_kv(context.to(state.cache.k.device))
-
         async with session.lock:
-            await self._compute(retext)
+            await self._compute(lambda: set_text(self.model, session.states, context))
         log.info(
             "%s took up kept session %s", self.label, session_id, extra=ids(session_id=session_id)
         )
         return stages_pb2.RestoreResponse(
             session_id=session_id,
-            kv_bytes=session.state.cache.nbytes,
+            kv_bytes=session.kv_bytes,
             seconds=time.perf_counter() - started,
             adopted=True,
         )
@@ -311,23 +330,16 @@ class DenoiseStage(SessionStage[DenoiseSession]):
         session = self.sessions.get(request.session_id)
         context = from_proto(request.context)
 
-        def encode() -> None:
-            with torch.no_grad():
-                weight = self.model.patch_embedding.weight
-                session.state.text = self.model.text_kv(context.to(weight.device))
-
         async with session.lock:
-            await self._compute(encode)
-        return stages_pb2.StageAck(
-            session_id=request.session_id, kv_bytes=session.state.cache.nbytes
-        )
+            await self._compute(lambda: set_text(self.model, session.states, context))
+        return stages_pb2.StageAck(session_id=request.session_id, kv_bytes=session.kv_bytes)
 
     @rpc
     async def CloseSession(self, request: stages_pb2.ReleaseRequest) -> stages_pb2.StageAck:
         if self._kept(request):
             return stages_pb2.StageAck(session_id=request.session_id)
         session = self.sessions.pop(request.session_id)
-        freed = session.state.cache.nbytes if session else 0
+        freed = session.kv_bytes if session else 0
         return stages_pb2.StageAck(session_id=request.session_id, kv_bytes=freed)
 
     def check_health(self) -> None:
@@ -336,7 +348,7 @@ class DenoiseStage(SessionStage[DenoiseSession]):
 
     def stats(self) -> dict:
         """Sessions and cache bytes held, RPC calls served (this replica)."""
-        kv_bytes = sum(s.state.cache.nbytes for s in self.sessions.values())
+        kv_bytes = sum(s.kv_bytes for s in self.sessions.values())
         return {**super().stats(), "kv_bytes": kv_bytes}
 
 

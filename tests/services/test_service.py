@@ -193,7 +193,10 @@ def test_list_and_delete_videos(service):
 # -- the pipeline against the in-process generator ----------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["histream", "histream+"])
+OTHER_SEEDS = ["diagonal", "histream-diagonal", "hiar", "histream-hiar"]
+
+
+@pytest.mark.parametrize("mode", ["histream", "histream+", *OTHER_SEEDS])
 def test_distributed_latents_equal_in_process_bit_exact(service, mode):
     preset = get_preset("tiny")
     shape = VideoShape(preset, get_mode(mode), H, W, 33)
@@ -273,6 +276,50 @@ def test_websocket_session_streams_chunks_and_applies_a_new_prompt(service, tmp_
     playlist = service.s3.get(f"tenants/default/sessions/{sid}/playlist.m3u8").decode()
     assert playlist.count("#EXTINF") == 10 and "#EXT-X-ENDLIST" in playlist
     assert service.s3.exists(f"tenants/default/sessions/{sid}/seg-00010.m4s")
+
+
+@pytest.mark.parametrize(
+    ("mode", "door"),
+    [("diagonal", "websocket"), ("histream-hiar", "websocket"),
+     ("hiar", "grpc"), ("histream-diagonal", "grpc")],
+)  # fmt: skip
+def test_other_seeds_stream_the_in_process_latents(service, mode, door):
+    """Diagonal's and HiAR's modes through the streaming front doors: every chunk's latents are
+    the in-process generator's (45 frames: 4 chunks, Diagonal's 5, 4, 3 and 2 steps)."""
+    if door == "websocket":
+        start = {"type": "start", "prompt": PROMPT, "size": f"{W}x{H}", "num_frames": 45,
+                 "seed": 2, "mode": mode}  # fmt: skip
+        with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
+            ws.send(json.dumps(start))
+            messages = [m for m, _ in ws_events(ws)]
+        assert messages[0]["mode"] == mode, messages[0]
+        sha = [m["latents_sha256"] for m in messages if m["type"] == "chunk"]
+    else:
+        stub, md = grpc_stub(service)
+        request = api_pb2.StreamSessionRequest(
+            prompt=PROMPT, size=f"{W}x{H}", num_frames=45, seed=2, mode=mode
+        )
+        events = list(stub.StreamSession(request, metadata=md, timeout=120))
+        assert events[-1].WhichOneof("event") == "ended", events[-1]
+        sha = [e.chunk.latents_sha256 for e in events if e.WhichOneof("event") == "chunk"]
+    assert sha == [digest(to_proto(x)) for x in in_process(mode, 45, seed=2)]
+    assert wait_until(lambda: held_sessions() == 0)
+
+
+def test_other_seeds_through_the_video_api(service, tmp_path):
+    api = client(service.url)
+    video = api.videos.create(
+        prompt=PROMPT, seconds="2", size=f"{W}x{H}", extra_body={"seed": 1, "mode": "hiar"}
+    )
+    done = wait_video(api, video.id)
+    assert done.status == "completed", done.error
+    record = json.loads(service.s3.get(f"tenants/default/videos/{video.id}/record.json"))
+    assert record["mode"] == "hiar"
+    path = tmp_path / "hiar.mp4"
+    api.videos.download_content(video.id).write_to_file(path)
+    assert read_video(path) == (33, W, H)
+    # a mode id is also a model id
+    assert api.models.retrieve("histream-diagonal").id == "histream-diagonal"
 
 
 def test_websocket_disconnect_frees_the_session(service):

@@ -186,7 +186,7 @@ def test_a_stale_copy_left_on_a_replica_is_refused_and_rebuilt_not_used(tmp_path
         if request.chunk_index == 2 and not old:
             held = table.get(request.session_id)
             old[request.session_id] = DenoiseSession(
-                held.shape, held.seed, copy.deepcopy(held.state), position=held.position
+                held.shape, held.seed, copy.deepcopy(held.states), position=held.position
             )
 
     async def put_it_back(request) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from histream_model.components import load_components
+from histream_model.config import get_mode
 from histream_model.generator import HiStreamGenerator
 from protos.histream.v1 import stages_pb2
 from services.errors import AtCapacity, InvalidArgument, SessionNotHeld
@@ -94,6 +95,88 @@ def test_structure_and_refine_compute_the_generators_latents(settings):
     assert structure.calls["RunPhase"] == 4
 
 
+async def drive(stages: dict, sid: str, mode: str, chunks: range, record: dict) -> list:
+    """Each chunk's phases up to its output, each on the stage of its resolution (as the session
+    driver runs them); the write inputs the stages report go into `record` by (chunk, phase)."""
+    from histream_model.config import get_mode, get_preset, VideoShape
+    from histream_model.schedules import plan_chunk
+
+    shape = VideoShape(get_preset("tiny"), get_mode(mode), H, W, 33)
+    out = []
+    for i in chunks:
+        plan, latents = plan_chunk(shape, i), None
+        for k in range(plan.output + 1):
+            request = stages_pb2.PhaseRequest(session_id=sid, chunk_index=i, phase=k)
+            if latents is not None:
+                request.latents.CopyFrom(latents)
+            reply = await stages[plan.phases[k].resolution].RunPhase(request)
+            latents = reply.latents if reply.HasField("latents") else None
+            if reply.HasField("write_input"):
+                record[i, k] = reply.write_input
+        out.append(reply.latents)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["diagonal", "histream-diagonal", "hiar", "histream-hiar"])
+def test_other_seeds_on_the_stages_equal_the_generator_and_restore_from_write_inputs(
+    settings, mode
+):
+    """The new schedules run on the two denoising stages (HiAR's step caches split by
+    resolution), give the generator's latents, and a session rebuilt elsewhere from a snapshot
+    (its latents and reported write inputs) goes on with the same latents, bit for bit."""
+    def pair():
+        structure = StructureStage(settings)
+        return {"low": structure, "high": RefineStage(settings, LocalHandle(structure))}
+
+    async def run() -> tuple[list, list]:
+        stages = pair()
+        context = (await stages["low"].EncodePrompt(
+            stages_pb2.EncodePromptRequest(prompt="a fox"))).context  # fmt: skip
+        opened = stages_pb2.OpenSessionRequest(spec=spec("s", mode, 33), context=context)
+        caches = {}
+        for res, stage in stages.items():
+            if res in get_mode(mode).resolutions:
+                caches[res] = (await stage.OpenSession(opened)).kv_bytes
+        writes: dict = {}
+        first = await drive(stages, "s", mode, range(2), writes)
+        assert writes or mode == "histream-diagonal" and not writes.get((0, 1))
+        snapshot = stages_pb2.SessionSnapshot(spec=spec("s", mode, 33), next_chunk=2)
+        snapshot.prompts.add(version=0, from_chunk=0, prompt="a fox")
+        for i, latents in enumerate(first):
+            chunk = snapshot.chunks.add(index=i, latents=latents)
+            for (c, k), x in writes.items():
+                if c == i:
+                    chunk.writes[k].CopyFrom(x)
+        elsewhere = pair()  # fresh replicas: rebuilt, not adopted
+        restore = stages_pb2.RestoreRequest(session_id="s", snapshot=snapshot, contexts=[context])
+        for res in caches:
+            rebuilt = await elsewhere[res].RestoreSession(restore)
+            assert not rebuilt.adopted and rebuilt.kv_bytes == caches[res]
+        rest = await drive(elsewhere, "s", mode, range(2, 3), {})
+        if any(True for _ in writes):  # without the write inputs the restore is refused
+            bare = stages_pb2.SessionSnapshot()
+            bare.CopyFrom(snapshot)
+            for chunk in bare.chunks:
+                chunk.ClearField("writes")
+            third = pair()
+            refused = []
+            for res in caches:
+                try:
+                    await third[res].RestoreSession(stages_pb2.RestoreRequest(
+                        session_id="s", snapshot=bare, contexts=[context]))  # fmt: skip
+                except InvalidArgument as err:
+                    refused.append(str(err))
+            assert refused and all("needs that write input" in e for e in refused)
+        return first, rest
+
+    first, rest = asyncio.run(run())
+    c = load_components("tiny", device="cpu")
+    gen = HiStreamGenerator(c.dit, c.preset, mode)
+    want = [r.latents for r in gen.generate(c.text.encode(["a fox"]), H, W, 33, seed=4)]
+    got = [from_proto(x) for x in first + rest]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 def test_admission_limit_and_unknown_sessions(settings):
     structure = StructureStage(settings)
 
@@ -171,7 +254,10 @@ def test_a_suspend_keeps_the_denoiser_state_and_a_resume_takes_it_up(settings):
         phase.phase = 1
         phase.latents.CopyFrom(low.latents)
         x0 = await refine.RunPhase(phase)  # chunk 0 complete on both (the commit handed on)
-        caches = [stage.sessions.get("s").state.cache for stage in (structure, refine)]
+        caches = [
+            stage.sessions.get("s").states[res].cache
+            for stage, res in ((structure, "low"), (refine, "high"))
+        ]
         release = stages_pb2.ReleaseRequest(session_id="s", suspend=True, keep_s=60)
         for stage in (structure, refine):
             await stage.CloseSession(release)
@@ -183,12 +269,13 @@ def test_a_suspend_keeps_the_denoiser_state_and_a_resume_takes_it_up(settings):
         for stage, cache in zip((structure, refine), caches, strict=True):
             taken = await stage.RestoreSession(restore)
             assert taken.adopted and taken.passes == 0
-            assert stage.sessions.get("s").state.cache is cache
+            assert cache in [s.cache for s in stage.sessions.get("s").states.values()]
             await stage.CloseSession(release)  # kept again, at chunk 1; a resume at chunk 0:
         restore.snapshot.next_chunk = 0
         for stage, cache in zip((structure, refine), caches, strict=True):
             rebuilt = await stage.RestoreSession(restore)
-            assert not rebuilt.adopted and stage.sessions.get("s").state.cache is not cache
+            held = [s.cache for s in stage.sessions.get("s").states.values()]
+            assert not rebuilt.adopted and cache not in held
 
     asyncio.run(run())
 
@@ -264,7 +351,7 @@ def test_a_byte_budget_admits_exactly_the_sessions_whose_bytes_fit(tmp_path):
 
     async def run() -> None:
         context = await open_two(structure)
-        state = structure.sessions.get("a").state
+        state = structure.sessions.get("a").states["low"]
         text = sum(t.nbytes for t in (*state.text.k, *state.text.v))
         assert state.cache.nbytes + text == one  # the model's figure is the allocation
         assert structure.stats()["bytes_held"] == 2 * one == structure.stats()["budget_bytes"]
