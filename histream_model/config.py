@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from histream_model.latent_stats import WAN_LATENTS_MEAN, WAN_LATENTS_STD
@@ -349,6 +349,26 @@ def get_preset(name: str) -> Preset:
 
 def get_mode(name: str) -> Mode:
     return choose(MODES, name, "mode")
+
+
+def with_options(preset: Preset, **changes: object) -> Preset:
+    """`preset` with some sampling options changed (validated), e.g. diagonal_steps=(4, 2)."""
+    unknown = set(changes) - set(HiStreamOptions.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown sampling options {sorted(unknown)}")
+    return replace(preset, options=replace(preset.options, **changes))
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    """"5,4,3,2" -> (5, 4, 3, 2), checked as a Diagonal step list."""
+    try:
+        steps = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"diagonal steps {text!r} must be comma-separated whole numbers, e.g. 5,4,3,2"
+        ) from None
+    check_diagonal_steps(steps)
+    return steps
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,13 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from histream_model.components import DTYPES, WeightPaths, dtype_named, resolve_weights
-from histream_model.config import PRESETS, Preset, get_preset
+from histream_model.config import (
+    PRESETS,
+    Preset,
+    check_diagonal_steps,
+    get_preset,
+    with_options,
+)
 from services.storage import StorageSettings
 
 
@@ -123,6 +129,9 @@ class ServeSettings(BaseSettings):
     # a WebSocket client's messages per second (bursts of as many); faster ones are refused
     max_message_rate: float = Field(20.0, gt=0)
     fps: int | None = Field(None, ge=1, le=120)  # output frame rate; None: the preset's (16)
+    # mode "diagonal": denoising steps of chunk 1, 2, ..., the last kept by every later chunk
+    # (strictly decreasing, each >= 1); None: the preset's (5, 4, 3, 2)
+    diagonal_steps: tuple[int, ...] | None = None
     storage: StorageSettings = Field(default_factory=StorageSettings)
     gateway: StageScaling = Field(default_factory=StageScaling)
     structure: StageScaling = Field(default_factory=StageScaling)
@@ -142,6 +151,13 @@ class ServeSettings(BaseSettings):
             raise ValueError(f"unknown preset {value!r}; choose one of {sorted(PRESETS)}")
         return value
 
+    @field_validator("diagonal_steps")
+    @classmethod
+    def _diagonal_steps(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None:
+            check_diagonal_steps(value)
+        return value
+
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
@@ -154,7 +170,10 @@ class ServeSettings(BaseSettings):
         return self.model_name or self.preset
 
     def get_preset(self) -> Preset:
-        return get_preset(self.preset)
+        preset = get_preset(self.preset)
+        if self.diagonal_steps is not None:
+            preset = with_options(preset, diagonal_steps=tuple(self.diagonal_steps))
+        return preset
 
     @property
     def grpc_bind_host(self) -> str:

@@ -15,7 +15,15 @@ from histream_model.components import (
     load_components,
     resolve_weights,
 )
-from histream_model.config import MODES, PRESETS, VideoShape, get_mode, get_preset
+from histream_model.config import (
+    MODES,
+    PRESETS,
+    VideoShape,
+    get_mode,
+    get_preset,
+    parse_steps,
+    with_options,
+)
 from histream_model.text import check_prompt
 
 
@@ -29,6 +37,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU"
     )
+    p.add_argument(
+        "--diagonal-steps", metavar="N,N,...",
+        help="mode diagonal: steps of chunk 1, 2, ..., the last kept after (default 5,4,3,2)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,9 +108,16 @@ def weights_from_args(args: argparse.Namespace) -> WeightPaths | None:
     return resolve_weights(args.weights, args.dit, args.vae, args.text_encoder)
 
 
+def preset_from_args(args: argparse.Namespace):
+    preset = get_preset(args.preset)
+    if args.diagonal_steps is not None:
+        preset = with_options(preset, diagonal_steps=parse_steps(args.diagonal_steps))
+    return preset
+
+
 def components_from_args(args: argparse.Namespace, weights: WeightPaths | None) -> Components:
     return load_components(
-        args.preset,
+        preset_from_args(args),
         weights,
         device=args.device,
         dtype=dtype_named(args.dtype),
@@ -109,7 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from services.local.generate import generate_video
 
     # Everything a user can get wrong is checked before any model is built or loaded.
-    preset = get_preset(args.preset)
+    preset = preset_from_args(args)
     mode = get_mode(args.mode)
     prompt = check_prompt(args.prompt)
     VideoShape(
@@ -160,6 +179,7 @@ def settings_from_args(args: argparse.Namespace):
         "http_port": args.http_port,
         "grpc_port": args.grpc_port,
         "tenants_file": str(Path(args.tenants).resolve()) if args.tenants else None,
+        "diagonal_steps": parse_steps(args.diagonal_steps) if args.diagonal_steps else None,
     }
     return ServeSettings(storage=storage, **{k: v for k, v in fields.items() if v is not None})
 

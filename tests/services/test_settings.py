@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from services.settings import StageScaling
 
 
@@ -41,3 +43,14 @@ def test_autoscaling_delays_and_window_pass_through_to_serve():
         "upscale_delay_s"
         not in StageScaling(max_replicas=2).deployment_options()["autoscaling_config"]
     )
+
+
+def test_diagonal_steps_reach_the_served_preset(monkeypatch):
+    from services.settings import ServeSettings
+
+    assert ServeSettings().get_preset().options.diagonal_steps == (5, 4, 3, 2)
+    monkeypatch.setenv("HISTREAM_DIAGONAL_STEPS", "[4, 3, 1]")
+    assert ServeSettings().get_preset().options.diagonal_steps == (4, 3, 1)
+    monkeypatch.setenv("HISTREAM_DIAGONAL_STEPS", "[2, 2]")
+    with pytest.raises(ValueError, match=r"must decrease strictly: entry 1 \(2\)"):
+        ServeSettings()

@@ -56,6 +56,21 @@ def test_generate_tiny_default_writes_mp4_and_report(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("extra", "steps"),
+    [([], [5, 4, 3, 2, 2]), (["--diagonal-steps", "3,1"], [3, 1, 1, 1, 1])],
+)
+def test_generate_diagonal_takes_its_step_list(tmp_path, extra, steps):
+    out, report = tmp_path / "d.mp4", tmp_path / "d.json"
+    argv = ["generate", "--prompt", "a fox", "--mode", "diagonal", "--num-frames", "57",
+            "--out", str(out), "--report", str(report), "--no-progress", *extra]  # fmt: skip
+    assert cli.main(argv) == 0
+    chunks = json.loads(report.read_text())["chunks"]
+    assert [c["high_steps"] for c in chunks] == steps
+    assert [c["high_passes"] - c["high_steps"] for c in chunks] == [1, 0, 0, 0, 0]  # commits
+    assert read_video(out) == (57, 192, 128)
+
+
 def test_generate_from_operator_weights_directory(tmp_path, tiny_pipeline_dir):
     out = tmp_path / "w.mp4"
     code = cli.main(
@@ -94,6 +109,9 @@ def test_generate_from_operator_weights_directory(tmp_path, tiny_pipeline_dir):
         (["--prompt", "x", "--preset", "giant"], "unknown preset 'giant'"),
         (["--prompt", "x", "--weights", "/no/such/dir"], "'/no/such/dir' does not exist"),
         (["--prompt", "x", "--preset", "wan2.1-1.3b"], "no built-in weights"),
+        (["--prompt", "x", "--diagonal-steps", "4,5"], "entry 1 (5) is not below entry 0 (4)"),
+        (["--prompt", "x", "--diagonal-steps", "2,0"], "diagonal_steps[1]=0 must be an integer"),
+        (["--prompt", "x", "--diagonal-steps", "four"], "comma-separated whole numbers"),
     ],
 )
 def test_bad_input_fails_before_model_work(tmp_path, capsys, monkeypatch, extra, message):
