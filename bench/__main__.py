@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import batch, breakdown, durability, health, memory, real_flops, serving, table2
+from bench import batch, breakdown, durability, gpu, health, memory, real_flops, serving, table2
 from bench.report import stamp, write_section
 
 Section = Callable[[argparse.Namespace], str]
@@ -33,6 +33,8 @@ SECTIONS: dict[str, Section] = {
     "health": lambda a: health.section(log=_log),
     "durability": lambda a: durability.section(a.preset, a.frames, a.durability_repeats, _log),
     "batch": lambda a: batch.section(a.batch_presets, a.batch_videos, log=_log),
+    # measured on a GPU machine by `python -m bench.gpu`; rendered here from its JSON files
+    "table2-gpu": lambda a: gpu.section(a.gpu_json),
 }
 
 MODEL_ONLY = {"real-flops"}  # sections computed by the FLOP model, not measured
@@ -40,7 +42,10 @@ MODEL_ONLY = {"real-flops"}  # sections computed by the FLOP model, not measured
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument(
+        "--sections", nargs="+", choices=list(SECTIONS),
+        default=[s for s in SECTIONS if s != "table2-gpu"],
+    )  # fmt: skip
     parser.add_argument("--preset", default="bench", help="preset of the measured sections")
     parser.add_argument("--frames", type=int, default=81, help="video frames (81 = 21 latent)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of table2")
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-presets", nargs="+", default=["tiny", "bench"])
     parser.add_argument("--batch-videos", type=int, default=8, help="videos of the tiny batch")
+    parser.add_argument("--gpu-json", nargs="+", default=[], help="table2-gpu: bench.gpu outputs")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
     args = parser.parse_args(argv)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])

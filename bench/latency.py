@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from histream_model.components import Components, load_components
+from histream_model.config import Preset
+from histream_model.dit import WanDiT
 from histream_model.generator import HiStreamGenerator
 
 PROMPT = "a red fox running through fresh snow"
@@ -40,9 +42,22 @@ def measure(
     machine lands on every mode alike instead of on whichever video was running.
     """
     components, context = load(preset_name)
-    preset = components.preset
+    return measure_model(components.dit, components.preset, context, modes, repeats, num_frames, log)
+
+
+def measure_model(
+    dit: WanDiT,
+    preset: Preset,
+    context: torch.Tensor,
+    modes: Sequence[str],
+    repeats: int,
+    num_frames: int | None = None,
+    log: Log | None = None,
+) -> dict[str, list[float]]:
+    """`measure` with a model already built (on any device) and its text context."""
+    preset_name = preset.name
     frames = num_frames or preset.num_frames
-    generators = {m: HiStreamGenerator(components.dit, preset, m) for m in modes}
+    generators = {m: HiStreamGenerator(dit, preset, m) for m in modes}
     for generator in generators.values():  # warm-up: first-call allocations and kernel choice
         generator.step(generator.start(context, preset.height, preset.width, frames))
     samples: dict[str, list[float]] = {m: [] for m in modes}

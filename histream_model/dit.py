@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from histream_model.attention import attention
@@ -66,7 +67,9 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 (Wan's WanLayerNorm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 class Projections(nn.Module):
@@ -213,7 +216,8 @@ class WanDiT(nn.Module):
         b, fe = t.shape
         sin = sinusoidal_embedding(t.flatten(), self.config.freq_dim)
         e = self.time_embedding(sin.to(self.time_embedding[0].weight.dtype)).float()
-        e0 = self.time_projection(e).float().unflatten(1, (6, -1))
+        projection = self.time_projection[1].weight.dtype
+        e0 = self.time_projection(e.to(projection)).float().unflatten(1, (6, -1))
         return e.unflatten(0, (b, fe)), e0.unflatten(0, (b, fe))
 
     def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:

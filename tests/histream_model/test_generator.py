@@ -192,3 +192,16 @@ def test_every_size_the_checks_accept_runs(model):
                 assert gen.step(state).latents.shape[-2:] == (height // 8, width // 8)
                 accepted += 1
     assert accepted > 30
+
+
+@pytest.mark.parametrize("mode", ["histream+", "hiar"])
+def test_a_bfloat16_model_generates_what_the_float32_one_does(mode):
+    """The GPU deployment runs the DiT in bfloat16: every pass must take bf16 weights with its
+    float32 time embedding and norms (a float32 input to a bf16 layer used to fail), and give
+    what the float32 model gives, to bf16 precision."""
+    ctx = context()
+    want = latents(run(build_dit(TINY), mode, ctx=ctx))
+    got = latents(run(build_dit(TINY, dtype=torch.bfloat16), mode, ctx=ctx))
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+    assert cosine > 0.99
