@@ -3,7 +3,8 @@ sizes, 1920x1088, 81 frames, bf16, random weights: latency does not depend on th
 and the streaming VAE's per-frame decode time at that size.
 
 Two halves, because the GPU is lent elsewhere: `python -m bench.gpu --out F.json` measures on
-the CUDA machine (modes interleaved chunk by chunk, as `table2`), and
+the CUDA machine (each mode's video whole in turn: every mode's 1080p caches at once do not fit
+on one GPU), and
 `python -m bench --sections table2-gpu --gpu-json F.json ...` renders the table here from one or
 more such files (their repeats pooled).
 """
@@ -11,6 +12,7 @@ more such files (their repeats pooled).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import sys
@@ -61,11 +63,14 @@ def measure(repeats: int, modes: list[str]) -> dict:
     dit = build_dit(preset, device=device, dtype=dtype)
     context = torch.randn(1, preset.dit.text_len, preset.dit.text_dim, device=device, dtype=dtype)
     probe = torch.zeros(1, 8, 2, 64, device=device, dtype=dtype)
-    samples = latency.measure_model(dit, preset, context, modes, repeats, FRAMES, _log)
+    samples = latency.measure_model(
+        dit, preset, context, modes, repeats, FRAMES, _log, interleave=False
+    )
     peak = torch.cuda.max_memory_allocated()
     del dit
     torch.cuda.empty_cache()
     return {
+        "measured_at": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "attention": backend_for(probe),
@@ -119,10 +124,14 @@ def section(paths: list[str]) -> str:
     first = runs[0]
     decode = statistics.median(r["decode_s_per_frame"] for r in runs)
     n = len(samples[BASELINE])
+    dates = sorted({r.get("measured_at", "?") for r in runs})
     return (
-        f"**{PRESET}** sizes with random bf16 weights on one {first['device']} (torch "
+        f"Measured {', '.join(dates)} on one {first['device']} with `python -m bench.gpu` "
+        f"({len(runs)} run(s): {', '.join(paths)}); rendered with `python -m bench --sections "
+        f"table2-gpu --gpu-json {' '.join(paths)}`.\n\n"
+        f"**{PRESET}** sizes with random bf16 weights (torch "
         f"{first['torch']}, attention through `{first['attention']}`), {WIDTH}x{HEIGHT}, "
-        f"{FRAMES} frames, {n} repeat(s) with the modes interleaved chunk by chunk; the "
+        f"{FRAMES} frames, {n} repeat(s), each mode's video whole in turn; the "
         f"peak GPU memory of a repeat was {first['peak_bytes'] / 1e9:.1f} GB.\n\n"
         + table(headers, rows)
         + f"\n\nStreaming Wan VAE decode at {WIDTH}x{HEIGHT}: {decode:.3f} s/frame (paper, "

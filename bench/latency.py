@@ -53,25 +53,34 @@ def measure_model(
     repeats: int,
     num_frames: int | None = None,
     log: Log | None = None,
+    interleave: bool = True,
 ) -> dict[str, list[float]]:
-    """`measure` with a model already built (on any device) and its text context."""
+    """`measure` with a model already built (on any device) and its text context. Without
+    `interleave`, each mode's session runs whole before the next starts (and is freed), so only
+    one session's caches are held at a time: on a GPU every session of a 1080p video at once
+    does not fit."""
     preset_name = preset.name
     frames = num_frames or preset.num_frames
     generators = {m: HiStreamGenerator(dit, preset, m) for m in modes}
     for generator in generators.values():  # warm-up: first-call allocations and kernel choice
         generator.step(generator.start(context, preset.height, preset.width, frames))
+        if dit.patch_embedding.weight.is_cuda:
+            torch.cuda.empty_cache()
     samples: dict[str, list[float]] = {m: [] for m in modes}
     for repeat in range(repeats):
         started = time.perf_counter()
-        states = {
-            m: g.start(context, preset.height, preset.width, frames, seed=0)
-            for m, g in generators.items()
-        }
         seconds = dict.fromkeys(modes, 0.0)
-        while not all(state.done for state in states.values()):
-            for mode, generator in generators.items():
-                if not states[mode].done:
-                    seconds[mode] += generator.step(states[mode]).seconds
+        groups = [list(modes)] if interleave else [[m] for m in modes]
+        for group in groups:
+            states = {
+                m: generators[m].start(context, preset.height, preset.width, frames, seed=0)
+                for m in group
+            }
+            while not all(state.done for state in states.values()):
+                for mode in group:
+                    if not states[mode].done:
+                        seconds[mode] += generators[mode].step(states[mode]).seconds
+            del states
         for mode in modes:
             samples[mode].append(seconds[mode] / frames)
         if log:
