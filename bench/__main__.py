@@ -11,7 +11,18 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import batch, breakdown, durability, gpu, health, memory, real_flops, serving, table2
+from bench import (
+    batch,
+    breakdown,
+    durability,
+    gpu,
+    health,
+    memory,
+    pipeline,
+    real_flops,
+    serving,
+    table2,
+)
 from bench.report import stamp, write_section
 
 Section = Callable[[argparse.Namespace], str]
@@ -33,6 +44,7 @@ SECTIONS: dict[str, Section] = {
     "health": lambda a: health.section(log=_log),
     "durability": lambda a: durability.section(a.preset, a.frames, a.durability_repeats, _log),
     "batch": lambda a: batch.section(a.batch_presets, a.batch_videos, log=_log),
+    "pipeline": lambda a: pipeline.section(a.preset, a.frames, a.pipeline_repeats, _log),
     # measured on a GPU machine by `python -m bench.gpu`; rendered here from its JSON files
     "table2-gpu": lambda a: gpu.section(a.gpu_json),
 }
@@ -53,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--breakdown-repeats", type=int, default=1)
     parser.add_argument("--serving-repeats", type=int, default=5)
     parser.add_argument("--durability-repeats", type=int, default=3)
+    parser.add_argument("--pipeline-repeats", type=int, default=3)
     parser.add_argument(
         "--table2-presets", nargs="+", default=["bench", "tiny"], help="presets of table2"
     )

@@ -5,6 +5,8 @@
                                    -> DecodePool     (streaming VAE -> fMP4 -> storage)
                                    -> SessionMailbox (one replica: a session's control calls
                                                       reach the gateway replica driving it)
+                                   -> StepStage1..N  (pipeline_workers > 0: HiAR's step caches,
+                                                      a share each, chunks as a wavefront)
 
 Stages are called through deployment handles carrying the `stages.proto` messages, routed by
 session id with Serve's consistent-hash router without fallback replicas: a session's requests
@@ -24,10 +26,11 @@ from services.control import Mailbox
 from services.gateway.deployment import Gateway
 from services.protocol import StageName
 from services.settings import ServeSettings
-from services.stages import DecodeStage, RefineStage, StructureStage
+from services.stages import DecodeStage, RefineStage, StepStage, StructureStage
 
 APP_NAME = "histream"
-DEPLOYMENTS = tuple(str(name) for name in StageName)  # the names serve configs refer to
+# the names serve configs refer to (the step workers only with pipeline_workers > 0)
+DEPLOYMENTS = tuple(str(name) for name in StageName if name.worker is None)
 GRPC_SERVICERS = ["services.protocol.servicer.add_HiStreamServicer_to_server"]
 # Room for short requests (health, polling, job submissions) beside the gateway's open sessions,
 # so that no number of sessions can make a health check queue.
@@ -45,7 +48,7 @@ def _stage(cls: type, name: StageName, settings: ServeSettings):
         StageName.STRUCTURE: settings.structure,
         StageName.REFINE: settings.refine,
         StageName.DECODE: settings.decode,
-    }[name]
+    }.get(name, settings.step)
     return serve.deployment(
         cls,
         name=str(name),
@@ -64,6 +67,10 @@ def build_app(settings: ServeSettings | None = None) -> Application:
     structure = _stage(StructureStage, StageName.STRUCTURE, settings).bind(settings)
     refine = _stage(RefineStage, StageName.REFINE, settings).bind(settings, structure)
     decode = _stage(DecodeStage, StageName.DECODE, settings).bind(settings)
+    steps = [
+        _stage(StepStage, StageName.step(w), settings).bind(settings, w)
+        for w in range(settings.pipeline_workers)
+    ]
     mailbox = serve.deployment(
         Mailbox,
         name=str(StageName.MAILBOX),
@@ -79,7 +86,7 @@ def build_app(settings: ServeSettings | None = None) -> Application:
         logging_config=logging_config(settings),
         **settings.gateway.deployment_options(ongoing),
     )
-    return gateway.bind(settings, structure, refine, decode, mailbox)
+    return gateway.bind(settings, structure, refine, decode, mailbox, *steps)
 
 
 def app_builder(args: dict) -> Application:

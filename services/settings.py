@@ -137,6 +137,11 @@ class ServeSettings(BaseSettings):
     structure: StageScaling = Field(default_factory=StageScaling)
     refine: StageScaling = Field(default_factory=StageScaling)
     decode: StageScaling = Field(default_factory=StageScaling)
+    # HiAR's pipeline: sessions of the HiAR modes (hiar, histream-hiar) run on this many step
+    # workers (StepStage1..N), each holding its share of the step caches, chunk i at step k
+    # while chunk i + 1 runs step k - 1; 0: on the structure and refine stages like every mode
+    pipeline_workers: int = Field(0, ge=0, le=4)
+    step: StageScaling = Field(default_factory=StageScaling)  # each step worker's replicas
     # let an operator or an outside autoscaler set a deployment's replica count in place
     # (Ray Serve's external scaling API), besides num_replicas/autoscaling above
     external_scaler: bool = False

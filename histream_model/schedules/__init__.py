@@ -14,6 +14,7 @@ A new schedule is a planner with a `plan(shape, index) -> ChunkPlan` method, reg
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Protocol
 
 import torch
@@ -74,12 +75,13 @@ def new_session_states(
     context: torch.Tensor,
     batch: int = 1,
     resolution: Resolution | None = None,
+    names: Collection[str] | None = None,
 ) -> dict[str, ResolutionState]:
-    """Fresh state for each of the session's caches (only those at `resolution` if given),
-    sharing one text K/V."""
+    """Fresh state for each of the session's caches (only those at `resolution`, or only
+    those named, if given), sharing one text K/V."""
     states: dict[str, ResolutionState] = {}
     for name, res in session_caches(shape).items():
-        if resolution is None or res == resolution:
+        if (resolution is None or res == resolution) and (names is None or name in names):
             text = next(iter(states.values())).text if states else None
             states[name] = new_resolution_state(model, shape, res, context, batch, name, text)
     return states

@@ -14,14 +14,14 @@ BENCHMARKS.md measure how close.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 
 from histream_model.config import Resolution, VideoShape
 from histream_model.dit import WanDiT
 from histream_model.schedules.execute import ResolutionState, _commit, _Pass, handoff
-from histream_model.schedules.plan import ChunkPlan, Write
+from histream_model.schedules.plan import ChunkPlan, Phase, Write
 
 
 def snapshot_chunks(num_chunks_done: int, anchor_chunks: int, window_chunks: int) -> list[int]:
@@ -32,15 +32,27 @@ def snapshot_chunks(num_chunks_done: int, anchor_chunks: int, window_chunks: int
     return sorted(keep)
 
 
+Holder = Resolution | Collection[str]  # a stage's share: a resolution, or cache names
+
+
+def _holds(holder: Holder) -> Callable[[Phase], bool]:
+    if isinstance(holder, Resolution):
+        return lambda phase: phase.resolution == holder
+    names = frozenset(holder)
+    return lambda phase: phase.cache in names
+
+
 def position_after(
-    plans: Callable[[int], ChunkPlan], resolution: Resolution, num_chunks_done: int
+    plans: Callable[[int], ChunkPlan], holder: Holder, num_chunks_done: int
 ) -> tuple[int, int] | None:
-    """Where one resolution's state stands once chunks 0 .. num_chunks_done - 1 are complete:
-    the last phase (chunk, phase index) they ran at `resolution`; None before any. A state whose
-    last phase run is this one holds exactly those chunks, so it can go on as it is."""
+    """Where a stage's state (the caches of one resolution, or the named caches) stands once
+    chunks 0 .. num_chunks_done - 1 are complete: the last phase (chunk, phase index) they ran
+    on those caches; None before any. A state whose last phase run is this one holds exactly
+    those chunks, so it can go on as it is."""
+    holds = _holds(holder)
     for chunk in reversed(range(num_chunks_done)):
         phases = plans(chunk).phases
-        here = [i for i, phase in enumerate(phases) if phase.resolution == resolution]
+        here = [i for i, phase in enumerate(phases) if holds(phase)]
         if here:
             return chunk, max(here)
     return None
@@ -48,17 +60,18 @@ def position_after(
 
 def phase_after(
     plans: Callable[[int], ChunkPlan],
-    resolution: Resolution,
+    holder: Holder,
     position: tuple[int, int] | None,
     num_chunks: int,
 ) -> tuple[int, int] | None:
-    """The phase (chunk, phase index) a resolution's state runs next when the last one it ran
-    is `position` (None: none yet); None past the last chunk. Phases of one resolution run in
-    this order only, so a request for any other finds a state that is not the session's."""
+    """The phase (chunk, phase index) a stage's state runs next when the last one it ran is
+    `position` (None: none yet); None past the last chunk. A stage's phases run in this order
+    only, so a request for any other finds a state that is not the session's."""
+    holds = _holds(holder)
     chunk, after = (0, -1) if position is None else position
     while chunk < num_chunks:
         phases = plans(chunk).phases
-        later = [i for i, ph in enumerate(phases) if ph.resolution == resolution and i > after]
+        later = [i for i, ph in enumerate(phases) if holds(ph) and i > after]
         if later:
             return chunk, later[0]
         chunk, after = chunk + 1, -1

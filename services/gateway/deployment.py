@@ -15,10 +15,12 @@ from services.settings import ServeSettings
 
 @serve.ingress(api)
 class Gateway(HttpApi, WebSocketApi, GrpcApi):
-    def __init__(self, settings: ServeSettings, structure, refine, decode, mailbox=None) -> None:
+    def __init__(
+        self, settings: ServeSettings, structure, refine, decode, mailbox=None, *steps
+    ) -> None:
         through_serve()
         handles = StageHandles(
-            structure, refine, decode, call_timeout_s=settings.stage_call_timeout_s
+            structure, refine, decode, settings.stage_call_timeout_s, steps=tuple(steps)
         )
         self.core = GatewayCore(settings, handles, mailbox)
         # Serve runs the constructor on the replica's event loop: jobs a dead replica left are

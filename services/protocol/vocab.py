@@ -43,6 +43,22 @@ class StageName(enum.StrEnum):
     REFINE = "RefineStage"  # high resolution: KV_high; hands Down(x0) to the structure stage
     DECODE = "DecodePool"  # streaming VAE decode -> fMP4 -> storage
     MAILBOX = "SessionMailbox"  # one replica: control calls reach a session's gateway replica
+    # HiAR's pipeline (`pipeline_workers` > 0): worker w holds its share of the step caches
+    STEP1 = "StepStage1"
+    STEP2 = "StepStage2"
+    STEP3 = "StepStage3"
+    STEP4 = "StepStage4"
+
+    @classmethod
+    def step(cls, worker: int) -> StageName:
+        """The deployment of step worker `worker` (0-based)."""
+        return list(cls)[list(cls).index(cls.STEP1) + worker]
+
+    @property
+    def worker(self) -> int | None:
+        """The step worker's index (None for the other deployments)."""
+        steps = [self.STEP1, self.STEP2, self.STEP3, self.STEP4]
+        return steps.index(self) if self in steps else None
 
     @classmethod
     def for_resolution(cls, resolution: Resolution) -> StageName:

@@ -14,6 +14,7 @@ from services.sessions.prompts import PromptVersions, too_late
 from services.sessions.record import SessionRecord
 from services.sessions.remote import SessionStages
 from services.sessions.restore import Durability, Restorer
+from services.sessions.wavefront import Wavefront
 
 
 class ChunkWork:
@@ -45,6 +46,10 @@ class ChunkWork:
             raise
         prompts.applied(pending, chunk)
 
+    def wavefront(self) -> Wavefront:
+        """HiAR's pipeline over this session's step workers (see wavefront.py)."""
+        return Wavefront(self.stages, self.record, self.restorer)
+
     async def denoise(self, index: int) -> tuple[stages_pb2.ChunkLatents, float]:
         """The chunk's phases up to its output, each on its resolution's stage (again from the
         first, on rebuilt stages, if a stage lost the session)."""
@@ -57,7 +62,7 @@ class ChunkWork:
             latents: stages_pb2.Tensor | None = None
             writes.clear()
             for i in range(plan.output + 1):
-                out = await self.stages.run_phase(plan.phases[i].resolution, index, i, latents)
+                out = await self.stages.run_phase(index, i, latents)
                 latents = out.latents if out.HasField("latents") else None
                 if out.HasField("write_input"):  # what a restore replays this cache write from
                     writes[i] = out.write_input
@@ -69,13 +74,16 @@ class ChunkWork:
 
     async def decode(
         self,
-        out: stages_pb2.ChunkLatents,
+        out: stages_pb2.ChunkLatents | asyncio.Future,
         previous: asyncio.Task | None,
         version: int,
         denoise_s: float,
         kv_bytes: int,
     ) -> ChunkReady:
-        """The chunk decoded after the one before it; the snapshot then follows it."""
+        """The chunk decoded after the one before it; the snapshot then follows it. `out` may
+        be a future of (latents, denoising seconds): a chunk still in HiAR's wavefront."""
+        if isinstance(out, asyncio.Future):
+            out, denoise_s = await out
         if previous is not None:
             await previous  # decode calls of a session stay in chunk order
         seg = await self.restorer.retried(lambda: self.stages.decode(out), self.restorer.decoder)

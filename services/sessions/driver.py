@@ -14,6 +14,7 @@ differs. Its status moves through `SessionStatus` (services.protocol.lifecycle).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 import contextlib
 import io
 import logging
@@ -114,6 +115,7 @@ class SessionDriver:
         snapshot: stages_pb2.SessionSnapshot | None = None,
     ) -> None:
         """A new session, or (`snapshot`) one to `resume` where its snapshot stands."""
+        plan = replace(plan, step_workers=getattr(handles, "step_workers", 0))
         self.plan = plan
         self.stages = SessionStages(handles, plan)
         durability = durability or Durability()
@@ -229,6 +231,9 @@ class SessionDriver:
         ahead = asyncio.Semaphore(self.lookahead + 1)
         decodes: list[asyncio.Task] = []
 
+        # HiAR on step workers: chunks overlap, each waiting only for its workers' turns
+        wave = self.work.wavefront() if self.plan.pipelined else None
+
         async def produce() -> None:
             previous = None
             try:
@@ -236,19 +241,30 @@ class SessionDriver:
                     await ahead.acquire()
                     if self.settling:
                         return
+                    if wave is not None and self.prompts.pending:
+                        await wave.drain()  # a new prompt applies between whole chunks
                     await self.work.apply_prompt(index, self.prompts)
                     self.next_chunk = index + 1
                     version = self.prompts.current
-                    out, denoise_s = await self.work.denoise(index)
+                    if wave is None:
+                        out, denoise_s = await self.work.denoise(index)
+                    else:
+                        out, denoise_s = wave.submit(index), 0.0
                     decoded = self.work.decode(out, previous, version, denoise_s, self.kv_bytes)
                     task = asyncio.create_task(decoded)
                     decodes.append(task)
                     previous = task
                     queue.put_nowait(task)
+                    if wave is not None:
+                        await wave.admitted(index)
+                if wave is not None:
+                    await wave.drain()
                 # the caches are not needed past the last chunk
                 await self.stages.release(list(self.plan.denoisers))
                 queue.put_nowait(None)
             except asyncio.CancelledError:
+                if wave is not None:
+                    wave.cancel()
                 raise
             except BaseException as err:
                 queue.put_nowait(err)

@@ -66,6 +66,11 @@ class PromptVersions:
         record.contexts = [record.contexts[i] for i in keep]
         record.denoised = start
 
+    @property
+    def pending(self) -> bool:
+        """Whether an update waits to apply before the next chunk."""
+        return self._pending is not None
+
     def take(self) -> PendingPrompt | None:
         """The prompt to apply before the next chunk, if one is waiting."""
         pending, self._pending = self._pending, None

@@ -14,7 +14,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from histream_model.config import Resolution, VideoShape
+from histream_model.config import VideoShape
+from histream_model.schedules import plan_chunk
+from histream_model.schedules.pipeline import pipelined, split_phases
 from protos.histream.v1 import stages_pb2
 from services.errors import AtCapacity, ReplicaLost, SessionNotHeld, remote_result
 from services.logs import ids
@@ -38,13 +40,22 @@ class StageHandles:
     refine: Any
     decode: Any
     call_timeout_s: float | None = None
+    steps: tuple[Any, ...] = ()  # HiAR's step workers (pipeline_workers), in order
 
     def __getitem__(self, name: StageName) -> Any:
+        if name.worker is not None:
+            if name.worker >= len(self.steps):
+                raise RuntimeError(f"no {name} deployed (pipeline_workers={len(self.steps)})")
+            return self.steps[name.worker]
         return {
             StageName.STRUCTURE: self.structure,
             StageName.REFINE: self.refine,
             StageName.DECODE: self.decode,
         }[name]
+
+    @property
+    def step_workers(self) -> int:
+        return len(self.steps)
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,9 @@ class SessionPlan:
     seed: int
     prompt: str
     fps: int
+    # HiAR's pipeline: the step workers a session of a HiAR mode runs on (0: none deployed);
+    # the driver sets it from its handles
+    step_workers: int = 0
 
     @classmethod
     def of(
@@ -73,9 +87,34 @@ class SessionPlan:
         return ids(self.tenant, session_id=self.object_id)
 
     @property
+    def pipelined(self) -> bool:
+        """Whether the session runs on the step workers, as a wavefront."""
+        return self.step_workers > 0 and pipelined(self.shape)
+
+    @property
     def denoisers(self) -> tuple[StageName, ...]:
         """The denoising stages that hold this session's caches."""
+        if self.pipelined:
+            return tuple(StageName.step(w) for w in range(self.step_workers))
         return tuple(StageName.for_resolution(r) for r in self.shape.mode.resolutions)
+
+    def workers(self) -> list[tuple[int, ...]]:
+        """The phase indices each denoiser runs (every chunk's phases split alike), in the
+        order of `denoisers`."""
+        plan = plan_chunk(self.shape, 0)
+        if self.pipelined:
+            return split_phases(plan, self.step_workers)
+        return [
+            tuple(i for i, p in enumerate(plan.phases) if p.resolution == name.resolution)
+            for name in self.denoisers
+        ]
+
+    def stage_for(self, phase_index: int) -> StageName:
+        """The denoiser that runs phase `phase_index` of every chunk."""
+        for name, phases in zip(self.denoisers, self.workers(), strict=True):
+            if phase_index in phases:
+                return name
+        raise ValueError(f"no denoiser runs phase {phase_index}")
 
 
 @dataclass(frozen=True)
@@ -182,14 +221,14 @@ class SessionStages:
         return await self._admit(calls)
 
     async def run_phase(
-        self, resolution: Resolution, chunk: int, phase: int, latents: stages_pb2.Tensor | None
+        self, chunk: int, phase: int, latents: stages_pb2.Tensor | None
     ) -> stages_pb2.ChunkLatents:
         request = stages_pb2.PhaseRequest(
             session_id=self.session_id, chunk_index=chunk, phase=phase
         )
         if latents is not None:
             request.latents.CopyFrom(latents)
-        stage = self._pinned(StageName.for_resolution(resolution))
+        stage = self._pinned(self.plan.stage_for(phase))
         return await self._answer(stage.RunPhase.remote(request))
 
     async def set_prompt(self, context: stages_pb2.Tensor) -> None:

@@ -1,7 +1,8 @@
 """The model-holding replicas, one Serve deployment each, serving `stages.proto`:
 
 - `denoise.py`  `StructureStage` (low resolution, text encoder) and `RefineStage` (high
-                resolution), both a `DenoiseStage` running their resolution's phases;
+                resolution), both a `DenoiseStage` running their resolution's phases, and
+                `StepStage`, a worker of HiAR's pipeline holding its share of the step caches;
 - `decode.py`   `DecodeStage`, the decode pool;
 - `base.py`, `table.py`  what every stage shares: a bounded session table, the idle reaper.
 
@@ -11,7 +12,14 @@ hold answers `SessionNotHeld`.
 """
 
 from services.stages.decode import DecodeStage
-from services.stages.denoise import DenoiseStage, RefineStage, StructureStage
+from services.stages.denoise import DenoiseStage, RefineStage, StepStage, StructureStage
 from services.stages.table import SessionTable
 
-__all__ = ["DecodeStage", "DenoiseStage", "RefineStage", "SessionTable", "StructureStage"]
+__all__ = [
+    "DecodeStage",
+    "DenoiseStage",
+    "RefineStage",
+    "SessionTable",
+    "StepStage",
+    "StructureStage",
+]

@@ -39,6 +39,7 @@ from histream_model.schedules import (
     session_caches,
     set_text,
 )
+from histream_model.schedules.pipeline import pipelined, split_phases
 from histream_model.schedules.restore import (
     phase_after,
     position_after,
@@ -86,8 +87,7 @@ class DenoiseStage(SessionStage[DenoiseSession]):
 
     def __init__(self, settings: ServeSettings, peers: Mapping[Resolution, object] | None = None):
         super().__init__(settings)
-        self.resolution = self.name.resolution
-        assert self.resolution is not None
+        self.resolution = self.name.resolution  # None: a step worker (both resolutions)
         self.peers = dict(peers or {})  # handles of the stages holding the other resolutions
         preset = settings.get_preset()
         self.weights = settings.weight_paths()
@@ -103,14 +103,21 @@ class DenoiseStage(SessionStage[DenoiseSession]):
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.9)
 
+    def caches_for(self, shape: VideoShape) -> dict[str, Resolution]:
+        """The caches of a session of `shape` this stage holds, by name: those at its
+        resolution."""
+        return {n: r for n, r in session_caches(shape).items() if r == self.resolution}
+
     def session_bytes(self, shape: VideoShape) -> int:
-        """What a session of `shape` holds here, exactly, before it is allocated: its caches at
-        this stage's resolution and one prompt's text K/V (histream_model.flops)."""
+        """What a session of `shape` holds here, exactly, before it is allocated: its caches
+        and one prompt's text K/V (histream_model.flops)."""
         element = torch.empty((), dtype=next(self.model.parameters()).dtype).element_size()
         config = self.model.config
-        layout = cache_layout(shape, self.resolution)
-        caches = sum(res == self.resolution for res in session_caches(shape).values())
-        return caches * kv_bytes(config, layout, 1, element) + text_kv_bytes(config, 1, element)
+        caches = sum(
+            kv_bytes(config, cache_layout(shape, res), 1, element)
+            for res in self.caches_for(shape).values()
+        )
+        return caches + text_kv_bytes(config, 1, element)
 
     async def _compute(self, fn: Callable[[], R]) -> R:
         return await asyncio.to_thread(fn)
@@ -121,15 +128,14 @@ class DenoiseStage(SessionStage[DenoiseSession]):
     ) -> stages_pb2.OpenSessionResponse:
         spec = request.spec
         shape = shape_of(spec, self.preset)
-        if self.resolution not in shape.mode.resolutions:
-            raise InvalidArgument(
-                f"mode {shape.mode.name!r} holds no {self.resolution} cache for the {self.label}"
-            )
+        caches = self.caches_for(shape)
+        if not caches:
+            raise InvalidArgument(f"mode {shape.mode.name!r} holds no cache on the {self.label}")
         context = from_proto(request.context)
 
         def build() -> dict[str, ResolutionState]:
             with torch.no_grad():
-                return new_session_states(self.model, shape, context, resolution=self.resolution)
+                return new_session_states(self.model, shape, context, names=caches)
 
         self._start_reaper()
         nbytes = self.session_bytes(shape)
@@ -154,10 +160,10 @@ class DenoiseStage(SessionStage[DenoiseSession]):
                 f"phase {index} outside [0, {len(plan.phases)}) of chunk {chunk}", param="phase"
             )
         phase = plan.phases[index]
-        if phase.resolution != self.resolution:
+        if phase.cache not in session.states:
             raise InvalidArgument(
-                f"phase {index} of chunk {chunk} runs at {phase.resolution} resolution; the "
-                f"{self.label} holds {self.resolution}",
+                f"phase {index} of chunk {chunk} runs on cache {phase.cache!r}; the "
+                f"{self.label} holds {sorted(session.states)}",
                 param="phase",
             )
         return plan, phase
@@ -202,7 +208,7 @@ class DenoiseStage(SessionStage[DenoiseSession]):
         so the driver rebuilds it (never silently going on from stale caches)."""
         shape = session.shape
         expected = phase_after(
-            lambda k: plan_chunk(shape, k), self.resolution, session.position, shape.num_chunks
+            lambda k: plan_chunk(shape, k), session.states, session.position, shape.num_chunks
         )
         asked = (request.chunk_index, request.phase)
         if asked != expected:
@@ -265,7 +271,10 @@ class DenoiseStage(SessionStage[DenoiseSession]):
             return plan_chunk(shape, chunk)
 
         started = time.perf_counter()
-        position = position_after(plans, self.resolution, done)
+        caches = self.caches_for(shape)
+        if not caches:
+            raise InvalidArgument(f"mode {shape.mode.name!r} holds no cache on the {self.label}")
+        position = position_after(plans, caches, done)
         kept = self.sessions.take_up(request.session_id)
         if kept is not None:
             async with kept.lock:  # a phase still running for the suspended driver ends first
@@ -277,7 +286,7 @@ class DenoiseStage(SessionStage[DenoiseSession]):
             passes = 0
             with torch.no_grad():
                 context = prompt_of(done)
-                states = new_session_states(self.model, shape, context, resolution=self.resolution)
+                states = new_session_states(self.model, shape, context, names=caches)
                 for state in states.values():
                     passes += reprefill(
                         self.model, state, shape, plans, kept_chunks, prompt_of, done, writes
@@ -385,3 +394,24 @@ class RefineStage(DenoiseStage):
     def __init__(self, settings: ServeSettings, structure: object | None = None) -> None:
         peers = {Resolution.LOW: structure} if structure is not None else {}
         super().__init__(settings, peers)
+
+
+class StepStage(DenoiseStage):
+    """A worker of a pipelined HiAR session (`pipeline_workers` of them): the caches of its
+    share of the steps only, split from the schedule (histream_model/schedules/pipeline.py);
+    the session driver runs the chunks through the workers as a wavefront."""
+
+    def __init__(self, settings: ServeSettings, worker: int) -> None:
+        if not 0 <= worker < settings.pipeline_workers:
+            raise ValueError(f"worker {worker} outside [0, {settings.pipeline_workers})")
+        self.name = StageName.step(worker)
+        self.label = f"step worker {worker + 1}"
+        self.worker = worker
+        super().__init__(settings)
+
+    def caches_for(self, shape: VideoShape) -> dict[str, Resolution]:
+        if not pipelined(shape):
+            return {}
+        plan = plan_chunk(shape, 0)
+        group = split_phases(plan, self.settings.pipeline_workers)[self.worker]
+        return {plan.phases[i].cache: plan.phases[i].resolution for i in group}

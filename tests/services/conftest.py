@@ -87,6 +87,9 @@ def service(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             endpoint=s3_endpoint, bucket=bucket, access_key=ACCESS_KEY, secret_key=SECRET_KEY
         ),
         external_scaler=True,  # test_survival scales a stage up and down in place
+        # HiAR sessions run as a wavefront on two step workers (test_service, test_resume)
+        pipeline_workers=2,
+        step=stage,
         **common,
     )
     local_dir = tmp_path_factory.mktemp("local-storage")

@@ -64,7 +64,7 @@ def stage_calls() -> dict:
 def held_sessions() -> int:
     return sum(
         stage(name).stats.remote().result()["sessions"]
-        for name in ("StructureStage", "RefineStage", "DecodePool")
+        for name in ("StructureStage", "RefineStage", "DecodePool", "StepStage1", "StepStage2")
     )
 
 
@@ -285,7 +285,9 @@ def test_websocket_session_streams_chunks_and_applies_a_new_prompt(service, tmp_
 )  # fmt: skip
 def test_other_seeds_stream_the_in_process_latents(service, mode, door):
     """Diagonal's and HiAR's modes through the streaming front doors: every chunk's latents are
-    the in-process generator's (45 frames: 4 chunks, Diagonal's 5, 4, 3 and 2 steps)."""
+    the in-process generator's (45 frames: 4 chunks, Diagonal's 5, 4, 3 and 2 steps). This app
+    runs HiAR's modes as a wavefront on its two step workers."""
+    hiar_before = step_runs()
     if door == "websocket":
         start = {"type": "start", "prompt": PROMPT, "size": f"{W}x{H}", "num_frames": 45,
                  "seed": 2, "mode": mode}  # fmt: skip
@@ -303,7 +305,15 @@ def test_other_seeds_stream_the_in_process_latents(service, mode, door):
         assert events[-1].WhichOneof("event") == "ended", events[-1]
         sha = [e.chunk.latents_sha256 for e in events if e.WhichOneof("event") == "chunk"]
     assert sha == [digest(to_proto(x)) for x in in_process(mode, 45, seed=2)]
+    if "hiar" in mode:  # on the step workers: 4 phases of 4 chunks, 2 per worker per chunk
+        assert [b - a for a, b in zip(hiar_before, step_runs(), strict=True)] == [8, 8]
     assert wait_until(lambda: held_sessions() == 0)
+
+
+def step_runs() -> list[int]:
+    """RunPhase calls each step worker has served."""
+    calls = [stage(f"StepStage{w}").stats.remote().result()["calls"] for w in (1, 2)]
+    return [c.get("RunPhase", 0) for c in calls]
 
 
 def test_other_seeds_through_the_video_api(service, tmp_path):

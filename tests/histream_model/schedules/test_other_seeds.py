@@ -141,3 +141,36 @@ def test_agsw_memory_is_flat_in_every_new_mode(model, mode):
     assert long.kv_bytes() == before == short.kv_bytes()
     shape = VideoShape(TINY, get_mode(mode), H, W, 177)
     assert shape.num_chunks == 15
+
+
+@pytest.mark.parametrize(("mode", "workers"), [("hiar", 2), ("hiar", 4), ("histream-hiar", 2),
+                                               ("histream-hiar", 4), ("diagonal", 1)])  # fmt: skip
+def test_a_pipelined_run_gives_the_sequential_latents(model, mode, workers):
+    """HiAR's wavefront, a worker (thread) per group of steps each holding only its steps'
+    caches: the latents of the sequential run, bit for bit."""
+    from histream_model.schedules import new_session_states, plan_chunk
+    from histream_model.schedules.pipeline import PipelinedRun, split_phases
+
+    shape = VideoShape(TINY, get_mode(mode), H, W, 45)
+    plans = [plan_chunk(shape, i) for i in range(shape.num_chunks)]
+    states = new_session_states(model, shape, context())
+    run = PipelinedRun(model, states, shape, SEED, workers, plans)
+    assert len(run.groups) == workers
+    got = list(run)
+    assert [i for i, _ in got] == list(range(4))
+    want = generated(model, mode, 45)
+    assert all(torch.equal(x, y) for (_, x), y in zip(got, want, strict=True))
+    if mode == "histream-hiar" and workers == 2:
+        assert split_phases(plans[0], 2) == [(0, 1), (2, 3)]  # low steps | high steps
+
+
+def test_pipelines_that_cannot_be_built_are_refused():
+    from histream_model.schedules import plan_chunk
+    from histream_model.schedules.pipeline import split_phases
+
+    hiar = plan_chunk(VideoShape(TINY, get_mode("hiar"), H, W, 33), 0)
+    with pytest.raises(ValueError, match=r"workers=5 must be in \[1, 4\]"):
+        split_phases(hiar, 5)
+    drc = plan_chunk(VideoShape(TINY, get_mode("histream+"), H, W, 33), 0)
+    with pytest.raises(ValueError, match="cannot be pipelined over these caches"):
+        split_phases(drc, 2)  # KV_low is written after the high-res phase

@@ -37,8 +37,13 @@ def test_stream_kind_round_trips_the_proto_enum():
 
 def test_stage_names_are_the_deployments_and_own_a_resolution():
     assert [str(n) for n in StageName] == [
-        "Gateway", "StructureStage", "RefineStage", "DecodePool", "SessionMailbox"
+        "Gateway", "StructureStage", "RefineStage", "DecodePool", "SessionMailbox",
+        "StepStage1", "StepStage2", "StepStage3", "StepStage4",
     ]  # fmt: skip
+    assert [StageName.step(w) for w in range(4)] == [StageName.STEP1, StageName.STEP2,
+                                                      StageName.STEP3, StageName.STEP4]  # fmt: skip
+    assert StageName.STEP3.worker == 2 and StageName.REFINE.worker is None
+    assert StageName.STEP1.resolution is None  # a step worker may hold either resolution
     assert StageName.for_resolution(Resolution.LOW) == StageName.STRUCTURE
     assert StageName.for_resolution(Resolution.HIGH) == StageName.REFINE
     assert StageName.REFINE.resolution == Resolution.HIGH

@@ -75,7 +75,9 @@ def test_a_completed_session_announces_each_prompt_before_its_first_chunk():
         ("chunk", 1, 1), ("chunk", 2, 1), ("ended", EndReason.COMPLETED),
     ]  # fmt: skip
     started, init = events[0], events[1]
-    assert started == SessionStarted("sess_1", 96, 64, 16, 3, 33, PLAYLIST, live.token)
+    assert started == SessionStarted(
+        "sess_1", 96, 64, 16, 3, 33, PLAYLIST, live.token, mode="histream+"
+    )
     assert init == InitSegment(b"init")
     assert [e.media for e in events if isinstance(e, ChunkReady)][1] == b"seg:1/1/a dog"
     assert len(stages.handles.decode.called("FinishStream")) == 1

@@ -192,7 +192,7 @@ def test_admission_limit_and_unknown_sessions(settings):
             )
         with pytest.raises(SessionNotHeld, match="does not hold session 'zzz'"):
             await structure.RunPhase(stages_pb2.PhaseRequest(session_id="zzz", chunk_index=0))
-        with pytest.raises(InvalidArgument, match="runs at high resolution; the structure stage"):
+        with pytest.raises(InvalidArgument, match=r"runs on cache 'high'; the structure stage holds \['low'\]"):
             await structure.RunPhase(stages_pb2.PhaseRequest(session_id="a", phase=1))
         with pytest.raises(InvalidArgument, match=r"phase 3 outside \[0, 3\) of chunk 0"):
             await structure.RunPhase(stages_pb2.PhaseRequest(session_id="a", phase=3))
