@@ -9,7 +9,7 @@ from __future__ import annotations
 from bench.report import table
 from bench.table2 import BASELINE, MODES, PAPER_A100, PAPER_H100, paper_row
 from histream_model.config import get_preset, with_options
-from histream_model.flops import video_flops
+from histream_model.flops import video_flops, worker_bytes
 
 PRESET, HEIGHT, WIDTH, FRAMES = "wan2.1-1.3b", 1088, 1920, 81
 PEAK_H100 = 989e12  # H100 SXM dense bf16 FLOP/s
@@ -61,6 +61,8 @@ def section() -> str:
     last = with_options(preset, diagonal_low_context="last-pass")
     last_pass = video_flops(last, "histream-diagonal", HEIGHT, WIDTH, FRAMES).per_frame
     commit = model["histream-diagonal"].per_frame
+    per_worker = worker_bytes(preset, "hiar", HEIGHT, WIDTH, FRAMES, 4, 2)
+    hybrid = worker_bytes(preset, "histream-hiar", HEIGHT, WIDTH, FRAMES, 4, 2)
     text_tflop = hp.text_kv / 1e12
     return (
         f"Model only (no measurement): {PRESET} (dim {preset.dit.dim}, {preset.dit.num_layers} "
@@ -76,4 +78,8 @@ def section() -> str:
         f"denoising pass's keys instead (`diagonal_low_context=\"last-pass\"`) would be "
         f"{last_pass / 1e12:.1f} TFLOP/frame, {1 - last_pass / commit:.1%} less, but with one "
         "low step that pass reads pure noise (t = 1000), so its keys carry nothing of the chunk."
+        f"\n\nHiAR's pipeline on 4 step workers, bf16: a `hiar` session holds "
+        f"{per_worker[0] / 1e9:.2f} GB on each worker (its step's sliding-window KV_high and a "
+        f"text K/V), {sum(per_worker) / 1e9:.1f} GB in all; `histream-hiar` "
+        f"{', '.join(f'{b / 1e9:.2f}' for b in hybrid)} GB (two low-res, two high-res steps)."
     )

@@ -215,6 +215,34 @@ def session_bytes(
     return out
 
 
+def worker_bytes(
+    preset: Preset,
+    mode: str,
+    height: int,
+    width: int,
+    num_frames: int,
+    workers: int,
+    bytes_per_element: int = 4,
+) -> list[int]:
+    """What one session holds on each of `workers` pipeline workers (HiAR's step workers,
+    `histream_model.schedules.pipeline.split_phases`): its share of the caches and one text K/V."""
+    from histream_model.schedules.pipeline import split_phases
+
+    shape = VideoShape(preset, get_mode(mode), height, width, num_frames)
+    plan = plan_chunk(shape, 0)
+    config = preset.dit
+    text = text_kv_bytes(config, 1, bytes_per_element)
+    out = []
+    for group in split_phases(plan, workers):
+        caches = {plan.phases[i].cache: plan.phases[i].resolution for i in group}
+        held = sum(
+            kv_bytes(config, cache_layout(shape, res), 1, bytes_per_element)
+            for res in caches.values()
+        )
+        out.append(held + text)
+    return out
+
+
 def dit_parameters(config: DiTConfig) -> int:
     """Parameters of the DiT (weights and biases), e.g. 1,418,996,800 for Wan2.1-T2V-1.3B."""
     d, f, out = config.dim, config.ffn_dim, config.out_dim * config.patch_volume

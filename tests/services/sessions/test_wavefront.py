@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from histream_model.components import load_components
+from histream_model.config import get_preset
+from histream_model.flops import worker_bytes
 from histream_model.generator import HiStreamGenerator
 from protos.histream.v1 import stages_pb2
 from services.protocol import EndReason, StageName, from_proto, to_proto
@@ -89,7 +91,10 @@ def test_a_hiar_session_runs_as_a_wavefront_with_the_sequential_latents(tmp_path
     # the wavefront: chunk 1 entered the first worker before chunk 0 left the last one
     order = pipeline.phases_run()
     assert order.index((1, 0)) < order.index((0, 3))
-    # each worker holds only its share of the step caches, and none once the session ended
+    # each worker held only its share of the step caches (the FLOP model's figure), and none
+    # once the session ended
+    held = [step.session_bytes(driver.plan.shape) for step in pipeline.steps]
+    assert held == worker_bytes(get_preset("tiny"), mode, 64, 96, 57, workers)
     assert all(step.stats()["sessions"] == 0 for step in pipeline.steps)
     assert pipeline.structure.calls.get("RunPhase", 0) == 0  # the resolution stages ran nothing
 
