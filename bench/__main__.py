@@ -14,6 +14,7 @@ from collections.abc import Callable
 from bench import (
     batch,
     breakdown,
+    diagonal,
     durability,
     gpu,
     health,
@@ -45,6 +46,7 @@ SECTIONS: dict[str, Section] = {
     "durability": lambda a: durability.section(a.preset, a.frames, a.durability_repeats, _log),
     "batch": lambda a: batch.section(a.batch_presets, a.batch_videos, log=_log),
     "pipeline": lambda a: pipeline.section(a.preset, a.frames, a.pipeline_repeats, _log),
+    "diagonal-context": lambda a: diagonal.section(a.preset, a.frames, a.repeats, _log),
     # measured on a GPU machine by `python -m bench.gpu`; rendered here from its JSON files
     "table2-gpu": lambda a: gpu.section(a.gpu_json),
 }

@@ -42,7 +42,9 @@ def measure(
     machine lands on every mode alike instead of on whichever video was running.
     """
     components, context = load(preset_name)
-    return measure_model(components.dit, components.preset, context, modes, repeats, num_frames, log)
+    return measure_model(
+        components.dit, components.preset, context, modes, repeats, num_frames, log
+    )
 
 
 def measure_model(

@@ -75,7 +75,7 @@ def section() -> str:
         + f"\n\nText K/V, once per prompt (both resolutions): {text_tflop:.3f} TFLOP, "
         "outside the per-frame figures.\n\n`histream-diagonal` writes KV_low of chunks 2.. with "
         f"a t = 0 pass on Down(x0) ({commit / 1e12:.1f} TFLOP/frame); taking the low-res "
-        f"denoising pass's keys instead (`diagonal_low_context=\"last-pass\"`) would be "
+        f'denoising pass\'s keys instead (`diagonal_low_context="last-pass"`) would be '
         f"{last_pass / 1e12:.1f} TFLOP/frame, {1 - last_pass / commit:.1%} less, but with one "
         "low step that pass reads pure noise (t = 1000), so its keys carry nothing of the chunk."
         f"\n\nHiAR's pipeline on 4 step workers, bf16: a `hiar` session holds "

@@ -177,14 +177,17 @@ class HiStreamOptions:
 def check_diagonal_steps(steps: tuple[int, ...]) -> None:
     """A Diagonal step list: at least one count, each >= 1, strictly decreasing to its floor."""
     if not steps:
-        raise ValueError("diagonal_steps is empty; give the steps of chunk 1, 2, ... (e.g. 5,4,3,2)")
+        raise ValueError(
+            "diagonal_steps is empty; give the steps of chunk 1, 2, ... (e.g. 5,4,3,2)"
+        )
     for i, count in enumerate(steps):
         if not isinstance(count, int) or count < 1:
             raise ValueError(f"diagonal_steps[{i}]={count!r} must be an integer >= 1 (the floor)")
         if i and count >= steps[i - 1]:
             raise ValueError(
                 f"diagonal_steps={list(steps)} must decrease strictly: entry {i} ({count}) is not "
-                f"below entry {i - 1} ({steps[i - 1]}); the last entry is the floor later chunks keep"
+                f"below entry {i - 1} ({steps[i - 1]}); the last entry is the floor later chunks "
+                "keep"
             )
 
 
@@ -209,44 +212,38 @@ class Mode:
         return self.first_chunk_steps if chunk_index == 0 else self.later_chunk_steps
 
 
+# fmt: off
 MODES: dict[str, Mode] = {
     m.name: m
     for m in (
-        Mode("histream", True, True, (2, 2), (2, 2), summary="HiStream: DRC + AGSW, 2 + 2 steps"),
-        Mode(
-            "histream+", True, True, (2, 2), (1, 1),
-            summary="HiStream+: DRC + AGSW, 2 + 2 steps on chunk 1, 1 + 1 after",
-        ),
-        Mode("no-drc", False, True, (0, 4), (0, 4), summary="ablation: AGSW, 4 high-res steps"),
-        Mode("no-agsw", True, False, (2, 2), (2, 2), summary="ablation: DRC, full history"),
-        Mode("naive-2step", True, True, (1, 1), (1, 1), summary="ablation: 1 + 1 steps always"),
-        Mode(
-            "self-forcing", False, False, (0, 4), (0, 4),
-            summary="baseline: 4 high-res steps, full history",
-        ),
+        Mode("histream", True, True, (2, 2), (2, 2),
+             summary="HiStream: DRC + AGSW, 2 + 2 steps"),
+        Mode("histream+", True, True, (2, 2), (1, 1),
+             summary="HiStream+: DRC + AGSW, 2 + 2 steps on chunk 1, 1 + 1 after"),
+        Mode("no-drc", False, True, (0, 4), (0, 4),
+             summary="ablation: AGSW, 4 high-res steps"),
+        Mode("no-agsw", True, False, (2, 2), (2, 2),
+             summary="ablation: DRC, full history"),
+        Mode("naive-2step", True, True, (1, 1), (1, 1),
+             summary="ablation: 1 + 1 steps always"),
+        Mode("self-forcing", False, False, (0, 4), (0, 4),
+             summary="baseline: 4 high-res steps, full history"),
         # Diagonal distillation: the step counts come from the preset's `diagonal_steps` (these
         # two fields are its defaults' first and floor); chunks 2.. are never committed at t = 0
-        Mode(
-            "diagonal", False, True, (0, 5), (0, 2), schedule="diagonal",
-            summary="Diagonal: 5, 4, 3, then 2 high-res steps; later chunks' context from "
-            "their last pass (no commit)",
-        ),
-        Mode(
-            "histream-diagonal", True, True, (2, 2), (1, 1), schedule="diagonal",
-            summary="HiStream+ steps with Diagonal context: KV_high from the last pass, "
-            "KV_low from Down(x0)",
-        ),
+        Mode("diagonal", False, True, (0, 5), (0, 2), schedule="diagonal",
+             summary="Diagonal: 5, 4, 3, then 2 high-res steps; later chunks' context from "
+                     "their last pass (no commit)"),
+        Mode("histream-diagonal", True, True, (2, 2), (1, 1), schedule="diagonal",
+             summary="HiStream+ steps with Diagonal context: KV_high from the last pass, "
+                     "KV_low from Down(x0)"),
         # HiAR: one cache per denoising step, holding earlier chunks at the next step's noise
-        Mode(
-            "hiar", False, True, (0, 4), (0, 4), schedule="hiar",
-            summary="HiAR: 4 high-res steps, each against its own cache at its noise level",
-        ),
-        Mode(
-            "histream-hiar", True, True, (2, 2), (2, 2), schedule="hiar",
-            summary="HiAR with DRC: steps 1-2 at low resolution, 3-4 at high, a cache each",
-        ),
+        Mode("hiar", False, True, (0, 4), (0, 4), schedule="hiar",
+             summary="HiAR: 4 high-res steps, each against its own cache at its noise level"),
+        Mode("histream-hiar", True, True, (2, 2), (2, 2), schedule="hiar",
+             summary="HiAR with DRC: steps 1-2 at low resolution, 3-4 at high, a cache each"),
     )
 }
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -360,7 +357,7 @@ def with_options(preset: Preset, **changes: object) -> Preset:
 
 
 def parse_steps(text: str) -> tuple[int, ...]:
-    """"5,4,3,2" -> (5, 4, 3, 2), checked as a Diagonal step list."""
+    """ "5,4,3,2" -> (5, 4, 3, 2), checked as a Diagonal step list."""
     try:
         steps = tuple(int(part) for part in text.split(","))
     except ValueError:

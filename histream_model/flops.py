@@ -207,8 +207,7 @@ def session_bytes(
     shape = VideoShape(preset, get_mode(mode), height, width, num_frames)
     config = preset.dit
     out = {"kv_low": 0, "kv_high": 0, "text_kv": 0}
-    for resolution in shape.mode.resolutions:
-        out["text_kv"] += text_kv_bytes(config, batch, bytes_per_element)
+    out["text_kv"] = len(shape.mode.resolutions) * text_kv_bytes(config, batch, bytes_per_element)
     for resolution in session_caches(shape).values():
         layout = cache_layout(shape, resolution)
         out[f"kv_{resolution}"] += kv_bytes(config, layout, batch, bytes_per_element)

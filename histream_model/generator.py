@@ -14,7 +14,13 @@ import torch
 
 from histream_model.config import Preset, Resolution, VideoShape, get_mode, get_preset
 from histream_model.dit import WanDiT
-from histream_model.schedules import ResolutionState, new_session_states, plan_chunk, run_chunk, set_text
+from histream_model.schedules import (
+    ResolutionState,
+    new_session_states,
+    plan_chunk,
+    run_chunk,
+    set_text,
+)
 
 
 @dataclass

@@ -100,6 +100,7 @@ __all__ = [
     "PhaseResult",
     "ResolutionState",
     "Schedule",
+    "Write",
     "chunk_noise",
     "handoff",
     "new_resolution_state",
@@ -110,5 +111,4 @@ __all__ = [
     "schedule_for",
     "session_caches",
     "set_text",
-    "Write",
 ]

@@ -36,7 +36,9 @@ def first_chunk_scale(shape: VideoShape, index: int) -> float | None:
     if index != 0 or options.first_chunk_attn_scale == 1.0:
         return None
     reference = options.attn_reference_tokens or shape.tokens_per_frame(shape.low_latent_hw)
-    return scaled_softmax_scale(shape.preset.dit.head_dim, options.first_chunk_attn_scale, reference)
+    return scaled_softmax_scale(
+        shape.preset.dit.head_dim, options.first_chunk_attn_scale, reference
+    )
 
 
 def check_index(shape: VideoShape, index: int) -> None:

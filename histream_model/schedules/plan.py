@@ -74,7 +74,7 @@ class Phase:
             raise ValueError(f"a phase entered by {self.entry} must have denoising timesteps")
         if self.write == Write.LAST_PASS and not self.timesteps:
             raise ValueError("a phase with no denoising pass has no last pass to keep")
-        if self.write == Write.RENOISED and not 0 < self.write_t:
+        if self.write == Write.RENOISED and not self.write_t > 0:
             raise ValueError(f"a re-noised write needs a timestep > 0, got {self.write_t}")
 
     @property

@@ -5,11 +5,11 @@ their entries was written by a chunk's cache write, a function of the latent the
 (the chunk's clean latents for a commit; for HiAR's re-noised writes and Diagonal's kept last
 pass, a latent the executor reports as the phase's `write_input`), its prompt and the cache
 before it. Replaying the writes of every chunk so far, in order, therefore rebuilds the caches
-bit for bit (a kept last pass is replayed as a kv-only pass on the same input: the same keys). Under AGSW only the anchor and the latest
-window are ever read again, so a snapshot keeps the anchor chunk and the last few chunks, and
-replays just those: the anchor is exact (its commit saw no earlier context), the window close
-(its keys were first computed against older windows). `tests/histream_model/schedules` and
-BENCHMARKS.md measure how close.
+bit for bit (a kept last pass is replayed as a kv-only pass on the same input: the same keys).
+Under AGSW only the anchor and the latest window are ever read again, so a snapshot keeps the
+anchor chunk and the last few chunks, and replays just those: the anchor is exact (its commit
+saw no earlier context), the window close (its keys were first computed against older
+windows). `tests/histream_model/schedules` and BENCHMARKS.md measure how close.
 """
 
 from __future__ import annotations

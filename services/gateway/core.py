@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Awaitable
 
+from histream_model.config import MODES
 from services.errors import NotFound, remote_result
 from services.gateway.batches import Batches
 from services.gateway.metrics import Metrics
@@ -122,6 +123,7 @@ class GatewayCore:
                 "owned_by": "histream",
                 "preset": self.preset.name,
                 "mode": None if name == served else name,
+                "description": self.preset.description if name == served else MODES[name].summary,
             }
             for name in model_ids(served)
         ]

@@ -14,13 +14,13 @@ differs. Its status moves through `SessionStatus` (services.protocol.lifecycle).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 import contextlib
 import io
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 from protos.histream.v1 import stages_pb2
 from services.errors import AtCapacity, InvalidArgument, ReplicaLost, SessionNotHeld

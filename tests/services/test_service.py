@@ -328,8 +328,10 @@ def test_other_seeds_through_the_video_api(service, tmp_path):
     path = tmp_path / "hiar.mp4"
     api.videos.download_content(video.id).write_to_file(path)
     assert read_video(path) == (33, W, H)
-    # a mode id is also a model id
+    # a mode id is also a model id, described
     assert api.models.retrieve("histream-diagonal").id == "histream-diagonal"
+    described = httpx.get(f"{service.url}/v1/models/hiar").json()
+    assert described["mode"] == "hiar" and described["description"].startswith("HiAR: 4 high")
 
 
 def test_websocket_disconnect_frees_the_session(service):

@@ -98,7 +98,7 @@ def test_structure_and_refine_compute_the_generators_latents(settings):
 async def drive(stages: dict, sid: str, mode: str, chunks: range, record: dict) -> list:
     """Each chunk's phases up to its output, each on the stage of its resolution (as the session
     driver runs them); the write inputs the stages report go into `record` by (chunk, phase)."""
-    from histream_model.config import get_mode, get_preset, VideoShape
+    from histream_model.config import VideoShape, get_mode, get_preset
     from histream_model.schedules import plan_chunk
 
     shape = VideoShape(get_preset("tiny"), get_mode(mode), H, W, 33)
@@ -124,6 +124,7 @@ def test_other_seeds_on_the_stages_equal_the_generator_and_restore_from_write_in
     """The new schedules run on the two denoising stages (HiAR's step caches split by
     resolution), give the generator's latents, and a session rebuilt elsewhere from a snapshot
     (its latents and reported write inputs) goes on with the same latents, bit for bit."""
+
     def pair():
         structure = StructureStage(settings)
         return {"low": structure, "high": RefineStage(settings, LocalHandle(structure))}
@@ -139,7 +140,7 @@ def test_other_seeds_on_the_stages_equal_the_generator_and_restore_from_write_in
                 caches[res] = (await stage.OpenSession(opened)).kv_bytes
         writes: dict = {}
         first = await drive(stages, "s", mode, range(2), writes)
-        assert writes or mode == "histream-diagonal" and not writes.get((0, 1))
+        assert writes or (mode == "histream-diagonal" and not writes.get((0, 1)))
         snapshot = stages_pb2.SessionSnapshot(spec=spec("s", mode, 33), next_chunk=2)
         snapshot.prompts.add(version=0, from_chunk=0, prompt="a fox")
         for i, latents in enumerate(first):
@@ -192,7 +193,9 @@ def test_admission_limit_and_unknown_sessions(settings):
             )
         with pytest.raises(SessionNotHeld, match="does not hold session 'zzz'"):
             await structure.RunPhase(stages_pb2.PhaseRequest(session_id="zzz", chunk_index=0))
-        with pytest.raises(InvalidArgument, match=r"runs on cache 'high'; the structure stage holds \['low'\]"):
+        with pytest.raises(
+            InvalidArgument, match=r"runs on cache 'high'; the structure stage holds \['low'\]"
+        ):
             await structure.RunPhase(stages_pb2.PhaseRequest(session_id="a", phase=1))
         with pytest.raises(InvalidArgument, match=r"phase 3 outside \[0, 3\) of chunk 0"):
             await structure.RunPhase(stages_pb2.PhaseRequest(session_id="a", phase=3))
