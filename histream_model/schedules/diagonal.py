@@ -22,36 +22,29 @@ step-list rule (`HiStreamOptions.step_list`), and are configurable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from histream_model.config import Mode, Resolution, VideoShape
+from histream_model.config import Resolution, VideoShape
 from histream_model.schedules.histream import (
-    check_index,
+    Planner,
     first_chunk_scale,
     histream_phases,
     warped_steps,
 )
-from histream_model.schedules.plan import ChunkPlan, Entry, Phase, Write
+from histream_model.schedules.plan import Entry, Phase, Write
 
 
-@dataclass(frozen=True)
-class DiagonalSchedule:
-    mode: Mode
-
-    def plan(self, shape: VideoShape, index: int) -> ChunkPlan:
-        check_index(shape, index)
-        options = shape.preset.options
-        m = options.chunk_frames
+class DiagonalSchedule(Planner):
+    def phases(self, shape: VideoShape, index: int) -> tuple[Phase, ...]:
         if self.mode.dual_resolution:
-            phases = self._dual(shape, index)
-        else:
-            counts = options.diagonal_steps
-            steps = counts[min(index, len(counts) - 1)]
-            write = Write.CLEAN if index == 0 else Write.LAST_PASS
-            warped = warped_steps(options, steps)
-            scale = first_chunk_scale(shape, index)
-            phases = (Phase(Resolution.HIGH, Entry.NOISE, warped, 0, write, scale=scale),)
-        return ChunkPlan(index=index, frame_start=index * m, num_frames=m, phases=phases)
+            return self._dual(shape, index)
+        options = shape.preset.options
+        counts = options.diagonal_steps
+        steps = counts[min(index, len(counts) - 1)]
+        write = Write.CLEAN if index == 0 else Write.LAST_PASS
+        warped = warped_steps(options, steps)
+        scale = first_chunk_scale(shape, index)
+        return (Phase(Resolution.HIGH, Entry.NOISE, warped, 0, write, scale=scale),)
 
     def _dual(self, shape: VideoShape, index: int) -> tuple[Phase, ...]:
         low, high = self.mode.steps(index)

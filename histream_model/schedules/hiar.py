@@ -18,11 +18,9 @@ Cost per chunk: a denoising pass and a cache pass at every step (8 passes for 4 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from histream_model.config import Mode, Resolution, VideoShape
-from histream_model.schedules.histream import check_index, first_chunk_scale, warped_steps
-from histream_model.schedules.plan import ChunkPlan, Entry, Phase, Write
+from histream_model.config import Resolution, VideoShape
+from histream_model.schedules.histream import Planner, first_chunk_scale, warped_steps
+from histream_model.schedules.plan import Entry, Phase, Write
 
 OWN_WRITE_DRAW = 100  # + step: the draw of a write re-noised at a resolution its next step leaves
 
@@ -32,15 +30,10 @@ def step_cache(resolution: Resolution, step: int) -> str:
     return f"{resolution}.{step}"
 
 
-@dataclass(frozen=True)
-class HiARSchedule:
-    mode: Mode
-
-    def plan(self, shape: VideoShape, index: int) -> ChunkPlan:
-        check_index(shape, index)
-        options = shape.preset.options
+class HiARSchedule(Planner):
+    def phases(self, shape: VideoShape, index: int) -> tuple[Phase, ...]:
         low, high = self.mode.steps(index)
-        warped = warped_steps(options, low + high)
+        warped = warped_steps(shape.preset.options, low + high)
         scale = first_chunk_scale(shape, index)
         resolutions = [Resolution.LOW] * low + [Resolution.HIGH] * high
         phases = []
@@ -65,5 +58,4 @@ class HiARSchedule:
             phases.append(
                 Phase(**step, write=Write.RENOISED, write_t=warped[j + 1], write_draw=draw)
             )
-        m = options.chunk_frames
-        return ChunkPlan(index=index, frame_start=index * m, num_frames=m, phases=tuple(phases))
+        return tuple(phases)

@@ -41,9 +41,21 @@ def first_chunk_scale(shape: VideoShape, index: int) -> float | None:
     )
 
 
-def check_index(shape: VideoShape, index: int) -> None:
-    if not 0 <= index < shape.num_chunks:
-        raise ValueError(f"chunk index {index} outside [0, {shape.num_chunks})")
+@dataclass(frozen=True)
+class Planner:
+    """What every schedule shares: a mode, chunk `index`'s frames; subclasses give the phases."""
+
+    mode: Mode
+
+    def plan(self, shape: VideoShape, index: int) -> ChunkPlan:
+        if not 0 <= index < shape.num_chunks:
+            raise ValueError(f"chunk index {index} outside [0, {shape.num_chunks})")
+        m = shape.preset.options.chunk_frames
+        phases = self.phases(shape, index)
+        return ChunkPlan(index=index, frame_start=index * m, num_frames=m, phases=phases)
+
+    def phases(self, shape: VideoShape, index: int) -> tuple[Phase, ...]:
+        raise NotImplementedError
 
 
 def histream_phases(
@@ -62,17 +74,11 @@ def histream_phases(
     )
 
 
-@dataclass(frozen=True)
-class HiStreamSchedule:
+class HiStreamSchedule(Planner):
     """Plans every HiStream mode's chunks: `histream`, `histream+`, the ablations, Self-Forcing."""
 
-    mode: Mode
-
-    def plan(self, shape: VideoShape, index: int) -> ChunkPlan:
-        check_index(shape, index)
+    def phases(self, shape: VideoShape, index: int) -> tuple[Phase, ...]:
         low, high = self.mode.steps(index)
         if not self.mode.dual_resolution and low:
             raise ValueError(f"mode {self.mode.name!r} has no low resolution for {low} steps")
-        m = shape.preset.options.chunk_frames
-        phases = histream_phases(shape, index, low, high)
-        return ChunkPlan(index=index, frame_start=index * m, num_frames=m, phases=phases)
+        return histream_phases(shape, index, low, high)
