@@ -298,6 +298,8 @@ class SessionDriver:
                 with contextlib.suppress(BaseException):
                     await asyncio.wait_for(started_work(), self.durability.settle_s)
             producer.cancel()
+            if wave is not None:  # chunks still in flight on the step workers stop too
+                wave.cancel()
             for task in decodes:
                 task.cancel()
             with contextlib.suppress(BaseException):

@@ -149,3 +149,26 @@ def test_a_prompt_update_applies_between_whole_chunks_of_the_wavefront(tmp_path)
     got = [from_proto(c.latents) for c in chunks]
     want = generated("hiar", 57, 7, switch=from_chunk)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_a_client_leaving_mid_wave_stops_every_chunk_in_flight(tmp_path):
+    """The consumer goes away after the first chunk: the chunks still in the wavefront stop,
+    no step call is made after the close, and every worker frees the session."""
+    pipeline = Pipeline(tmp_path, 4)
+    plan = session_plan(mode="hiar", frames=57, object_id="video_c", prompt=PROMPT, seed=7)
+    driver = SessionDriver(pipeline.handles, plan)
+
+    async def go():
+        await driver.open()
+        chunks = driver.chunks()
+        first = await chunks.__anext__()
+        await chunks.aclose()
+        await driver.close()
+        calls = len(pipeline.phases_run())
+        await asyncio.sleep(0.5)  # a chunk task left running would call on
+        return first, calls, len(pipeline.phases_run())
+
+    first, at_close, later = run(go(), timeout_s=120)
+    assert first.index == 0 and later == at_close
+    assert at_close < 5 * 4  # the session did not run to its end
+    assert all(step.stats()["sessions"] == 0 for step in pipeline.steps)
