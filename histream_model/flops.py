@@ -232,7 +232,7 @@ def worker_bytes(
     config = preset.dit
     text = text_kv_bytes(config, 1, bytes_per_element)
     out = []
-    for group in split_phases(plan, workers):
+    for group in split_phases(plan, workers, shape):
         caches = {plan.phases[i].cache: plan.phases[i].resolution for i in group}
         held = sum(
             kv_bytes(config, cache_layout(shape, res), 1, bytes_per_element)

@@ -9,13 +9,14 @@ of (seed, chunk, draw), so the latents are those of `run_chunk`, bit for bit, wh
 number of workers.
 
 `split_phases` builds the topology from the schedule: contiguous groups of the chunk's phases,
-one per worker, never splitting a cache between two workers. Workers here are threads of one
-process (torch releases the GIL in its kernels); the distributed stages run the same plan with
-a worker per process.
+one per worker, never splitting a cache between two workers, balanced by their work. Workers
+here are threads of one process (torch releases the GIL in its kernels); the distributed stages
+run the same plan with a worker per process.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -34,23 +35,35 @@ def pipelined(shape: VideoShape) -> bool:
     return shape.mode.schedule == "hiar"
 
 
-def split_phases(plan: ChunkPlan, workers: int) -> list[tuple[int, ...]]:
-    """The chunk's phases in `workers` contiguous groups, as even as the caches allow: a cache
-    (and so every phase using it) belongs to one worker. Raises if there are fewer caches than
-    workers."""
+def split_phases(
+    plan: ChunkPlan, workers: int, shape: VideoShape | None = None
+) -> list[tuple[int, ...]]:
+    """The chunk's phases in `workers` contiguous groups; a cache (and so every phase using it)
+    belongs to one worker. The groups balance the work: each cache weighs its phases' forward
+    passes times the tokens of a frame at its resolution (with `shape`; else 1 per cache), and
+    the split with the lightest heaviest group wins (the first such, in order). Raises if there
+    are fewer caches than workers, or if a worker's phases would not all follow the last
+    worker's (the plan is no pipeline)."""
     caches = list(plan.caches())
     if not 1 <= workers <= len(caches):
         raise ValueError(
             f"workers={workers} must be in [1, {len(caches)}]: the schedule has "
             f"{len(caches)} caches ({', '.join(caches)}) and a cache cannot be split"
         )
-    per, extra = divmod(len(caches), workers)
-    owner: dict[str, int] = {}
-    start = 0
-    for w in range(workers):
-        size = per + (w < extra)
-        owner.update({name: w for name in caches[start : start + size]})
-        start += size
+    weight = dict.fromkeys(caches, 0)
+    for phase in plan.phases:
+        tokens = shape.tokens_per_frame(shape.latent_hw(phase.resolution)) if shape else 0
+        weight[phase.cache] += len(phase.passes) * tokens if shape else 0
+    if not shape:
+        weight = dict.fromkeys(caches, 1)
+    best: tuple[int, ...] = ()
+    best_load = None
+    for cuts in itertools.combinations(range(1, len(caches)), workers - 1):
+        bounds = (0, *cuts, len(caches))
+        load = max(sum(weight[c] for c in caches[a:b]) for a, b in itertools.pairwise(bounds))
+        if best_load is None or load < best_load:
+            best, best_load = bounds, load
+    owner = {name: w for w, (a, b) in enumerate(itertools.pairwise(best)) for name in caches[a:b]}
     groups: list[list[int]] = [[] for _ in range(workers)]
     for i, phase in enumerate(plan.phases):
         groups[owner[phase.cache]].append(i)
@@ -82,9 +95,9 @@ class PipelinedRun:
     ) -> None:
         self.model, self.states, self.shape, self.seed = model, states, shape, seed
         self.plans = list(plans)
-        self.groups = split_phases(self.plans[0], workers)
+        self.groups = split_phases(self.plans[0], workers, shape)
         for plan in self.plans[1:]:
-            if split_phases(plan, workers) != self.groups:
+            if split_phases(plan, workers, shape) != self.groups:
                 raise ValueError("every chunk's phases must split alike to be pipelined")
         self.threads = threads_per_worker
         self.inboxes: list[queue.Queue] = [queue.Queue() for _ in self.groups]

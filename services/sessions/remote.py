@@ -103,7 +103,7 @@ class SessionPlan:
         order of `denoisers`."""
         plan = plan_chunk(self.shape, 0)
         if self.pipelined:
-            return split_phases(plan, self.step_workers)
+            return split_phases(plan, self.step_workers, self.shape)
         return [
             tuple(i for i, p in enumerate(plan.phases) if p.resolution == name.resolution)
             for name in self.denoisers

@@ -413,5 +413,5 @@ class StepStage(DenoiseStage):
         if not pipelined(shape):
             return {}
         plan = plan_chunk(shape, 0)
-        group = split_phases(plan, self.settings.pipeline_workers)[self.worker]
+        group = split_phases(plan, self.settings.pipeline_workers, shape)[self.worker]
         return {plan.phases[i].cache: plan.phases[i].resolution for i in group}

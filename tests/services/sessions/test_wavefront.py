@@ -47,6 +47,19 @@ class Pipeline:
             steps=tuple(LocalHandle(step, self.calls) for step in self.steps),
         )
         self.structure = structure
+        self.timeline: list[tuple[str, int, int]] = []  # ("start" | "end", chunk, phase)
+        for step in self.steps:
+            step.RunPhase = self._timed(step.RunPhase)
+
+    def _timed(self, run_phase):
+        async def timed(request):
+            self.timeline.append(("start", request.chunk_index, request.phase))
+            try:
+                return await run_phase(request)
+            finally:
+                self.timeline.append(("end", request.chunk_index, request.phase))
+
+        return timed
 
     def context(self, prompt: str) -> torch.Tensor:
         return self.structure.text.encode([prompt])
@@ -89,8 +102,8 @@ def test_a_hiar_session_runs_as_a_wavefront_with_the_sequential_latents(tmp_path
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     assert len(got) == 5
     # the wavefront: chunk 1 entered the first worker before chunk 0 left the last one
-    order = pipeline.phases_run()
-    assert order.index((1, 0)) < order.index((0, 3))
+    timeline = pipeline.timeline
+    assert timeline.index(("start", 1, 0)) < timeline.index(("end", 0, 3))
     # each worker held only its share of the step caches (the FLOP model's figure), and none
     # once the session ended
     held = [step.session_bytes(driver.plan.shape) for step in pipeline.steps]
