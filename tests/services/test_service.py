@@ -20,6 +20,8 @@ from websockets.sync.client import connect
 from histream_model.components import load_components
 from histream_model.config import MODES, VideoShape, get_mode, get_preset
 from histream_model.generator import HiStreamGenerator
+from histream_model.schedules import plan_chunk
+from histream_model.schedules.pipeline import split_phases
 from protos.histream.v1 import api_pb2, api_pb2_grpc
 from services.media import decode_frames, read_video
 from services.protocol import StreamKind, digest, from_proto, to_proto
@@ -305,8 +307,11 @@ def test_other_seeds_stream_the_in_process_latents(service, mode, door):
         assert events[-1].WhichOneof("event") == "ended", events[-1]
         sha = [e.chunk.latents_sha256 for e in events if e.WhichOneof("event") == "chunk"]
     assert sha == [digest(to_proto(x)) for x in in_process(mode, 45, seed=2)]
-    if "hiar" in mode:  # on the step workers: 4 phases of 4 chunks, 2 per worker per chunk
-        assert [b - a for a, b in zip(hiar_before, step_runs(), strict=True)] == [8, 8]
+    if "hiar" in mode:  # on the step workers, each its share of the 4 phases of 4 chunks
+        shape = VideoShape(get_preset("tiny"), get_mode(mode), H, W, 45)
+        shares = [4 * len(g) for g in split_phases(plan_chunk(shape, 0), 2, shape)]
+        assert shares == ([8, 8] if mode == "hiar" else [12, 4])  # steps 1-3 | 4 by work
+        assert [b - a for a, b in zip(hiar_before, step_runs(), strict=True)] == shares
     assert wait_until(lambda: held_sessions() == 0)
 
 
