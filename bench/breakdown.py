@@ -14,9 +14,10 @@ from contextlib import contextmanager
 
 from bench.latency import Log, load
 from bench.report import table
-from histream_model.config import VideoShape, get_mode
+from histream_model.config import get_mode
 from histream_model.flops import video_flops
 from histream_model.schedules import Entry, Phase, new_resolution_state, plan_chunk, run_chunk
+from histream_model.shape import VideoShape
 from services.media import FragmentedMp4Encoder
 
 MODES = ("histream", "histream+")

@@ -27,10 +27,11 @@ from websockets.sync.client import connect
 
 from bench.serving import local_settings
 from histream_model.components import load_components
-from histream_model.config import VideoShape, get_mode, get_preset
+from histream_model.config import get_mode, get_preset
 from histream_model.generator import HiStreamGenerator
 from histream_model.schedules import new_resolution_state, plan_chunk, run_chunk
 from histream_model.schedules.restore import reprefill, snapshot_chunks
+from histream_model.shape import VideoShape
 from services.local import server
 from services.protocol import StreamKind, to_proto
 from services.sessions import SessionDriver, SessionPlan, SnapshotStore

@@ -5,10 +5,11 @@ pipelined runs (2 and 4 worker threads) equal the in-process generator, bit for 
 import torch
 
 from histream_model import MODES, build_dit
-from histream_model.config import VideoShape, get_mode, get_preset
+from histream_model.config import get_mode, get_preset
 from histream_model.generator import HiStreamGenerator
 from histream_model.schedules import handoff, new_session_states, plan_chunk, run_phase
 from histream_model.schedules.pipeline import PipelinedRun
+from histream_model.shape import VideoShape
 
 preset = get_preset("bench")
 dit = build_dit(preset, device="cuda", dtype=torch.bfloat16)

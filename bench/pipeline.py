@@ -16,10 +16,11 @@ import torch
 
 from bench import latency
 from bench.report import table
-from histream_model.config import VideoShape, get_mode, get_preset
+from histream_model.config import get_mode, get_preset
 from histream_model.flops import chunk_passes
 from histream_model.schedules import new_session_states, plan_chunk
 from histream_model.schedules.pipeline import PipelinedRun
+from histream_model.shape import VideoShape
 
 # (label, workers, torch threads per worker)
 CONFIGS = [

@@ -23,8 +23,9 @@ from ray import serve
 from websockets.sync.client import connect
 
 from histream_model.components import load_components
-from histream_model.config import VideoShape, get_mode
+from histream_model.config import get_mode
 from histream_model.generator import HiStreamGenerator
+from histream_model.shape import VideoShape
 from services.local import server
 from services.media import FragmentedMp4Encoder
 from services.protocol import StageName, StreamKind

@@ -10,13 +10,13 @@ from histream_model.config import (
     Preset,
     Resolution,
     VAEConfig,
-    VideoShape,
     get_mode,
     get_preset,
 )
 from histream_model.dit import TextKV, WanDiT, build_dit
 from histream_model.generator import HiStreamGenerator
 from histream_model.schedules import ChunkPlan, Phase, plan_chunk, schedule_for
+from histream_model.shape import VideoShape
 from histream_model.vae import WanVAE, build_vae
 from histream_model.weights.dit import load_dit
 from histream_model.weights.vae import load_vae

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from histream_model.config import DiTConfig, Preset, Resolution, VideoShape, get_mode
+from histream_model.config import DiTConfig, Preset, Resolution, get_mode
 from histream_model.kv_cache import CacheLayout
 from histream_model.schedules import PassKind, plan_chunk, session_caches
+from histream_model.shape import VideoShape
 
 # -- one forward pass --------------------------------------------------------------------------
 

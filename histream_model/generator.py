@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from histream_model.config import Preset, Resolution, VideoShape, get_mode, get_preset
+from histream_model.config import Preset, Resolution, get_mode, get_preset
 from histream_model.dit import WanDiT
 from histream_model.schedules import (
     ResolutionState,
@@ -21,6 +21,7 @@ from histream_model.schedules import (
     run_chunk,
     set_text,
 )
+from histream_model.shape import VideoShape
 
 
 @dataclass

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from histream_model.config import DiTConfig, HiStreamOptions, Resolution, VideoShape
+from histream_model.config import DiTConfig, HiStreamOptions, Resolution
+from histream_model.shape import VideoShape
 
 
 @dataclass(frozen=True)

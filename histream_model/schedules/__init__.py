@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from histream_model.config import Mode, Resolution, VideoShape
+from histream_model.config import Mode, Resolution
 from histream_model.dit import WanDiT
 from histream_model.schedules.diagonal import DiagonalSchedule
 from histream_model.schedules.execute import (
@@ -35,6 +35,7 @@ from histream_model.schedules.flow import FlowSchedule, chunk_noise
 from histream_model.schedules.hiar import HiARSchedule
 from histream_model.schedules.histream import HiStreamSchedule
 from histream_model.schedules.plan import ChunkPlan, Entry, PassKind, Phase, Write
+from histream_model.shape import VideoShape
 
 
 class Schedule(Protocol):

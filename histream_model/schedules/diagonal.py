@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from histream_model.config import Resolution, VideoShape
+from histream_model.config import Resolution
 from histream_model.schedules.histream import (
     Planner,
     first_chunk_scale,
@@ -32,6 +32,7 @@ from histream_model.schedules.histream import (
     warped_steps,
 )
 from histream_model.schedules.plan import Entry, Phase, Write
+from histream_model.shape import VideoShape
 
 
 class DiagonalSchedule(Planner):

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from histream_model.config import HiStreamOptions, Resolution, VideoShape
+from histream_model.config import HiStreamOptions, Resolution
 from histream_model.dit import TextKV, WanDiT
 from histream_model.kv_cache import CacheLayout, ChunkSlots, KVCache
 from histream_model.rope import RopeAxes, RopeTable
 from histream_model.schedules.flow import FlowSchedule, chunk_noise
 from histream_model.schedules.plan import ChunkPlan, Entry, Phase, Write
+from histream_model.shape import VideoShape
 
 # Wraps each part of a phase ("input", "denoise", "commit") for callers that time them.
 Timer = Callable[[str], AbstractContextManager]

@@ -18,9 +18,10 @@ Cost per chunk: a denoising pass and a cache pass at every step (8 passes for 4 
 
 from __future__ import annotations
 
-from histream_model.config import Resolution, VideoShape
+from histream_model.config import Resolution
 from histream_model.schedules.histream import Planner, first_chunk_scale, warped_steps
 from histream_model.schedules.plan import Entry, Phase, Write
+from histream_model.shape import VideoShape
 
 OWN_WRITE_DRAW = 100  # + step: the draw of a write re-noised at a resolution its next step leaves
 

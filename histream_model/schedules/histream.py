@@ -18,9 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from histream_model.attention import scaled_softmax_scale
-from histream_model.config import HiStreamOptions, Mode, Resolution, VideoShape
+from histream_model.config import HiStreamOptions, Mode, Resolution
 from histream_model.schedules.flow import FlowSchedule
 from histream_model.schedules.plan import ChunkPlan, Entry, Phase, Write
+from histream_model.shape import VideoShape
 
 
 def warped_steps(options: HiStreamOptions, num_steps: int) -> tuple[float, ...]:

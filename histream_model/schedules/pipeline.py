@@ -23,10 +23,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from histream_model.config import VideoShape
 from histream_model.dit import WanDiT
 from histream_model.schedules.execute import ResolutionState, handoff, run_phase
 from histream_model.schedules.plan import ChunkPlan
+from histream_model.shape import VideoShape
 
 
 def pipelined(shape: VideoShape) -> bool:

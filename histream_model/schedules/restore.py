@@ -18,10 +18,11 @@ from collections.abc import Callable, Collection, Mapping
 
 import torch
 
-from histream_model.config import Resolution, VideoShape
+from histream_model.config import Resolution
 from histream_model.dit import WanDiT
 from histream_model.schedules.execute import ResolutionState, _commit, _Pass, handoff
 from histream_model.schedules.plan import ChunkPlan, Phase, Write
+from histream_model.shape import VideoShape
 
 
 def snapshot_chunks(num_chunks_done: int, anchor_chunks: int, window_chunks: int) -> list[int]:

@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Self
 
-from histream_model.config import MODES, Preset, check_video_shape, get_mode
+from histream_model.config import MODES, Preset, get_mode
+from histream_model.shape import check_video_shape
 from services.errors import InvalidArgument
 from services.protocol import Generation, video_shape
 

@@ -15,15 +15,8 @@ from histream_model.components import (
     load_components,
     resolve_weights,
 )
-from histream_model.config import (
-    MODES,
-    PRESETS,
-    VideoShape,
-    get_mode,
-    get_preset,
-    parse_steps,
-    with_options,
-)
+from histream_model.config import MODES, PRESETS, get_mode, get_preset, parse_steps, with_options
+from histream_model.shape import VideoShape
 from histream_model.text import check_prompt
 
 

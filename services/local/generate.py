@@ -15,8 +15,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from histream_model.components import Components
-from histream_model.config import VideoShape, get_mode
+from histream_model.config import get_mode
 from histream_model.generator import ChunkResult, HiStreamGenerator
+from histream_model.shape import VideoShape
 from histream_model.text import check_prompt
 from services.media import Mp4Writer
 

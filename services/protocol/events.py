@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from histream_model.config import VideoShape
+from histream_model.shape import VideoShape
 from protos.histream.v1 import api_pb2, stages_pb2
 from services.protocol.vocab import EndReason
 

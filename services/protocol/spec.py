@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from histream_model.config import Preset, VideoShape, get_mode
+from histream_model.config import Preset, get_mode
+from histream_model.shape import VideoShape
 from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument
 

@@ -14,9 +14,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from histream_model.config import VideoShape
 from histream_model.schedules import plan_chunk
 from histream_model.schedules.pipeline import pipelined, split_phases
+from histream_model.shape import VideoShape
 from protos.histream.v1 import stages_pb2
 from services.errors import AtCapacity, ReplicaLost, SessionNotHeld, remote_result
 from services.logs import ids

@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 
 from histream_model.components import dit_for, text_encoder_for
-from histream_model.config import Resolution, VideoShape
+from histream_model.config import Resolution
 from histream_model.flops import cache_layout, kv_bytes, text_kv_bytes
 from histream_model.schedules import (
     ChunkPlan,
@@ -46,6 +46,7 @@ from histream_model.schedules.restore import (
     reprefill,
     snapshot_chunks,
 )
+from histream_model.shape import VideoShape
 from histream_model.text import check_prompt
 from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument, SessionNotHeld, remote_result

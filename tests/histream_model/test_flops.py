@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from histream_model import MODES, PRESETS, build_dit
 from histream_model import dit as dit_module
-from histream_model.config import DiTConfig, HiStreamOptions, VideoShape, get_mode
+from histream_model.config import DiTConfig, HiStreamOptions, get_mode
 from histream_model.flops import (
     cache_layout,
     chunk_flops,
@@ -25,6 +25,7 @@ from histream_model.flops import (
 )
 from histream_model.generator import HiStreamGenerator
 from histream_model.kv_cache import CacheLayout, KVCache
+from histream_model.shape import VideoShape
 
 TINY = PRESETS["tiny"]
 H, W, FRAMES = 64, 96, 33  # 4 x 6 low-res and 8 x 12 high-res latents, 9 latent frames, 3 chunks

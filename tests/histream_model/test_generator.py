@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from histream_model import MODES, PRESETS, build_dit
-from histream_model.config import Resolution, VideoShape, get_mode
+from histream_model.config import Resolution, get_mode
 from histream_model.generator import HiStreamGenerator
 from histream_model.schedules import Entry, handoff, new_session_states, plan_chunk, run_phase
+from histream_model.shape import VideoShape
 
 TINY = PRESETS["tiny"]
 H, W = 64, 96  # small: 4 x 6 low-res and 8 x 12 high-res latents

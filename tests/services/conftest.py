@@ -123,8 +123,9 @@ TENANT_KEYS = {"alpha": "sk-alpha-test-key-1", "bravo": "sk-bravo-test-key-2"}
 def _one_session_high_res() -> int:
     """The bytes a 128x64 `histream+` session holds on the refine stage (float32 on the CPU):
     the tenants app's stage budget, so its refine replica admits exactly one such session."""
-    from histream_model.config import VideoShape, get_mode, get_preset
+    from histream_model.config import get_mode, get_preset
     from histream_model.flops import cache_layout, kv_bytes, text_kv_bytes
+    from histream_model.shape import VideoShape
 
     shape = VideoShape(get_preset("tiny"), get_mode("histream+"), 64, 128, 57)
     config = shape.preset.dit

@@ -18,10 +18,11 @@ from ray import serve
 from websockets.sync.client import connect
 
 from histream_model.components import load_components
-from histream_model.config import MODES, VideoShape, get_mode, get_preset
+from histream_model.config import MODES, get_mode, get_preset
 from histream_model.generator import HiStreamGenerator
 from histream_model.schedules import plan_chunk
 from histream_model.schedules.pipeline import split_phases
+from histream_model.shape import VideoShape
 from protos.histream.v1 import api_pb2, api_pb2_grpc
 from services.media import decode_frames, read_video
 from services.protocol import StreamKind, digest, from_proto, to_proto

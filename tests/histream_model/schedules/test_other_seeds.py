@@ -15,11 +15,12 @@ import torch
 
 from histream_model import PRESETS, build_dit
 from histream_model.attention import scaled_softmax_scale
-from histream_model.config import VideoShape, get_mode
+from histream_model.config import get_mode
 from histream_model.generator import HiStreamGenerator
 from histream_model.kv_cache import CacheLayout, KVCache
 from histream_model.rope import RopeAxes
 from histream_model.schedules import FlowSchedule, chunk_noise
+from histream_model.shape import VideoShape
 
 TINY = PRESETS["tiny"]
 H, W = 64, 96  # 8 x 12 high-res latents: 4 x 6 = 24 tokens per frame

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from histream_model import MODES, PRESETS
-from histream_model.config import Resolution, VideoShape, get_mode
+from histream_model.config import Resolution, get_mode
 from histream_model.schedules import (
     ChunkPlan,
     Entry,
@@ -18,6 +18,7 @@ from histream_model.schedules import (
     plan_chunk,
     schedule_for,
 )
+from histream_model.shape import VideoShape
 
 TINY = PRESETS["tiny"]
 LOW, HIGH = Resolution.LOW, Resolution.HIGH

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from histream_model import PRESETS, build_dit, build_vae
-from histream_model.config import Resolution, VideoShape, get_mode
+from histream_model.config import Resolution, get_mode
 from histream_model.generator import HiStreamGenerator
 from histream_model.schedules import new_session_states, plan_chunk, run_chunk, set_text
 from histream_model.schedules.restore import (
@@ -17,6 +17,7 @@ from histream_model.schedules.restore import (
     reprefill,
     snapshot_chunks,
 )
+from histream_model.shape import VideoShape
 
 BENCH = PRESETS["bench"]  # 4 layers: errors of a partial replay do not vanish as in `tiny`
 H, W, FRAMES = 64, 96, 81  # 7 chunks

@@ -98,8 +98,9 @@ def test_structure_and_refine_compute_the_generators_latents(settings):
 async def drive(stages: dict, sid: str, mode: str, chunks: range, record: dict) -> list:
     """Each chunk's phases up to its output, each on the stage of its resolution (as the session
     driver runs them); the write inputs the stages report go into `record` by (chunk, phase)."""
-    from histream_model.config import VideoShape, get_mode, get_preset
+    from histream_model.config import get_mode, get_preset
     from histream_model.schedules import plan_chunk
+    from histream_model.shape import VideoShape
 
     shape = VideoShape(get_preset("tiny"), get_mode(mode), H, W, 33)
     out = []
