@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -98,9 +99,10 @@ class SessionPlan:
             return tuple(StageName.step(w) for w in range(self.step_workers))
         return tuple(StageName.for_resolution(r) for r in self.shape.mode.resolutions)
 
+    @functools.cached_property
     def workers(self) -> list[tuple[int, ...]]:
         """The phase indices each denoiser runs (every chunk's phases split alike), in the
-        order of `denoisers`."""
+        order of `denoisers`; computed once (every phase call asks)."""
         plan = plan_chunk(self.shape, 0)
         if self.pipelined:
             return split_phases(plan, self.step_workers, self.shape)
@@ -111,7 +113,7 @@ class SessionPlan:
 
     def stage_for(self, phase_index: int) -> StageName:
         """The denoiser that runs phase `phase_index` of every chunk."""
-        for name, phases in zip(self.denoisers, self.workers(), strict=True):
+        for name, phases in zip(self.denoisers, self.workers, strict=True):
             if phase_index in phases:
                 return name
         raise ValueError(f"no denoiser runs phase {phase_index}")

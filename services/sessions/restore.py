@@ -93,7 +93,7 @@ class Restorer:
     async def retried(self, call: Callable[[], Awaitable[T]], restore: Callable[[], Awaitable]):
         """`call()`; if a stage does not hold the session (or its replica died), `restore()`
         and `call()` again."""
-        started, delay = None, 0.1  # the deadline runs from the first failure: a call may
+        started = None  # the deadline runs from the first failure: a call may
         while True:  # take long (or hang until stage_call_timeout_s) before it fails
             try:
                 return await call()
@@ -105,15 +105,21 @@ class Restorer:
                     "session %s: %s; restoring", self.stages.session_id, err.message,
                     extra=self.stages.plan.log_ids(),
                 )  # fmt: skip
-            while True:  # the restore itself may reach a replica that is going away
-                try:
-                    await restore()
-                    break
-                except ReplicaLost:
-                    if time.monotonic() - started > self.deadline_s:
-                        raise
-                    await asyncio.sleep(delay)
-                    delay = min(2 * delay, 2.0)
+            await self.rebuild(restore, started)
+
+    async def rebuild(self, restore: Callable[[], Awaitable], started: float) -> None:
+        """`restore()`, again with backoff while it reaches a replica that is going away,
+        until `deadline_s` after `started` (the first failure)."""
+        delay = 0.1
+        while True:
+            try:
+                await restore()
+                return
+            except ReplicaLost:
+                if time.monotonic() - started > self.deadline_s:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     async def denoisers(self, next_chunk: int) -> None:
         """Both denoisers rebuilt for chunk `next_chunk` from the same record, so their caches

@@ -19,7 +19,7 @@ import logging
 import time
 
 from protos.histream.v1 import stages_pb2
-from services.errors import ReplicaLost, SessionNotHeld
+from services.errors import SessionNotHeld
 from services.sessions.record import SessionRecord
 from services.sessions.remote import SessionStages
 from services.sessions.restore import Restorer
@@ -32,7 +32,7 @@ Result = tuple[stages_pb2.ChunkLatents, float]  # a chunk's output and its denoi
 class Wavefront:
     def __init__(self, stages: SessionStages, record: SessionRecord, restorer: Restorer) -> None:
         self.stages, self.record, self.restorer = stages, record, restorer
-        self.groups = stages.plan.workers()  # phase indices per worker, in worker order
+        self.groups = stages.plan.workers  # phase indices per worker, in worker order
         self.base: int | None = None  # the first chunk of the current run of the wave
         self.events: dict[tuple[int, int], asyncio.Event] = {}  # (chunk, worker) finished
         self.results: dict[int, asyncio.Future] = {}
@@ -132,16 +132,11 @@ class Wavefront:
                 "session %s: %s; rebuilding the step workers at chunk %d",
                 self.stages.session_id, err.message, restart, extra=self.stages.plan.log_ids(),
             )  # fmt: skip
-            delay = 0.1
-            while True:
-                if time.monotonic() - self.first_failure > self.restorer.deadline_s:
-                    raise err
-                try:
-                    await self.restorer.denoisers(restart)
-                    break
-                except ReplicaLost:
-                    await asyncio.sleep(delay)
-                    delay = min(2 * delay, 2.0)
+            if time.monotonic() - self.first_failure > self.restorer.deadline_s:
+                raise err
+            await self.restorer.rebuild(
+                lambda: self.restorer.denoisers(restart), self.first_failure
+            )
             for (chunk, _), event in self.events.items():
                 if chunk >= restart:
                     event.clear()
