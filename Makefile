@@ -11,7 +11,7 @@ GRPC_PORT ?= 9000
 PROTOS := $(wildcard protos/histream/v1/*.proto)
 STUBS := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: install protos run test lint format bench clean
+.PHONY: install protos run test lint format bench train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+# Trains the toy preset's weights from scratch (about 45 min on 2 cores) into
+# histream_model/checkpoints/toy; TRAIN_ARGS passes options (python -m training --help).
+train: $(STAMP)
+	$(PY) -m training $(TRAIN_ARGS)
 
 bench: $(STAMP) protos
 	$(PY) -m bench

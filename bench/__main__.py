@@ -20,6 +20,7 @@ from bench import (
     health,
     memory,
     pipeline,
+    quality,
     real_flops,
     serving,
     table2,
@@ -47,6 +48,9 @@ SECTIONS: dict[str, Section] = {
     "batch": lambda a: batch.section(a.batch_presets, a.batch_videos, log=_log),
     "pipeline": lambda a: pipeline.section(a.preset, a.frames, a.pipeline_repeats, _log),
     "diagonal-context": lambda a: diagonal.section(a.preset, a.frames, a.repeats, _log),
+    "quality": lambda a: quality.section(
+        a.frames, a.quality_seeds, a.quality_scenes, a.drift_seconds, a.quality_weights, _log
+    ),
     # measured on a GPU machine by `python -m bench.gpu`; rendered here from its JSON files
     "table2-gpu": lambda a: gpu.section(a.gpu_json),
 }
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "--sections", nargs="+", choices=list(SECTIONS),
-        default=[s for s in SECTIONS if s != "table2-gpu"],
+        default=[s for s in SECTIONS if s not in ("table2-gpu", "quality")],
     )  # fmt: skip
     parser.add_argument("--preset", default="bench", help="preset of the measured sections")
     parser.add_argument("--frames", type=int, default=81, help="video frames (81 = 21 latent)")
@@ -73,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-presets", nargs="+", default=["tiny", "bench"])
     parser.add_argument("--batch-videos", type=int, default=8, help="videos of the tiny batch")
+    parser.add_argument("--quality-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--quality-scenes", type=int, default=16, help="prompts of quality")
+    parser.add_argument("--drift-seconds", type=int, default=30, help="quality: long videos")
+    parser.add_argument(
+        "--quality-weights", help="quality: a trained toy folder (default: shipped)"
+    )
     parser.add_argument("--gpu-json", nargs="+", default=[], help="table2-gpu: bench.gpu outputs")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
     args = parser.parse_args(argv)

@@ -6,8 +6,9 @@ public checkpoints use:
   directory itself (original Wan2.1: `config.json` + safetensors);
 - VAE: `vae/` (diffusers) or `Wan2.1_VAE.pth` (original);
 - text encoder: `text_encoder/` + `tokenizer/` (diffusers layout, UMT5).
-Each can be given explicitly instead. Without weights, a random-weight preset (tiny, bench) is
-built from its config, with the deterministic built-in text encoder.
+Each can be given explicitly instead. Without weights, a preset that ships weights (`toy`, trained
+here by `make train`) loads them through the same loaders; a random-weight preset (tiny, bench) is
+built from its config. Both use the deterministic built-in text encoder.
 """
 
 from __future__ import annotations
@@ -113,6 +114,23 @@ def _resolve_device(
     return dev, dtype or default_dtype(dev)
 
 
+CHECKPOINTS = Path(__file__).parent  # preset.weights is relative to the package
+
+
+def shipped_weights(preset: Preset) -> WeightPaths | None:
+    """The weights a preset ships with (`Preset.weights`), found as any weights directory is;
+    None for a random-weight preset."""
+    if not preset.weights:
+        return None
+    root = CHECKPOINTS / preset.weights
+    if not (root / "transformer").is_dir():
+        raise WeightsError(
+            f"preset {preset.name!r} ships its weights in {str(root)!r}, which is missing; "
+            "`make train` writes them"
+        )
+    return resolve_weights(root)
+
+
 def _require_builtin(preset: Preset) -> None:
     if preset.text.kind != "builtin":
         raise WeightsError(
@@ -126,8 +144,10 @@ def dit_for(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> WanDiT:
-    """The DiT from weights, or the preset's deterministic random one."""
+    """The DiT from weights (given, or the preset's shipped ones), or the preset's
+    deterministic random one."""
     dev, dt = _resolve_device(device, dtype)
+    weights = weights or shipped_weights(preset)
     if weights is not None:
         return load_dit(weights.dit, device=dev, dtype=dt)
     _require_builtin(preset)
@@ -140,8 +160,10 @@ def vae_for(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> WanVAE:
-    """The VAE from weights, or the preset's deterministic random one."""
+    """The VAE from weights (given, or the preset's shipped ones), or the preset's
+    deterministic random one."""
     dev, dt = _resolve_device(device, dtype)
+    weights = weights or shipped_weights(preset)
     if weights is not None:
         return load_vae(weights.vae, device=dev, dtype=dt)
     _require_builtin(preset)

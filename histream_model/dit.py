@@ -12,7 +12,7 @@ The model holds weights only: one instance serves any number of sessions.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -279,6 +279,7 @@ class WanDiT(nn.Module):
         *,
         rope: RopeAxes | None = None,
         frame_offset: int = 0,
+        frame_positions: Sequence[int] | None = None,
         frame_mask: torch.Tensor | None = None,
         scale: float | None = None,
     ) -> torch.Tensor:
@@ -286,7 +287,9 @@ class WanDiT(nn.Module):
 
         t is [B] (Wan2.1) or [B, F] per latent frame, in [0, 1000]; context [B, text_len,
         text_dim] already padded. `frame_mask` [F, F] (True = frame i may attend to frame j)
-        restricts attention, e.g. to the causal model's block-causal pattern.
+        restricts attention, e.g. to the causal model's block-causal pattern. Frames sit at
+        positions frame_offset, frame_offset + 1, ..., or at `frame_positions` (teacher forcing
+        with an anchor frame and a later window, as the sliding-window cache lays them out).
         """
         rope = rope or RopeAxes.build(self.config)
 
@@ -297,7 +300,9 @@ class WanDiT(nn.Module):
                 mask = frame_mask.to(x.device).repeat_interleave(per_frame, 0)
                 mask = mask.repeat_interleave(per_frame, 1)  # (Lq, Lk)
             return SelfAttnContext(
-                rope=rope_table(rope, frame_offset, grid, x.device), scale=scale, mask=mask
+                rope=rope_table(rope, frame_offset, grid, x.device, frame_positions),
+                scale=scale,
+                mask=mask,
             )
 
         out = self._run(x, t, self.text_kv(context), ctx_for_grid)

@@ -9,6 +9,7 @@ they enter the KV cache keep their place in the video however the cache is laid 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,11 +49,19 @@ def rope_table(
     frame_start: int,
     grid: tuple[int, int, int],
     device: torch.device | str | None = None,
+    frame_positions: Sequence[int] | None = None,
 ) -> RopeTable:
-    """Rotation table for tokens (f, h, w), f in [frame_start, frame_start + F), row-major."""
+    """Rotation table for tokens (f, h, w), f in [frame_start, frame_start + F), row-major;
+    or at explicit `frame_positions` (one per frame, e.g. an anchor then a later window)."""
     f, h, w = grid
+    if frame_positions is None:
+        frames = torch.arange(frame_start, frame_start + f, dtype=torch.float64)
+    elif len(frame_positions) != f:
+        raise ValueError(f"{len(frame_positions)} frame positions for a grid of {f} frames")
+    else:
+        frames = torch.tensor(frame_positions, dtype=torch.float64)
     angles = [
-        torch.outer(torch.arange(frame_start, frame_start + f, dtype=torch.float64), axes.frame),
+        torch.outer(frames, axes.frame),
         torch.outer(torch.arange(h, dtype=torch.float64), axes.height),
         torch.outer(torch.arange(w, dtype=torch.float64), axes.width),
     ]

@@ -46,6 +46,7 @@ def _conv3d(
     if (
         x.device.type == "cpu"
         and x.dtype == torch.float32
+        and not torch.is_grad_enabled()  # training (autograd) takes F.conv3d
         and torch.backends.mkldnn.is_available()
         and hasattr(torch, "mkldnn_convolution")  # undocumented: fall back if it ever goes
     ):
@@ -64,6 +65,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """The normalised features, written into `out` when given (a causal conv's input)."""
+        if out is None and torch.is_grad_enabled():  # training: out of place, for autograd
+            return _rms_normalize(x, dim=1) * (self.gamma * self.scale)
         return _rms_normalize(x, dim=1, out=out).mul_(self.gamma * self.scale)
 
 
@@ -95,12 +98,18 @@ class CausalConv3d(StreamingConv3d):
 
     def forward(self, x: Tensor, history: History, norm: RMSNorm | None = None) -> Tensor:
         p = self.past_frames
+        last = history[self.slot]
+        if torch.is_grad_enabled():  # training: the same values, out of place for autograd
+            h = x if norm is None else F.silu(norm(x))
+            past = h.new_zeros(*h.shape[:2], p, *h.shape[3:]) if last is None else last
+            padded = torch.cat([past, h], dim=2)
+            history[self.slot] = padded[:, :, -p:]
+            return super().forward(padded)
         b, c, t, h, w = x.shape
         padded = torch.empty(
             (b, c, p + t, h, w), dtype=x.dtype, device=x.device, memory_format=CHANNELS_LAST
         )
         past, current = padded[:, :, :p], padded[:, :, p:]  # (B, C, P, H, W), (B, C, T, H, W)
-        last = history[self.slot]
         if last is None:
             past.zero_()
         else:

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from histream_model.components import DTYPES, WeightPaths, dtype_named, resolve_weights
 from histream_model.config import (
+    DEFAULT_PRESET,
     PRESETS,
     Preset,
     check_diagonal_steps,
@@ -65,7 +66,7 @@ class ServeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HISTREAM_", env_nested_delimiter="__")
 
-    preset: str = "tiny"  # model family and sizes; "wan2.1-1.3b" needs weights
+    preset: str = DEFAULT_PRESET  # model family and sizes; "wan2.1-1.3b" needs weights
     model_name: str | None = None  # the `model` clients ask for; default: the preset name
     weights: str | None = None  # operator weights directory (see README)
     dit: str | None = None

@@ -15,13 +15,22 @@ from histream_model.components import (
     load_components,
     resolve_weights,
 )
-from histream_model.config import MODES, PRESETS, get_mode, get_preset, parse_steps, with_options
+from histream_model.config import (
+    DEFAULT_PRESET,
+    MODES,
+    PRESETS,
+    get_mode,
+    get_preset,
+    parse_steps,
+    with_options,
+)
 from histream_model.shape import VideoShape
 from histream_model.text import check_prompt
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help=f"one of {sorted(PRESETS)} (default: tiny)")
+    p.add_argument("--preset", default=DEFAULT_PRESET,
+                   help=f"one of {sorted(PRESETS)} (default: {DEFAULT_PRESET})")  # fmt: skip
     p.add_argument("--weights", help="directory with operator-provided weights (see README)")
     p.add_argument("--dit", help="DiT checkpoint, overriding the one found in --weights")
     p.add_argument("--vae", help="VAE checkpoint, overriding the one found in --weights")
@@ -92,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--api-key", default=os.environ.get("HISTREAM_API_KEY"),
                      help="the tenant's API key (default: $HISTREAM_API_KEY)")  # fmt: skip
     bat.add_argument("--timeout", type=float, default=24 * 3600, help="seconds to wait")
+    for name, what in (
+        ("train", "train the toy preset's weights from scratch (python -m training --help)"),
+        ("eval", "score prompt adherence of every mode (python -m training.evaluate --help)"),
+    ):
+        tool = sub.add_parser(name, help=what, add_help=False)
+        tool.add_argument("args", nargs=argparse.REMAINDER, help="its own options")
     return parser
 
 
@@ -222,9 +237,27 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0 if batch["status"] == "completed" else 1
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.__main__ import main as train_main
+
+    return train_main(args.args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from training.evaluate import main as eval_main
+
+    return eval_main(args.args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("train", "eval"):  # their options (--help too) are their own
+        args = argparse.Namespace(command=argv[0], args=list(argv[1:]))
+    else:
+        args = build_parser().parse_args(argv)
     commands = {
+        "train": cmd_train,
+        "eval": cmd_eval,
         "generate": cmd_generate,
         "serve": cmd_serve,
         "submit": cmd_submit,

@@ -1,0 +1,132 @@
+"""Training: the losses fall on short runs, the latent statistics fold exactly, examples are laid
+out as the sliding-window cache lays out frames, and `histream train` writes a checkpoint the
+ordinary loaders read."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import torch
+
+from histream_model.components import load_components, resolve_weights
+from histream_model.config import DiTConfig, HiStreamOptions, VAEConfig, get_preset
+from histream_model.text import BuiltinTextEncoder
+from histream_model.vae import WanVAE
+from services.local.cli import main as cli_main
+from training.data import render, sample_scene
+from training.dit import encode_clips, layout, sampler_timesteps, train_dit
+from training.vae import fold_statistics, latent_statistics, train_vae
+
+SMALL_VAE = VAEConfig(base_dim=4, dim_mult=(1, 1, 1, 1), num_res_blocks=1)
+
+
+def _small_preset():
+    toy = get_preset("toy")
+    dit = DiTConfig(dim=32, ffn_dim=64, freq_dim=16, num_heads=2, num_layers=1, text_dim=16,
+                    text_len=32)  # fmt: skip
+    return replace(toy, dit=dit, vae=SMALL_VAE, height=64, width=96)
+
+
+def _head_tail(losses: list[float], n: int) -> tuple[float, float]:
+    return sum(losses[:n]) / n, sum(losses[-n:]) / n
+
+
+def test_vae_loss_falls() -> None:
+    _, losses = train_vae(SMALL_VAE, 30, seed=0, size=(32, 48), batch=2, frames=5, crop=32)
+    first, last = _head_tail(losses, 5)
+    assert last < 0.7 * first, losses
+
+
+def test_folded_statistics_normalise_the_latents() -> None:
+    torch.manual_seed(0)
+    vae = WanVAE(SMALL_VAE).eval()
+    videos = torch.stack([render(sample_scene(i), 32, 48, 9).transpose(0, 1) for i in range(4)])
+    before = vae.decode(vae.encode(videos))
+    mean, std = latent_statistics(vae, videos)
+    fold_statistics(vae, mean, std)
+    z = vae.encode(videos)  # normalised with Wan's constants, now those of this VAE's latents
+    per_channel = z.transpose(0, 1).flatten(1)
+    assert torch.allclose(per_channel.mean(1), torch.zeros(16), atol=1e-4)
+    assert torch.allclose(per_channel.std(1), torch.ones(16), atol=1e-4)
+    assert torch.allclose(vae.decode(z), before, atol=1e-4)  # decoding is unchanged
+
+
+def test_layouts_follow_the_caches() -> None:
+    options = HiStreamOptions()  # chunks of 3, anchor 1, window 2
+    first = layout(0, options, sliding=True, gap=50)
+    assert first.context == () and first.chunk == (0, 1, 2) and first.positions == (0, 1, 2)
+    assert first.mask.all()  # one chunk attends bidirectionally
+    later = layout(4, options, sliding=True, gap=50)
+    assert later.context == (0, 10, 11) and later.chunk == (12, 13, 14)
+    assert later.positions == (0, 60, 61, 62, 63, 64)  # the anchor stays at 0
+    assert later.mask.tolist() == [
+        [True, False, False, False, False, False],  # the anchor (chunk 0) sees itself
+        [True, True, True, False, False, False],  # the window (chunk 3) sees the anchor
+        [True, True, True, False, False, False],
+        [True, True, True, True, True, True],  # the noisy chunk sees everything
+        [True, True, True, True, True, True],
+        [True, True, True, True, True, True],
+    ]
+    full = layout(2, options, sliding=False, gap=50)
+    assert full.context == (0, 1, 2, 3, 4, 5) and full.positions == tuple(range(9))
+    assert not full.mask[0, 3] and full.mask[3, 0] and full.mask[8, 5]
+
+
+def test_training_timesteps_are_the_samplers() -> None:
+    levels = sampler_timesteps(get_preset("toy"))
+    assert levels[-1] == 1000.0 and 400.0 in levels  # 250 warped by shift 2
+    assert all(0 < t <= 1000 for t in levels) and list(levels) == sorted(set(levels))
+
+
+def test_dit_loss_falls_on_a_small_set() -> None:
+    preset = _small_preset()
+    torch.manual_seed(0)
+    vae = WanVAE(preset.vae).eval()
+    text = BuiltinTextEncoder(preset.dit.text_dim, preset.dit.text_len, 512)
+    clips = encode_clips(preset, vae, text, count=2, frames=25, seed=0)
+    assert clips.latents["high"].shape == (2, 16, 7, 8, 12)
+    assert clips.latents["low"].shape == (2, 16, 7, 4, 6)
+    _, losses = train_dit(preset, clips, steps=40, seed=0, batch=2, lr=3e-3)
+    first, last = _head_tail(losses, 8)
+    assert last < 0.8 * first, losses
+
+
+def test_histream_train_writes_a_loadable_checkpoint(tmp_path, capsys) -> None:
+    out = tmp_path / "toy"
+    code = cli_main(["train", "--out", str(out), "--vae-steps", "2", "--dit-steps", "2",
+                     "--clips", "2", "--clip-frames", "21", "--threads", "2"])  # fmt: skip
+    assert code == 0
+    facts = json.loads(capsys.readouterr().out.split("\nwrote")[0])
+    assert facts["dit_steps"] == 2 and facts["seconds"]["total"] >= 0
+    for name in (
+        "MODEL_CARD.md",
+        "loss.png",
+        "losses.json",
+        "facts.json",
+        "transformer/config.json",
+    ):
+        assert (out / name).is_file(), name
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    components = load_components("toy", resolve_weights(out), device="cpu")
+    assert components.dit.config == get_preset("toy").dit
+    assert components.vae.config.base_dim == get_preset("toy").vae.base_dim
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "--dit-steps 2" in card and f"final loss {facts['dit_final_loss']}" in card
+    # --vae-from trains only the DiT, on the earlier run's VAE
+    again = tmp_path / "again"
+    assert cli_main(["train", "--out", str(again), "--vae-from", str(out), "--dit-steps", "2",
+                     "--clips", "2", "--clip-frames", "21"]) == 0  # fmt: skip
+    reused = load_components("toy", resolve_weights(again), device="cpu").vae.state_dict()
+    assert all(torch.equal(v, components.vae.state_dict()[k]) for k, v in reused.items())
+    assert json.loads((again / "facts.json").read_text())["vae_from"] == str(out)
+
+
+def test_training_is_reproducible_from_its_seed() -> None:
+    runs = [train_vae(SMALL_VAE, 3, seed=5, size=(32, 48), batch=1, frames=5, crop=32)
+            for _ in range(2)]  # fmt: skip
+    assert runs[0][1] == runs[1][1]
+    a, b = (vae.state_dict() for vae, _ in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = train_vae(SMALL_VAE, 3, seed=6, size=(32, 48), batch=1, frames=5, crop=32)[1]
+    assert other != runs[0][1]

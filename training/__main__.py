@@ -1,0 +1,163 @@
+"""`python -m training` (also `histream train`, `make train`): reproduce the toy preset's weights.
+
+Steps: train the VAE on procedural clips, measure and fold its latent statistics, encode a set of
+clips, train the causal DiT on them, then write the checkpoint in the original Wan2.1 layouts
+(`transformer/`: config.json + safetensors; `vae/`: one safetensors file), a loss-curve PNG and a
+model card. Everything follows from --seed; progress bars go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from histream_model.config import get_preset
+from histream_model.text import BuiltinTextEncoder
+from histream_model.weights.vae import load_vae
+from training.checkpoint import SHIPPED, write_card, write_checkpoint, write_loss_plot
+from training.data import render, sample_scene
+from training.dit import encode_clips, train_dit
+from training.vae import fold_statistics, latent_statistics, train_vae
+
+DEFAULTS = {"vae_steps": 1200, "dit_steps": 3000, "clips": 320, "clip_frames": 57}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="histream train", description=__doc__)
+    p.add_argument("--out", type=Path, default=SHIPPED, help=f"checkpoint folder ({SHIPPED})")
+    p.add_argument("--seed", type=int, default=0, help="everything follows from it (0)")
+    for name, value in DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, type=int, default=value, help=f"default {value}")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument(
+        "--vae-from", type=Path,
+        help="reuse the VAE of an earlier run's folder (same seed and VAE steps give the same "
+        "VAE): trains only the DiT",
+    )  # fmt: skip
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in DEFAULTS:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if (args.clip_frames - 1) % 4 or args.clip_frames < 21:
+        raise SystemExit(
+            f"--clip-frames={args.clip_frames} must be 1 + 4k and at least 21 (two chunks of 3 "
+            "latent frames: a first chunk and one after context)"
+        )
+
+
+def _bar(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Runs every stage; returns the model card's facts."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = get_preset("toy")
+    started = time.monotonic()
+    if args.vae_from is not None:
+        vae, vae_losses, vae_seconds = reused_vae(args.vae_from)
+    else:
+        vae, vae_losses = _train_vae(args, preset)
+        vae_seconds = time.monotonic() - started
+    text = BuiltinTextEncoder(preset.dit.text_dim, preset.dit.text_len, preset.text.vocab_size)
+    with tqdm(total=args.clips, desc="encode", unit="clip", file=sys.stderr) as bar:
+        clips = encode_clips(
+            preset, vae, text, args.clips, args.clip_frames, args.seed + 1, progress=bar.update
+        )
+    encode_seconds = time.monotonic() - started - (0 if args.vae_from else vae_seconds)
+    with _bar(args.dit_steps, "DiT") as bar:
+
+        def dit_progress(step: int, loss: float) -> None:
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+        dit, dit_losses = train_dit(
+            preset, clips, args.dit_steps, args.seed + 2, progress=dit_progress
+        )
+    total = time.monotonic() - started
+    facts = {
+        "seed": args.seed,
+        "vae_steps": args.vae_steps,
+        "dit_steps": args.dit_steps,
+        "clips": args.clips,
+        "clip_frames": args.clip_frames,
+        "threads": torch.get_num_threads(),
+        "vae_final_loss": _tail_mean(vae_losses),
+        "dit_final_loss": _tail_mean(dit_losses),
+        "seconds": {
+            "vae": round(vae_seconds),
+            "encode": round(encode_seconds),
+            "dit": round(total - encode_seconds - (0 if args.vae_from else vae_seconds)),
+            "total": round(total + (vae_seconds if args.vae_from else 0)),
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(args.out, dit, vae)
+    write_loss_plot(args.out / "loss.png", vae_losses, dit_losses)
+    (args.out / "losses.json").write_text(json.dumps({"vae": vae_losses, "dit": dit_losses}))
+    if args.vae_from is not None:
+        facts["vae_from"] = str(args.vae_from)
+    (args.out / "facts.json").write_text(json.dumps(facts, indent=2) + "\n")
+    write_card(args.out, facts, preset)
+    return facts
+
+
+def _train_vae(args: argparse.Namespace, preset) -> tuple:
+    """Train the VAE, then fold the latent statistics of 16 clips (seeds apart from training's)."""
+    with _bar(args.vae_steps, "VAE") as bar:
+
+        def vae_progress(step: int, loss: float) -> None:
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+        vae, vae_losses = train_vae(
+            preset.vae, args.vae_steps, args.seed, (preset.height, preset.width),
+            progress=vae_progress,
+        )  # fmt: skip
+    sample = torch.stack(
+        [
+            render(sample_scene(10**6 + i), preset.height, preset.width, 17).transpose(0, 1)
+            for i in range(16)
+        ]
+    )
+    fold_statistics(vae, *latent_statistics(vae, sample))
+    return vae, vae_losses
+
+
+def reused_vae(folder: Path) -> tuple:
+    """(VAE, its training losses, its training seconds) of an earlier run's output folder."""
+    vae = load_vae(folder / "vae")
+    losses = json.loads((folder / "losses.json").read_text())["vae"]
+    facts = json.loads((folder / "facts.json").read_text())
+    return vae, losses, float(facts["seconds"]["vae"])
+
+
+def _tail_mean(losses: Sequence[float], n: int = 100) -> float:
+    """The mean of the last n losses (one step's loss is noisy)."""
+    tail = losses[-n:]
+    return round(sum(tail) / len(tail), 5)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _check(args)
+    facts = train(args)
+    print(json.dumps(facts, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""Training the toy preset's causal DiT: flow matching on VAE latents with teacher forcing.
+
+Data: procedural clips encoded once by the trained VAE (`encode_clips`); the low-resolution
+latents are Down(x0) of the high-resolution ones, exactly what dual-resolution caching hands the
+structure steps and commits into KV_low.
+
+A training example is one chunk of `chunk_frames` latent frames at a noise level the few-step
+sampler uses, after clean context frames (teacher forcing), in one cache-less pass with a
+block-causal frame mask (`forward_full(frame_mask=..., frame_positions=...)`):
+- the sliding-window layout (AGSW): the anchor frame, then the last `window_frames` frames before
+  the chunk; their positions may be pushed later by a random gap, so long videos (a window far
+  from the anchor) are in the training distribution;
+- the full-history layout (Self-Forcing, no-AGSW): every earlier frame of the clip.
+Context frames see their own and earlier chunks; the noisy chunk sees the context and itself.
+Each batch is at the low or the high resolution, with that resolution's NTK factors. The loss is
+the MSE of the predicted flow (eps - x0) on the noisy chunk.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from histream_model.config import Preset, Resolution
+from histream_model.dit import WanDiT, build_dit
+from histream_model.rope import RopeAxes
+from histream_model.schedules.execute import downsample
+from histream_model.schedules.flow import FlowSchedule
+from histream_model.text import BuiltinTextEncoder
+from histream_model.vae import WanVAE
+from training.data import Scene, render, sample_scene
+
+Progress = Callable[[int, float], None]
+FIRST_CHUNK_SHARE = 0.35
+# Context frames are given with a little noise in half the examples (still as t = 0): at
+# inference they are the model's own predictions, not the VAE's encodings.
+CONTEXT_NOISE, CONTEXT_NOISE_SHARE = 0.1, 0.5
+
+
+@dataclass
+class LatentClips:
+    """Encoded clips: normalised latents per resolution and the prompts' text context."""
+
+    latents: dict[Resolution, Tensor]  # (N, z, T, h, w) per resolution
+    context: Tensor  # (N, text_len, text_dim)
+    scenes: list[Scene]
+
+
+@torch.no_grad()
+def encode_clips(
+    preset: Preset,
+    vae: WanVAE,
+    text: BuiltinTextEncoder,
+    count: int,
+    frames: int,
+    seed: int,
+    batch: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> LatentClips:
+    """`count` random clips of `frames` video frames at the preset's size, encoded."""
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng.randrange(2**31), placed=True) for _ in range(count)]
+    high = []
+    for first in range(0, count, batch):
+        group = scenes[first : first + batch]
+        videos = torch.stack(
+            [render(s, preset.height, preset.width, frames).transpose(0, 1) for s in group]
+        )  # (B, 3, T, H, W)
+        high.append(vae.encode(videos))
+        if progress is not None:
+            progress(len(group))
+    latents = torch.cat(high)
+    factor = preset.options.low_res_factor
+    low_hw = (latents.shape[3] // factor, latents.shape[4] // factor)
+    context = text.encode([s.prompt for s in scenes])
+    return LatentClips(
+        latents={Resolution.HIGH: latents, Resolution.LOW: downsample(latents, low_hw)},
+        context=context,
+        scenes=scenes,
+    )
+
+
+def sampler_timesteps(preset: Preset, max_steps: int = 5) -> tuple[float, ...]:
+    """Every timestep a mode evaluates the model at: the warped 1..max_steps step lists."""
+    options = preset.options
+    flow = FlowSchedule(options.shift, options.num_train_timesteps)
+    levels = {t for n in range(1, max_steps + 1) for t in flow.warp(options.step_list(n))}
+    return tuple(sorted(levels))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which frames an example shows the model, where they sit, and how they may attend."""
+
+    context: tuple[int, ...]  # clip frames given clean, in order
+    chunk: tuple[int, ...]  # clip frames to denoise
+    positions: tuple[int, ...]  # RoPE frame position of each (context, then chunk)
+    mask: Tensor  # (F, F) bool: frame i may attend to frame j
+
+
+def layout(chunk: int, options: object, sliding: bool, gap: int) -> Layout:
+    """The frames of one example: chunk `chunk` after its context (see the module docs)."""
+    m = options.chunk_frames  # type: ignore[attr-defined]
+    start = chunk * m
+    if not sliding or chunk == 0:
+        context = tuple(range(start))
+    else:
+        anchor = tuple(range(options.anchor_frames))  # type: ignore[attr-defined]
+        window = tuple(range(start - options.window_frames, start))  # type: ignore[attr-defined]
+        context = tuple(dict.fromkeys(anchor + window))
+    frames = (*context, *range(start, start + m))
+    anchor_end = options.anchor_frames  # type: ignore[attr-defined]
+    # Only the sliding window can sit far from its anchor; a full history is contiguous.
+    pushed = sliding and chunk >= 2
+    positions = tuple(f + (gap if pushed and f >= anchor_end else 0) for f in frames)
+    blocks = torch.tensor([f // m for f in frames])
+    mask = blocks[None, :] <= blocks[:, None]
+    return Layout(context, tuple(range(start, start + m)), positions, mask)
+
+
+def train_dit(
+    preset: Preset,
+    clips: LatentClips,
+    steps: int,
+    seed: int,
+    batch: int = 8,
+    lr: float = 1e-3,
+    max_gap: int = 100,
+    progress: Progress | None = None,
+) -> tuple[WanDiT, list[float]]:
+    """The preset's DiT trained for `steps` AdamW steps from `seed`; returns it and the losses."""
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = build_dit(preset.dit, seed=seed).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=steps, pct_start=0.05
+    )
+    options = preset.options
+    levels = sampler_timesteps(preset)
+    ropes = {res: RopeAxes.build(preset.dit, options.at(res).ntk_factors) for res in Resolution}
+    count, _, total_frames = clips.latents[Resolution.HIGH].shape[:3]
+    num_chunks = total_frames // options.chunk_frames
+    if num_chunks < 2:
+        raise ValueError(
+            f"clips of {total_frames} latent frames hold {num_chunks} chunk(s) of "
+            f"{options.chunk_frames}; training needs at least 2 (a first chunk and a later one)"
+        )
+    losses = []
+    for step in range(steps):
+        resolution = Resolution.HIGH if step % 2 else Resolution.LOW
+        size = batch if resolution == Resolution.HIGH else 2 * batch
+        sliding = rng.random() < 0.6
+        gap = rng.randrange(max_gap + 1) if sliding and rng.random() < 0.5 else 0
+        # Chunk 1 is where the prompt alone decides the scene: a third of the examples.
+        chunk = 0 if rng.random() < FIRST_CHUNK_SHARE else rng.randrange(1, num_chunks)
+        example = layout(chunk, options, sliding, gap)
+        index = torch.tensor([rng.randrange(count) for _ in range(size)])
+        latents = clips.latents[resolution][index]  # (B, z, T, h, w)
+        x0 = latents[:, :, list(example.chunk)]
+        eps = torch.randn(x0.shape, generator=generator)
+        t = torch.tensor([rng.choice(levels) for _ in range(size)])
+        sigma = (t / options.num_train_timesteps).view(-1, 1, 1, 1, 1)
+        noisy = (1 - sigma) * x0 + sigma * eps
+        context = latents[:, :, list(example.context)]
+        if rng.random() < CONTEXT_NOISE_SHARE:  # the sampler's context is its own imperfect x0
+            context = context + CONTEXT_NOISE * torch.randn(context.shape, generator=generator)
+        x = torch.cat([context, noisy], dim=2)
+        frame_t = torch.zeros(size, x.shape[2])
+        frame_t[:, len(example.context) :] = t[:, None]
+        flow = model.forward_full(
+            x,
+            frame_t,
+            clips.context[index],
+            rope=ropes[resolution],
+            frame_positions=example.positions,
+            frame_mask=example.mask,
+        )
+        loss = (flow[:, :, len(example.context) :] - (eps - x0)).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step, losses[-1])
+    return model.eval().requires_grad_(False), losses

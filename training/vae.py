@@ -1,0 +1,149 @@
+"""Training the toy preset's VAE (the Wan2.1 architecture, `histream_model.vae.WanVAE`).
+
+Reconstruction of random crops of procedural clips: L1 + MSE on the pixels and a small KL term on
+the posterior, the encoder run chunk by chunk (1, 4, 4 frames) and the decoder latent frame by
+latent frame, exactly as inference streams them. The layers take an out-of-place path under
+autograd; inference (no grad) keeps its in-place one.
+
+Afterwards the latent statistics are measured on whole clips and folded into the posterior and
+latent projections (`conv1`, `conv2`), so the normalised latents are zero-mean, unit-variance
+under Wan2.1's own latent mean/std: the checkpoint then loads through the original-layout loader
+unchanged, like `Wan2.1_VAE.pth`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from histream_model.config import VAEConfig
+from histream_model.vae import WanVAE
+from histream_model.vae_layers import AttentionBlock, ResidualBlock
+from training.data import render, sample_scene
+
+Progress = Callable[[int, float], None]
+# Clips of 13 frames (4 latent frames): the causal convs learn to carry their history across
+# several 4-frame chunks, as a long stream needs (2 latent frames are not enough).
+BATCH, FRAMES, CROP = 4, 13, 40
+
+
+def vae_forward(vae: WanVAE, video: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Differentiable encode -> sample -> decode of a video (B, 3, 1 + 4k, H, W) in [-1, 1].
+
+    Returns the reconstruction and the KL divergence of the posterior (mean over elements).
+    """
+    stride = vae.config.temporal_stride
+    history: list[Tensor | None] = [None] * vae.encoder.num_slots
+    bounds = [(0, 1), *((s, s + stride) for s in range(1, video.shape[2], stride))]
+    posterior = vae.conv1(torch.cat([vae.encoder(video[:, :, a:b], history) for a, b in bounds], 2))
+    mu, log_var = posterior.chunk(2, dim=1)
+    log_var = log_var.clamp(-30.0, 20.0)
+    noise = torch.randn(mu.shape, generator=generator)
+    z = vae.conv2(mu + noise * (0.5 * log_var).exp())
+    decoded: list[Tensor | None] = [None] * vae.decoder.num_slots
+    frames = [vae.decoder(z[:, :, i : i + 1], decoded, i == 0) for i in range(z.shape[2])]
+    kl = 0.5 * (mu.pow(2) + log_var.exp() - 1.0 - log_var).mean()
+    return torch.cat(frames, dim=2), kl
+
+
+@torch.no_grad()
+def _init_for_training(vae: WanVAE) -> None:
+    """Variance-preserving conv weights and residual blocks and attention starting as identities
+    (their last conv zeroed): with PyTorch's default init the signal shrinks about 2x per stage
+    and training sits for hundreds of steps at the mean image. (Biases keep their random init:
+    the channel norms cannot tell parallel feature vectors apart, e.g. black from white, without
+    an offset.) The posterior starts narrow (std 0.05), as unit noise would drown the means."""
+    for p in vae.parameters():
+        if p.ndim >= 4:  # conv weights: variance-preserving (PyTorch's default shrinks by 3)
+            p.normal_(0.0, p[0].numel() ** -0.5)
+    for module in vae.modules():
+        if isinstance(module, ResidualBlock):
+            module.residual[6].weight.zero_()
+        elif isinstance(module, AttentionBlock):
+            module.proj.weight.zero_()
+    vae.conv1.bias[vae.config.z_dim :] = -6.0
+
+
+def crop_batch(
+    rng: random.Random, batch: int, frames: int, size: tuple[int, int], crop: int
+) -> Tensor:
+    """`batch` random clips rendered at `size` (h, w), cropped to crop x crop: (B, 3, T, c, c)."""
+    height, width = size
+    clips = []
+    for _ in range(batch):
+        scene = sample_scene(rng.randrange(2**31))
+        video = render(scene, height, width, frames, start=rng.randrange(200))  # (T, 3, H, W)
+        top, left = rng.randrange(height - crop + 1), rng.randrange(width - crop + 1)
+        clips.append(video[:, :, top : top + crop, left : left + crop].transpose(0, 1))
+    return torch.stack(clips)
+
+
+def train_vae(
+    config: VAEConfig,
+    steps: int,
+    seed: int,
+    size: tuple[int, int],
+    batch: int = BATCH,
+    frames: int = FRAMES,
+    crop: int = CROP,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-5,
+    progress: Progress | None = None,
+) -> tuple[WanVAE, list[float]]:
+    """A VAE trained for `steps` AdamW steps from `seed`; returns it and the loss per step."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    vae = WanVAE(config).train()
+    _init_for_training(vae)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=steps, pct_start=0.05
+    )
+    losses = []
+    for step in range(steps):
+        video = crop_batch(rng, batch, frames, size, crop)
+        recon, kl = vae_forward(vae, video, generator)
+        error = recon - video
+        loss = error.abs().mean() + error.pow(2).mean() + kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step, losses[-1])
+    return vae.eval().requires_grad_(False), losses
+
+
+@torch.no_grad()
+def latent_statistics(vae: WanVAE, videos: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std of the posterior means of videos (B, 3, T, H, W)."""
+    history: list[Tensor | None] = [None] * vae.encoder.num_slots
+    stride = vae.config.temporal_stride
+    bounds = [(0, 1), *((s, s + stride) for s in range(1, videos.shape[2], stride))]
+    mu = vae.conv1(torch.cat([vae.encoder(videos[:, :, a:b], history) for a, b in bounds], 2))
+    mu = mu[:, : vae.config.z_dim].transpose(0, 1).flatten(1)  # (z, N)
+    return mu.mean(dim=1), mu.std(dim=1)
+
+
+@torch.no_grad()
+def fold_statistics(vae: WanVAE, mean: Tensor, std: Tensor) -> None:
+    """Rescale conv1/conv2 so that Wan's latent mean/std normalise this VAE's latents to
+    (mu - mean) / std: encode and decode give the same values as with the measured statistics."""
+    z = vae.config.z_dim
+    wan_mean, wan_std = vae.latents_mean.view(z), vae.latents_std.view(z)
+    gain = wan_std / std  # posterior mean mu -> mu' = (mu - mean) * gain + wan_mean
+    w1, b1 = vae.conv1.weight, vae.conv1.bias
+    w1[:z] *= gain.view(z, 1, 1, 1, 1)
+    b1[:z] = (b1[:z] - mean) * gain + wan_mean
+    # The decoder sees mu'; conv2 must act as before on mu = (mu' - wan_mean) / gain + mean.
+    w2, b2 = vae.conv2.weight, vae.conv2.bias  # (z, z, 1, 1, 1), (z,)
+    inverse = 1.0 / gain
+    shift = mean - wan_mean * inverse
+    b2 += w2.view(z, z) @ shift
+    w2 *= inverse.view(1, z, 1, 1, 1)
