@@ -33,8 +33,8 @@ from histream_model.schedules.flow import FlowSchedule
 from histream_model.text import BuiltinTextEncoder
 from histream_model.vae import WanVAE
 from training.data import Scene, render, sample_scene
+from training.optim import Optimiser, Progress
 
-Progress = Callable[[int, float], None]
 FIRST_CHUNK_SHARE = 0.35
 # Context frames are given with a little noise in half the examples (still as t = 0): at
 # inference they are the model's own predictions, not the VAE's encodings.
@@ -136,10 +136,7 @@ def train_dit(
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build_dit(preset.dit, seed=seed).train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=steps, pct_start=0.05
-    )
+    optimiser = Optimiser(model.parameters(), lr, steps, weight_decay=0.01)
     options = preset.options
     levels = sampler_timesteps(preset)
     ropes = {res: RopeAxes.build(preset.dit, options.at(res).ntk_factors) for res in Resolution}
@@ -150,7 +147,6 @@ def train_dit(
             f"clips of {total_frames} latent frames hold {num_chunks} chunk(s) of "
             f"{options.chunk_frames}; training needs at least 2 (a first chunk and a later one)"
         )
-    losses = []
     for step in range(steps):
         resolution = Resolution.HIGH if step % 2 else Resolution.LOW
         size = batch if resolution == Resolution.HIGH else 2 * batch
@@ -181,12 +177,5 @@ def train_dit(
             frame_mask=example.mask,
         )
         loss = (flow[:, :, len(example.context) :] - (eps - x0)).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if progress is not None:
-            progress(step, losses[-1])
-    return model.eval().requires_grad_(False), losses
+        optimiser.step(loss, progress)
+    return model.eval().requires_grad_(False), optimiser.losses

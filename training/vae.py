@@ -14,7 +14,6 @@ unchanged, like `Wan2.1_VAE.pth`.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -23,8 +22,8 @@ from histream_model.config import VAEConfig
 from histream_model.vae import WanVAE
 from histream_model.vae_layers import AttentionBlock, ResidualBlock
 from training.data import render, sample_scene
+from training.optim import Optimiser, Progress
 
-Progress = Callable[[int, float], None]
 # Clips of 13 frames (4 latent frames): the causal convs learn to carry their history across
 # several 4-frame chunks, as a long stream needs (2 latent frames are not enough).
 BATCH, FRAMES, CROP = 4, 13, 40
@@ -99,25 +98,14 @@ def train_vae(
     generator = torch.Generator().manual_seed(seed)
     vae = WanVAE(config).train()
     _init_for_training(vae)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=steps, pct_start=0.05
-    )
-    losses = []
-    for step in range(steps):
+    optimiser = Optimiser(vae.parameters(), lr, steps)
+    for _ in range(steps):
         video = crop_batch(rng, batch, frames, size, crop)
         recon, kl = vae_forward(vae, video, generator)
         error = recon - video
         loss = error.abs().mean() + error.pow(2).mean() + kl_weight * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if progress is not None:
-            progress(step, losses[-1])
-    return vae.eval().requires_grad_(False), losses
+        optimiser.step(loss, progress)
+    return vae.eval().requires_grad_(False), optimiser.losses
 
 
 @torch.no_grad()
