@@ -83,12 +83,10 @@ class WanVAE(nn.Module):
                 f"latent chunk (batch, h, w)={size} does not match the stream's {state.latent_size}"
             )
 
-    @torch.no_grad()
-    def encode(self, x: Tensor) -> Tensor:
-        """Video (B, 3, 1 + 4k, H, W) in [-1, 1] -> normalized latent means (B, z, 1 + k, H/8, W/8).
-
-        Chunks of 1, 4, 4, ... frames each give one latent frame; the log-variance is dropped.
-        """
+    def posterior(self, x: Tensor) -> Tensor:
+        """Video (B, 3, 1 + 4k, H, W) in [-1, 1] -> posterior (mu, log_var) (B, 2z, 1 + k, h, w),
+        un-normalised: chunks of 1, 4, 4, ... frames each give one latent frame. Differentiable
+        (training calls it under autograd; `encode` without)."""
         self._check_video(x)
         x = x.to(self.latents_std.dtype)
         stride = self.config.temporal_stride
@@ -96,8 +94,13 @@ class WanVAE(nn.Module):
         bounds = [(0, 1), *((s, s + stride) for s in range(1, x.shape[2], stride))]
         # The first conv copies each chunk into its channels-last input, so no copy here.
         latents = [self.encoder(x[:, :, a:b], history) for a, b in bounds]  # (B, 2z, 1, h, w) each
-        posterior = self.conv1(torch.cat(latents, dim=2))  # (B, 2z, 1 + k, h, w)
-        mu = posterior[:, : self.config.z_dim]
+        return self.conv1(torch.cat(latents, dim=2))
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Video (B, 3, 1 + 4k, H, W) in [-1, 1] -> normalized latent means (B, z, 1 + k, H/8, W/8);
+        the log-variance is dropped."""
+        mu = self.posterior(x)[:, : self.config.z_dim]
         return ((mu - self.latents_mean) / self.latents_std).contiguous()
 
     def new_decode_state(self) -> VAEDecodeState:

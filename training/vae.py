@@ -34,11 +34,7 @@ def vae_forward(vae: WanVAE, video: Tensor, generator: torch.Generator) -> tuple
 
     Returns the reconstruction and the KL divergence of the posterior (mean over elements).
     """
-    stride = vae.config.temporal_stride
-    history: list[Tensor | None] = [None] * vae.encoder.num_slots
-    bounds = [(0, 1), *((s, s + stride) for s in range(1, video.shape[2], stride))]
-    posterior = vae.conv1(torch.cat([vae.encoder(video[:, :, a:b], history) for a, b in bounds], 2))
-    mu, log_var = posterior.chunk(2, dim=1)
+    mu, log_var = vae.posterior(video).chunk(2, dim=1)
     log_var = log_var.clamp(-30.0, 20.0)
     noise = torch.randn(mu.shape, generator=generator)
     z = vae.conv2(mu + noise * (0.5 * log_var).exp())
@@ -111,11 +107,7 @@ def train_vae(
 @torch.no_grad()
 def latent_statistics(vae: WanVAE, videos: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and std of the posterior means of videos (B, 3, T, H, W)."""
-    history: list[Tensor | None] = [None] * vae.encoder.num_slots
-    stride = vae.config.temporal_stride
-    bounds = [(0, 1), *((s, s + stride) for s in range(1, videos.shape[2], stride))]
-    mu = vae.conv1(torch.cat([vae.encoder(videos[:, :, a:b], history) for a, b in bounds], 2))
-    mu = mu[:, : vae.config.z_dim].transpose(0, 1).flatten(1)  # (z, N)
+    mu = vae.posterior(videos)[:, : vae.config.z_dim].transpose(0, 1).flatten(1)  # (z, N)
     return mu.mean(dim=1), mu.std(dim=1)
 
 
