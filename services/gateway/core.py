@@ -72,7 +72,9 @@ class GatewayCore:
         self.videos = Videos(settings, self.preset, self.records, self.jobs, self.quotas)
         files = FileStore(self.records)
         self.batch_runner = BatchRunner(
-            lambda body, tenant: self.videos.create(VideoCreate.parse(body), tenant),
+            lambda body, tenant, video_id: self.videos.create(
+                VideoCreate.parse(body), tenant, video_id
+            ),
             self.records,
             files,
             lease_s=settings.job_lease_s,

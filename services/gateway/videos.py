@@ -40,7 +40,9 @@ class Videos:
         service's own): another tenant's ids are not found there, like unknown ones."""
         return self.records.for_tenant(tenant) if tenant else self.records
 
-    async def create(self, body: VideoCreate, tenant: str | None = None) -> VideoRecord:
+    async def create(
+        self, body: VideoCreate, tenant: str | None = None, video_id: str | None = None
+    ) -> VideoRecord:
         s = self.settings
         generation = resolve_video(
             body, self.preset, s.served_model, s.frame_rate, s.max_prompt_chars
@@ -48,7 +50,7 @@ class Videos:
         tenant = tenant or self.records.layout.tenant
         if self.quotas is not None:
             await self.quotas.admit_video(tenant, generation)
-        return await self.jobs.submit(generation, tenant)
+        return await self.jobs.submit(generation, tenant, video_id)
 
     async def get(self, video_id: str, tenant: str | None = None) -> VideoRecord:
         return await self.records_of(tenant).get(video_id)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from services.errors import NotFound, QueueFull, QuotaExceeded, ServiceError
 from services.jobs.files import FileStore
 from services.jobs.leases import CLAIM_SETTLE_S
-from services.jobs.records import RecordStore, VideoError, VideoRecord, VideoStatus
+from services.jobs.records import RecordStore, VideoError, VideoRecord, VideoStatus, new_video_id
 from services.logs import ids
 from services.sessions.periodic import Periodic
 from services.storage import ObjectNotFound
@@ -61,7 +61,7 @@ class BatchLine(BaseModel):
     line: int
     custom_id: str
     body: dict = Field(default_factory=dict)
-    video_id: str | None = None
+    video_id: str | None = None  # chosen and saved before the video is submitted
     status: str = "pending"  # pending, submitted, completed, failed
     error: VideoError | None = None
     status_code: int = 200  # the HTTP status a failed line's request got
@@ -143,7 +143,7 @@ class BatchStore:
         return sorted(k.rsplit("/", 2)[-2] for k in keys if k.endswith("/record.json"))
 
 
-Submit = Callable[[dict, str], Awaitable[VideoRecord]]
+Submit = Callable[[dict, str, str], Awaitable[VideoRecord]]  # (body, tenant, video id)
 
 
 class BatchRunner(Periodic):
@@ -302,10 +302,24 @@ class BatchRunner(Periodic):
 
     async def _submit(self, batch: BatchRecord, line: BatchLine) -> bool:
         """Queue the line's video (waiting while the tenant or the replica is at a limit);
-        False when the line failed instead."""
+        False when the line failed instead.
+
+        The video's id is chosen and saved with the batch before the video is submitted, so a
+        replica taking up the batch after one died between the two finds that video instead of
+        making the line's video twice."""
+        records = self.records.for_tenant(batch.tenant)
+        if line.video_id is None:
+            line.video_id = new_video_id()
+            await self._save(batch)
+        else:
+            with contextlib.suppress(NotFound):
+                await records.get(line.video_id)
+                line.status = "submitted"  # the replica before submitted it, then stopped
+                await self._save(batch)
+                return True
         while True:
             try:
-                video = await self.submit(line.body, batch.tenant)
+                video = await self.submit(line.body, batch.tenant, line.video_id)
             except (QuotaExceeded, QueueFull) as err:
                 wait = getattr(err, "retry_after_s", None)
                 if wait is None:  # the request itself is over a limit: waiting cannot help
@@ -324,6 +338,7 @@ class BatchRunner(Periodic):
 
     @staticmethod
     def _fail(line: BatchLine, err: ServiceError) -> None:
+        line.video_id = None  # chosen, never made
         line.status, line.status_code = "failed", err.http_status
         line.error = VideoError(code=err.code, message=err.message)
 

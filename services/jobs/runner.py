@@ -97,10 +97,13 @@ class JobRunner:
             records, self, self.durability.store, settings.max_job_attempts, tenants
         )
 
-    async def submit(self, generation: Generation, tenant: str | None = None) -> VideoRecord:
+    async def submit(
+        self, generation: Generation, tenant: str | None = None, video_id: str | None = None
+    ) -> VideoRecord:
         """Store a queued record of `tenant`'s (the runner's own by default) and start the
         job; returns the record at once. QueueFull when `max_queued_jobs` jobs already wait
-        for a slot on this replica."""
+        for a slot on this replica. `video_id` (from `new_video_id`, chosen and saved by the
+        caller beforehand) makes a retried submission findable: a batch line's."""
         if self.draining:
             raise Unavailable("this gateway replica is shutting down; submit the job again")
         if self.waiting >= self.max_queued:
@@ -111,7 +114,7 @@ class JobRunner:
             )
         shape = generation.shape
         record = VideoRecord(
-            id=new_video_id(),
+            id=video_id or new_video_id(),
             model=generation.model,
             created_at=int(time.time()),
             seconds=generation.seconds,

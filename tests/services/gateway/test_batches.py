@@ -141,6 +141,40 @@ def test_another_replica_takes_up_a_batch_without_redoing_finished_lines(tmp_pat
     assert len(videos) == 3  # one video per line: the finished one was not made again
 
 
+def test_a_replica_dying_right_after_queueing_a_lines_video_leaves_no_second_video(tmp_path):
+    """Fault injection: the first replica queues line 2's video, then dies before it can record
+    that in the batch. The replica taking the batch up finds that video (its id was saved
+    first) instead of making the line's video again."""
+    first = core(tmp_path, batch_concurrency=1)
+    real_submit = first.batch_runner.submit
+    died = asyncio.Event()
+
+    async def submit_then_die(body: dict, tenant: str, video_id: str):
+        video = await real_submit(body, tenant, video_id)
+        if body["seed"] == 1:
+            for task in list(first.batch_runner.tasks.values()):
+                task.cancel()
+            first.batch_runner.stop()
+            died.set()
+            await asyncio.sleep(3600)  # cancelled with the rest of the replica
+        return video
+
+    first.batch_runner.submit = submit_then_die
+
+    async def go():
+        created = await start(first, [request(f"r{i}", seed=i) for i in range(3)])
+        await asyncio.wait_for(died.wait(), 60)
+        second = core(tmp_path, batch_concurrency=1)
+        while not await second.batch_runner.adopt():
+            await asyncio.sleep(0.5)
+        done = await finished(second, created["id"])
+        return done, await second.records.list()
+
+    done, videos = run(go())
+    assert done["status"] == "completed" and done["request_counts"]["completed"] == 3
+    assert sorted(v.seed for v in videos) == [0, 1, 2]  # line 2's video made once
+
+
 def test_a_cancelled_batch_starts_no_more_lines(tmp_path):
     gateway = core(tmp_path, batch_concurrency=1)
 
