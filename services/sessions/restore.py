@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from protos.histream.v1 import stages_pb2
-from services.errors import ReplicaLost, SessionNotHeld
+from services.errors import AtCapacity, ReplicaLost, SessionNotHeld
 from services.protocol import StageName
 from services.sessions.record import SessionRecord
 from services.sessions.remote import SessionStages
@@ -75,6 +75,9 @@ class Restorer:
 
     While the replica set changes (a replica died and its successor starts), a call may reach
     the dead one again: restore and retry go on, with backoff, until `deadline_s` has passed.
+    So do they while the replica the session now routes to is full (a stage scaled up or down
+    under load: its sessions were rebalanced onto a replica at `max_sessions_per_replica`), as
+    its other sessions end or move.
     """
 
     deadline_s = 60.0
@@ -108,16 +111,21 @@ class Restorer:
             await self.rebuild(restore, started)
 
     async def rebuild(self, restore: Callable[[], Awaitable], started: float) -> None:
-        """`restore()`, again with backoff while it reaches a replica that is going away,
-        until `deadline_s` after `started` (the first failure)."""
+        """`restore()`, again with backoff while it reaches a replica that is going away or
+        is full, until `deadline_s` after `started` (the first failure)."""
         delay = 0.1
         while True:
             try:
                 await restore()
                 return
-            except ReplicaLost:
+            except (ReplicaLost, AtCapacity) as err:
                 if time.monotonic() - started > self.deadline_s:
                     raise
+                if isinstance(err, AtCapacity):
+                    log.warning(
+                        "session %s: %s; waiting to restore", self.stages.session_id,
+                        err.message, extra=self.stages.plan.log_ids(),
+                    )  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 2.0)
 

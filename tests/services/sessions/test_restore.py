@@ -15,7 +15,7 @@ import torch
 from histream_model.components import load_components
 from histream_model.generator import HiStreamGenerator
 from protos.histream.v1 import stages_pb2
-from services.errors import SessionNotHeld
+from services.errors import AtCapacity, SessionNotHeld
 from services.media import read_video
 from services.protocol import EndReason, StageName, StreamKind, from_proto
 from services.sessions import SessionDriver
@@ -133,6 +133,42 @@ def test_a_stage_that_cannot_restore_fails_the_session_clearly(tmp_path):
         await driver.close(EndReason.FAILED)
 
     run(go())
+    assert stages.held() == NOTHING_HELD
+
+
+@pytest.mark.parametrize(
+    ("stage", "restore"), [("decode", "RestoreStream"), ("refine", "RestoreSession")]
+)
+def test_a_session_moved_onto_a_full_replica_waits_for_room_then_goes_on(
+    tmp_path, expected, stage, restore
+):
+    """Seen under load as a stage scaled: the replica a live session moved to was full, and the
+    session failed with at_capacity. Its restore now waits (with backoff, up to the restore
+    deadline) for room, and the session completes exactly."""
+    stages = real_stages(tmp_path / "store")
+    plan = session_plan(
+        mode="histream+", frames=57, object_id="video_c", prompt="a red fox", seed=7
+    )
+    driver = SessionDriver(stages.handles, plan)
+    full = "decode pool replica r1 holds 4 sessions, its limit (max_sessions_per_replica=4)"
+    getattr(stages, stage).fail(restore, lambda: AtCapacity(full), times=3)
+    method = "DecodeChunk" if stage == "decode" else "RunPhase"
+    take_away = lose(getattr(stages, stage), method, 2)
+
+    async def go():
+        await driver.open()
+        thief = asyncio.create_task(take_away())
+        chunks = [c async for c in driver.chunks()]
+        await thief
+        await driver.close(EndReason.COMPLETED)
+        return chunks
+
+    chunks = run(go())
+    assert [c.index for c in chunks] == list(range(5))
+    assert len(stages.journal.find(restore)) >= 4  # three refusals, then the restore
+    if stage == "refine":
+        got = [from_proto(c.latents) for c in chunks]
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     assert stages.held() == NOTHING_HELD
 
 
