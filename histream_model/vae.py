@@ -83,15 +83,27 @@ class WanVAE(nn.Module):
                 f"latent chunk (batch, h, w)={size} does not match the stream's {state.latent_size}"
             )
 
-    def posterior(self, x: Tensor) -> Tensor:
+    def posterior(self, x: Tensor, history: History | None = None) -> Tensor:
         """Video (B, 3, 1 + 4k, H, W) in [-1, 1] -> posterior (mu, log_var) (B, 2z, 1 + k, h, w),
         un-normalised: chunks of 1, 4, 4, ... frames each give one latent frame. Differentiable
-        (training calls it under autograd; `encode` without)."""
-        self._check_video(x)
-        x = x.to(self.latents_std.dtype)
+        (training calls it under autograd; `encode` without).
+
+        `history` continues a stream: a list of `encoder.num_slots` entries, all None for the
+        stream's first call, which this call updates in place; a call after the first takes 4k
+        frames (chunks of 4, 4, ...)."""
         stride = self.config.temporal_stride
-        history: History = [None] * self.encoder.num_slots
-        bounds = [(0, 1), *((s, s + stride) for s in range(1, x.shape[2], stride))]
+        first = history is None or all(h is None for h in history)
+        if first:
+            self._check_video(x)
+        elif x.ndim != 5 or x.shape[2] % stride:
+            raise ValueError(
+                f"a stream's later video must be (B, 3, {stride}k, H, W), got {tuple(x.shape)}"
+            )
+        if history is None:
+            history = [None] * self.encoder.num_slots
+        x = x.to(self.latents_std.dtype)
+        starts = range(1, x.shape[2], stride) if first else range(0, x.shape[2], stride)
+        bounds = [(0, 1)] * first + [(s, s + stride) for s in starts]
         # The first conv copies each chunk into its channels-last input, so no copy here.
         latents = [self.encoder(x[:, :, a:b], history) for a, b in bounds]  # (B, 2z, 1, h, w) each
         return self.conv1(torch.cat(latents, dim=2))

@@ -26,7 +26,13 @@ from training.data import render, sample_scene
 from training.dit import encode_clips, train_dit
 from training.vae import fold_statistics, latent_statistics, train_vae
 
-DEFAULTS = {"vae_steps": 1200, "dit_steps": 3000, "clips": 320, "clip_frames": 57}
+DEFAULTS = {
+    "vae_steps": 1200,
+    "vae_stream_steps": 1000,
+    "dit_steps": 3000,
+    "clips": 320,
+    "clip_frames": 57,
+}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,8 +53,9 @@ def parser() -> argparse.ArgumentParser:
 
 def _check(args: argparse.Namespace) -> None:
     for name in DEFAULTS:
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+        least = 0 if name == "vae_stream_steps" else 1
+        if getattr(args, name) < least:
+            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {least}")
     if (args.clip_frames - 1) % 4 or args.clip_frames < 21:
         raise SystemExit(
             f"--clip-frames={args.clip_frames} must be 1 + 4k and at least 21 (two chunks of 3 "
@@ -90,6 +97,7 @@ def train(args: argparse.Namespace) -> dict:
     facts = {
         "seed": args.seed,
         "vae_steps": args.vae_steps,
+        "vae_stream_steps": args.vae_stream_steps,
         "dit_steps": args.dit_steps,
         "clips": args.clips,
         "clip_frames": args.clip_frames,
@@ -116,7 +124,7 @@ def train(args: argparse.Namespace) -> dict:
 
 def _train_vae(args: argparse.Namespace, preset) -> tuple:
     """Train the VAE, then fold the latent statistics of 16 clips (seeds apart from training's)."""
-    with _bar(args.vae_steps, "VAE") as bar:
+    with _bar(args.vae_steps + args.vae_stream_steps, "VAE") as bar:
 
         def vae_progress(step: int, loss: float) -> None:
             bar.update()
@@ -124,7 +132,7 @@ def _train_vae(args: argparse.Namespace, preset) -> tuple:
 
         vae, vae_losses = train_vae(
             preset.vae, args.vae_steps, args.seed, (preset.height, preset.width),
-            progress=vae_progress,
+            stream_steps=args.vae_stream_steps, progress=vae_progress,
         )  # fmt: skip
     sample = torch.stack(
         [

@@ -2,8 +2,9 @@
 
 Reconstruction of random crops of procedural clips: L1 + MSE on the pixels and a small KL term on
 the posterior, the encoder run chunk by chunk (1, 4, 4 frames) and the decoder latent frame by
-latent frame, exactly as inference streams them. The layers take an out-of-place path under
-autograd; inference (no grad) keeps its in-place one.
+latent frame, exactly as inference streams them; first on short clips, then also on long streams
+whose histories carry over from step to step (`StreamedClips`). The layers take an out-of-place
+path under autograd; inference (no grad) keeps its in-place one.
 
 Afterwards the latent statistics are measured on whole clips and folded into the posterior and
 latent projections (`conv1`, `conv2`), so the normalised latents are zero-mean, unit-variance
@@ -29,19 +30,61 @@ from training.optim import Optimiser, Progress
 BATCH, FRAMES, CROP = 4, 13, 40
 
 
-def vae_forward(vae: WanVAE, video: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def vae_forward(
+    vae: WanVAE,
+    video: Tensor,
+    generator: torch.Generator,
+    encoded: list[Tensor | None] | None = None,
+    decoded: list[Tensor | None] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Differentiable encode -> sample -> decode of a video (B, 3, 1 + 4k, H, W) in [-1, 1].
 
-    Returns the reconstruction and the KL divergence of the posterior (mean over elements).
+    `encoded`/`decoded` (the encoder's and decoder's stream histories, updated in place) continue
+    a stream: then `video` is its next 4k frames. Returns the reconstruction and the KL
+    divergence of the posterior (mean over elements).
     """
-    mu, log_var = vae.posterior(video).chunk(2, dim=1)
+    if decoded is None:
+        decoded = [None] * vae.decoder.num_slots
+    first = all(h is None for h in decoded)
+    mu, log_var = vae.posterior(video, encoded).chunk(2, dim=1)
     log_var = log_var.clamp(-30.0, 20.0)
     noise = torch.randn(mu.shape, generator=generator)
     z = vae.conv2(mu + noise * (0.5 * log_var).exp())
-    decoded: list[Tensor | None] = [None] * vae.decoder.num_slots
-    frames = [vae.decoder(z[:, :, i : i + 1], decoded, i == 0) for i in range(z.shape[2])]
+    frames = [vae.decoder(z[:, :, i : i + 1], decoded, first and i == 0) for i in range(z.shape[2])]
     kl = 0.5 * (mu.pow(2) + log_var.exp() - 1.0 - log_var).mean()
     return torch.cat(frames, dim=2), kl
+
+
+class StreamedClips:
+    """Long-stream training: `batch` crop clips of `latents` latent frames, trained `per_step`
+    latent frames a step with the encoder's and decoder's histories carried from step to step
+    (detached: no backpropagation through earlier steps), so the causal convs learn what a
+    stream of hundreds of frames feeds them, not only the fresh start of a short clip.
+    (Measured on a VAE trained on 13-frame clips alone: its error on frames 29-56 of a stream
+    was 4x that on frames 0-12.) A clip's last step starts a new set of clips."""
+
+    def __init__(
+        self, vae: WanVAE, rng: random.Random, batch: int, size: tuple[int, int], crop: int,
+        latents: int = 15, per_step: int = 3,
+    ) -> None:  # fmt: skip
+        self.vae, self.rng, self.batch, self.size, self.crop = vae, rng, batch, size, crop
+        self.frames, self.per_step = 1 + 4 * (latents - 1), per_step
+        self.position = self.frames  # starts a clip on the first call
+
+    def step(self, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """(reconstruction, target, KL) of the streams' next frames."""
+        if self.position >= self.frames:
+            self.clips = crop_batch(self.rng, self.batch, self.frames, self.size, self.crop)
+            self.position = 0
+            self.encoded: list[Tensor | None] = [None] * self.vae.encoder.num_slots
+            self.decoded: list[Tensor | None] = [None] * self.vae.decoder.num_slots
+        count = 4 * self.per_step - 3 if self.position == 0 else 4 * self.per_step
+        target = self.clips[:, :, self.position : self.position + count]
+        recon, kl = vae_forward(self.vae, target, generator, self.encoded, self.decoded)
+        self.position += target.shape[2]
+        for history in (self.encoded, self.decoded):
+            history[:] = [None if h is None else h.detach() for h in history]
+        return recon, target, kl
 
 
 @torch.no_grad()
@@ -81,6 +124,7 @@ def train_vae(
     steps: int,
     seed: int,
     size: tuple[int, int],
+    stream_steps: int = 0,
     batch: int = BATCH,
     frames: int = FRAMES,
     crop: int = CROP,
@@ -88,16 +132,23 @@ def train_vae(
     kl_weight: float = 1e-5,
     progress: Progress | None = None,
 ) -> tuple[WanVAE, list[float]]:
-    """A VAE trained for `steps` AdamW steps from `seed`; returns it and the loss per step."""
+    """A VAE trained from `seed` for `steps` AdamW steps on short clips, then `stream_steps` more
+    that alternate long-stream steps (`StreamedClips`) with short-clip ones (so the fresh start
+    of a stream stays as sharp); one learning-rate schedule over all. Returns it and the loss
+    per step."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     vae = WanVAE(config).train()
     _init_for_training(vae)
-    optimiser = Optimiser(vae.parameters(), lr, steps)
-    for _ in range(steps):
-        video = crop_batch(rng, batch, frames, size, crop)
-        recon, kl = vae_forward(vae, video, generator)
+    optimiser = Optimiser(vae.parameters(), lr, steps + stream_steps)
+    streams = StreamedClips(vae, rng, batch, size, crop)
+    for step in range(steps + stream_steps):
+        if step >= steps and (step - steps) % 2 == 0:
+            recon, video, kl = streams.step(generator)
+        else:
+            video = crop_batch(rng, batch, frames, size, crop)
+            recon, kl = vae_forward(vae, video, generator)
         error = recon - video
         loss = error.abs().mean() + error.pow(2).mean() + kl_weight * kl
         optimiser.step(loss, progress)

@@ -5,8 +5,10 @@ ordinary loaders read."""
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import replace
 
+import pytest
 import torch
 
 from histream_model.components import load_components, resolve_weights
@@ -16,7 +18,14 @@ from histream_model.vae import WanVAE
 from services.local.cli import main as cli_main
 from training.data import render, sample_scene
 from training.dit import encode_clips, layout, sampler_timesteps, train_dit
-from training.vae import fold_statistics, latent_statistics, train_vae
+from training.vae import (
+    StreamedClips,
+    _init_for_training,
+    fold_statistics,
+    latent_statistics,
+    train_vae,
+    vae_forward,
+)
 
 SMALL_VAE = VAEConfig(base_dim=4, dim_mult=(1, 1, 1, 1), num_res_blocks=1)
 
@@ -34,6 +43,54 @@ def _head_tail(losses: list[float], n: int) -> tuple[float, float]:
 
 def test_vae_loss_falls() -> None:
     _, losses = train_vae(SMALL_VAE, 30, seed=0, size=(32, 48), batch=2, frames=5, crop=32)
+    first, last = _head_tail(losses, 5)
+    assert last < 0.7 * first, losses
+
+
+def test_a_streamed_posterior_and_reconstruction_equal_the_whole_clips() -> None:
+    """What long-stream training relies on: carrying the histories from call to call gives the
+    same posterior and the same decode as one pass over the whole clip."""
+    torch.manual_seed(0)
+    vae = WanVAE(SMALL_VAE).eval()
+    _init_for_training(vae)
+    video = torch.stack([render(sample_scene(i), 32, 48, 13).transpose(0, 1) for i in range(2)])
+    encoded: list = [None] * vae.encoder.num_slots
+    parts = [vae.posterior(video[:, :, :5], encoded), vae.posterior(video[:, :, 5:], encoded)]
+    assert torch.allclose(torch.cat(parts, dim=2), vae.posterior(video), atol=1e-5)
+    with pytest.raises(ValueError, match="4k"):
+        vae.posterior(video[:, :, :3], encoded)
+    with torch.no_grad():  # a posterior of no width: the noise (drawn per call) drops out
+        vae.conv1.weight[SMALL_VAE.z_dim :] = 0.0
+        vae.conv1.bias[SMALL_VAE.z_dim :] = -100.0
+    whole, _ = vae_forward(vae, video, torch.Generator().manual_seed(1))
+    generator, encoded, decoded = (
+        torch.Generator().manual_seed(1),
+        [None] * vae.encoder.num_slots,
+        [None] * vae.decoder.num_slots,
+    )
+    first, _ = vae_forward(vae, video[:, :, :5], generator, encoded, decoded)
+    second, _ = vae_forward(vae, video[:, :, 5:], generator, encoded, decoded)
+    assert torch.allclose(torch.cat([first, second], dim=2), whole, atol=1e-5)
+
+
+def test_streamed_clips_walk_a_long_clip_then_start_another() -> None:
+    torch.manual_seed(0)
+    vae = WanVAE(SMALL_VAE).train()
+    streams = StreamedClips(vae, random.Random(0), 2, (32, 48), 32, latents=6, per_step=3)
+    generator = torch.Generator().manual_seed(0)
+    shapes = []
+    for _ in range(3):
+        recon, target, _ = streams.step(generator)
+        assert recon.shape == target.shape
+        assert all(h is None or not h.requires_grad for h in streams.decoded)
+        shapes.append(target.shape[2])
+    assert shapes == [9, 12, 9]  # 1 + 4 + 4, then 4 + 4 + 4 (21 frames = 6 latents), then anew
+
+
+def test_streamed_vae_training_runs_and_its_loss_falls() -> None:
+    _, losses = train_vae(SMALL_VAE, 20, seed=0, size=(32, 48), stream_steps=10, batch=2,
+                          frames=5, crop=32)  # fmt: skip
+    assert len(losses) == 30
     first, last = _head_tail(losses, 5)
     assert last < 0.7 * first, losses
 
