@@ -51,7 +51,7 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-# Trains the toy preset's weights from scratch (about 45 min on 2 cores) into
+# Trains the toy preset's weights from scratch (about 55 min on 2 cores) into
 # histream_model/checkpoints/toy; TRAIN_ARGS passes options (python -m training --help).
 train: $(STAMP)
 	$(PY) -m training $(TRAIN_ARGS)

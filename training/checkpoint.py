@@ -12,7 +12,7 @@ import histream_model
 from histream_model.config import Preset
 from histream_model.dit import WanDiT
 from histream_model.vae import WanVAE
-from training.vae import BATCH, CROP, FRAMES
+from training.vae import BATCH, CROP, FRAMES, ON_OBJECT
 
 SHIPPED = Path(histream_model.__file__).parent / "checkpoints" / "toy"
 DIT_FILE = "transformer/diffusion_pytorch_model.safetensors"
@@ -83,6 +83,7 @@ def write_card(out: Path, facts: dict, preset: Preset) -> None:
     dit, vae = preset.dit, preset.vae
     command = (
         f"python -m training --seed {facts['seed']} --vae-steps {facts['vae_steps']} "
+        f"--vae-stream-steps {facts.get('vae_stream_steps', 0)} "
         f"--dit-steps {facts['dit_steps']} --clips {facts['clips']} "
         f"--clip-frames {facts['clip_frames']}"
     )
@@ -97,8 +98,10 @@ Trained here, from scratch, by `make train` (`{command}`); nothing downloaded.
   16 fps, for the DiT; fresh random crops for the VAE.
 - **VAE**: Wan2.1 architecture, base_dim={vae.base_dim}, dim_mult={list(vae.dim_mult)},
   z_dim={vae.z_dim}; {facts["vae_steps"]} steps of L1 + MSE + 1e-5 KL on {CROP}x{CROP} crops
-  of {FRAMES} frames, batch {BATCH}; final loss {facts["vae_final_loss"]} (mean of the last 100
-  steps). Its latent statistics are folded into conv1/conv2, so Wan2.1's latent mean/std
+  ({ON_OBJECT:.0%} of them holding an object) of {FRAMES} frames, batch {BATCH}, then
+  {facts.get("vae_stream_steps", 0)} more alternating those with 57-frame streams trained 3
+  latent frames a step, histories carried; final loss {facts["vae_final_loss"]} (mean of the
+  last 100 steps). Its latent statistics are folded into conv1/conv2, so Wan2.1's latent mean/std
   normalise it.
 - **DiT**: Wan2.1 architecture, dim={dit.dim}, {dit.num_layers} layers, {dit.num_heads} heads,
   ffn {dit.ffn_dim}, text {dit.text_len}x{dit.text_dim} from the built-in hashed encoder;

@@ -23,7 +23,8 @@ from training.evaluate import SCENES
 def trained(tmp_path_factory):
     """A toy-architecture checkpoint from a very short `histream train` run."""
     out = tmp_path_factory.mktemp("toy") / "weights"
-    code = cli_main(["train", "--out", str(out), "--vae-steps", "2", "--dit-steps", "2",
+    code = cli_main(["train", "--out", str(out), "--vae-steps", "2",
+                     "--vae-stream-steps", "2", "--dit-steps", "2",
                      "--clips", "2", "--clip-frames", "21", "--threads", "2"])  # fmt: skip
     assert code == 0
     return out

@@ -21,6 +21,7 @@ from training.dit import encode_clips, layout, sampler_timesteps, train_dit
 from training.vae import (
     StreamedClips,
     _init_for_training,
+    crop_batch,
     fold_statistics,
     latent_statistics,
     train_vae,
@@ -95,6 +96,19 @@ def test_streamed_vae_training_runs_and_its_loss_falls() -> None:
     assert last < 0.7 * first, losses
 
 
+def test_crops_hold_an_object_as_often_as_asked() -> None:
+    """A crop that holds an object shows two colours in some frame; a uniform crop of a
+    128x192 frame is mostly flat background."""
+
+    def with_object(on_object: float) -> int:
+        clips = crop_batch(random.Random(3), 24, 5, (128, 192), 40, on_object=on_object)
+        spread = clips.flatten(3).std(dim=3).amax(dim=(1, 2))  # per clip: its busiest frame
+        return int((spread > 0.05).sum())
+
+    assert with_object(1.0) == 24
+    assert with_object(0.0) <= 12
+
+
 def test_folded_statistics_normalise_the_latents() -> None:
     torch.manual_seed(0)
     vae = WanVAE(SMALL_VAE).eval()
@@ -151,11 +165,14 @@ def test_dit_loss_falls_on_a_small_set() -> None:
 
 def test_histream_train_writes_a_loadable_checkpoint(tmp_path, capsys) -> None:
     out = tmp_path / "toy"
-    code = cli_main(["train", "--out", str(out), "--vae-steps", "2", "--dit-steps", "2",
+    code = cli_main(["train", "--out", str(out), "--vae-steps", "2",
+                     "--vae-stream-steps", "2", "--dit-steps", "2",
                      "--clips", "2", "--clip-frames", "21", "--threads", "2"])  # fmt: skip
     assert code == 0
     facts = json.loads(capsys.readouterr().out.split("\nwrote")[0])
     assert facts["dit_steps"] == 2 and facts["seconds"]["total"] >= 0
+    assert facts["vae_stream_steps"] == 2
+    assert "--vae-stream-steps 2 " in (out / "MODEL_CARD.md").read_text()  # the remake command
     for name in (
         "MODEL_CARD.md",
         "loss.png",
