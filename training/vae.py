@@ -128,8 +128,7 @@ def crop_batch(
         video = render(scene, height, width, frames, start=start)  # (T, 3, H, W)
         if rng.random() < on_object:
             frame = start + rng.randrange(frames)
-            which = rng.randrange(len(scene.objects))
-            x, y = scene.centres(frame + 1, height, width)[frame, which].tolist()
+            x, y = rng.choice(scene.objects).centre(frame, height, width)
             top = min(max(int(y) - rng.randrange(crop), 0), height - crop)
             left = min(max(int(x) - rng.randrange(crop), 0), width - crop)
         else:
