@@ -14,6 +14,7 @@ from collections.abc import Callable
 from bench import (
     batch,
     breakdown,
+    decoders,
     diagonal,
     durability,
     gpu,
@@ -42,6 +43,7 @@ SECTIONS: dict[str, Section] = {
     "real-flops": lambda a: real_flops.section(),
     "memory": lambda a: memory.section(_log),
     "breakdown": lambda a: breakdown.section(a.preset, a.breakdown_repeats, a.frames, _log),
+    "decoders": lambda a: decoders.section(a.preset, a.decoder_repeats, a.frames, _log),
     "serving": lambda a: serving.section(a.preset, a.serving_repeats, a.frames, _log),
     "health": lambda a: health.section(log=_log),
     "durability": lambda a: durability.section(a.preset, a.frames, a.durability_repeats, _log),
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of table2")
     parser.add_argument("--breakdown-repeats", type=int, default=1)
     parser.add_argument("--serving-repeats", type=int, default=5)
+    parser.add_argument("--decoder-repeats", type=int, default=2)
     parser.add_argument("--durability-repeats", type=int, default=3)
     parser.add_argument("--pipeline-repeats", type=int, default=3)
     parser.add_argument(

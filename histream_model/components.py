@@ -5,7 +5,8 @@ public checkpoints use:
 - DiT: `transformer/` (diffusers), one `*.pt` (Self-Forcing / HiStream generator), or the
   directory itself (original Wan2.1: `config.json` + safetensors);
 - VAE: `vae/` (diffusers) or `Wan2.1_VAE.pth` (original);
-- text encoder: `text_encoder/` + `tokenizer/` (diffusers layout, UMT5).
+- text encoder: `text_encoder/` + `tokenizer/` (diffusers layout, UMT5);
+- tiny decoder (optional, `decoder="taehv"`): `taew2_1.safetensors` or `taew2_1.pth`.
 Each can be given explicitly instead. Without weights, a preset that ships weights (`toy`, trained
 here by `make train`) loads them through the same loaders; a random-weight preset (tiny, bench) is
 built from its config. Both use the deterministic built-in text encoder.
@@ -20,6 +21,7 @@ import torch
 
 from histream_model.config import Preset, TextEncoderConfig, choose, get_preset
 from histream_model.dit import WanDiT, build_dit
+from histream_model.taehv import TAEHV, build_taehv
 from histream_model.text import TextEncoder, build_text_encoder
 from histream_model.vae import WanVAE, build_vae
 from histream_model.weights.common import WeightsError, require_path
@@ -28,6 +30,12 @@ from histream_model.weights.vae import ORIGINAL_FILE_NAME, load_vae
 
 # The compute dtypes a model can be loaded in, by the names settings, the CLI and the stage
 # protocol use (the torch names without the "torch." prefix).
+# The streaming decoders the decode pool and `histream generate` can use: the Wan VAE's decoder,
+# or a TAEHV-layout tiny decoder of the same latent space (about 10x fewer FLOPs; see README).
+DECODERS = ("wan", "taehv")
+TINY_DECODER_FILES = ("taew2_1.safetensors", "taew2_1.pth")
+StreamDecoder = WanVAE | TAEHV
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -45,6 +53,7 @@ class WeightPaths:
     dit: Path
     vae: Path
     text_encoder: Path | None  # directory holding text_encoder/ + tokenizer/; None = builtin
+    tiny_decoder: Path | None = None  # a TAEHV-layout checkpoint found beside them
 
 
 def resolve_weights(
@@ -85,7 +94,9 @@ def resolve_weights(
         text_path = root
     else:
         text_path = None
-    return WeightPaths(dit=dit_path, vae=vae_path, text_encoder=text_path)
+    tiny = [root / name for name in TINY_DECODER_FILES if root is not None]
+    tiny_path = next((p for p in tiny if p.is_file()), None)
+    return WeightPaths(dit=dit_path, vae=vae_path, text_encoder=text_path, tiny_decoder=tiny_path)
 
 
 @dataclass
@@ -94,7 +105,7 @@ class Components:
 
     preset: Preset
     dit: WanDiT
-    vae: WanVAE
+    vae: StreamDecoder  # a WanVAE, or a TAEHV tiny decoder (decoder="taehv")
     text: TextEncoder
 
 
@@ -171,6 +182,52 @@ def vae_for(
     return build_vae(preset.vae, device=dev, dtype=dt)
 
 
+def decoder_for(
+    preset: Preset,
+    decoder: str = "wan",
+    weights: WeightPaths | None = None,
+    decoder_weights: str | Path | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> StreamDecoder:
+    """The streaming decoder of `decoder` ("wan" | "taehv"): the Wan VAE (`vae_for`, or the
+    checkpoint `decoder_weights`), or a TAEHV-layout tiny decoder from `decoder_weights`, else
+    the `taew2_1.*` beside the weights; a random-weight preset without one gets a random one
+    (deterministic), as its VAE is random too."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder={decoder!r} is not one of {list(DECODERS)}")
+    dev, dt = _resolve_device(device, dtype)
+    path = decoder_weights
+    if decoder == "taehv" and path is None and weights is not None:
+        path = weights.tiny_decoder
+    if path is None:
+        if decoder == "wan":
+            return vae_for(preset, weights, device, dtype)
+        if weights is not None or preset.weights:
+            raise WeightsError(
+                f"decoder 'taehv' needs a TAEHV-layout checkpoint for preset {preset.name!r}'s "
+                f"latent space: set decoder_weights (--decoder-weights), or put "
+                f"{' or '.join(TINY_DECODER_FILES)} in the weights directory"
+            )
+        _require_builtin(preset)
+        torch.manual_seed(0)
+        model: StreamDecoder = build_taehv(device=dev, dtype=dt)
+    else:
+        model = load_vae(require_path(path, "decoder weights"), device=dev, dtype=dt)
+    kind = "taehv" if isinstance(model, TAEHV) else "wan"
+    if kind != decoder:
+        raise WeightsError(
+            f"decoder weights {str(path)!r} hold a {kind!r} decoder, not {decoder!r}"
+        )
+    channels = model.config.latent_channels if isinstance(model, TAEHV) else model.config.z_dim
+    if channels != preset.vae.z_dim:
+        raise WeightsError(
+            f"decoder weights {str(path)!r} decode {channels} latent channels; preset "
+            f"{preset.name!r} makes {preset.vae.z_dim}"
+        )
+    return model
+
+
 def text_encoder_for(
     preset: Preset,
     weights: WeightPaths | None = None,
@@ -201,11 +258,16 @@ def load_components(
     weights: WeightPaths | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    decoder: str = "wan",
+    decoder_weights: str | Path | None = None,
 ) -> Components:
-    """Load real weights when given, else build the preset's random-weight models."""
+    """Load real weights when given, else build the preset's random-weight models. With
+    `decoder="taehv"` the `vae` is a tiny decoder (`decoder_for`), which may not encode."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
     dit = dit_for(preset, weights, device, dtype)
-    vae = vae_for(preset, weights, device, dtype)
-    preset = replace(preset, dit=dit.config, vae=vae.config)
+    vae = decoder_for(preset, decoder, weights, decoder_weights, device, dtype)
+    # A tiny decoder leaves the preset's VAE config (strides, latent statistics) as it is.
+    vae_config = vae.config if isinstance(vae, WanVAE) else preset.vae
+    preset = replace(preset, dit=dit.config, vae=vae_config)
     text = text_encoder_for(preset, weights, device, dtype)
     return Components(preset=preset, dit=dit, vae=vae, text=text)

@@ -72,6 +72,11 @@ class ServeSettings(BaseSettings):
     dit: str | None = None
     vae: str | None = None
     text_encoder: str | None = None
+    # the decode pool's (and generate's) streaming decoder: "wan", the VAE's own; or "taehv", a
+    # tiny TAEHV-layout decoder of the same latent space from `decoder_weights` (a
+    # taew2_1.safetensors/.pth; default: one in the weights directory)
+    decoder: Literal["wan", "taehv"] = "wan"
+    decoder_weights: str | None = None
     device: str | None = None  # default: cuda if available
     dtype: str | None = None  # float32 | bfloat16 | float16; default by device
     tenant: str = "default"  # the tenant of every caller when there is no tenants file

@@ -39,6 +39,10 @@ FIRST_CHUNK_SHARE = 0.35
 # Context frames are given with a little noise in half the examples (still as t = 0): at
 # inference they are the model's own predictions, not the VAE's encodings.
 CONTEXT_NOISE, CONTEXT_NOISE_SHARE = 0.1, 0.5
+# The share of examples at the sampler's first level (pure noise): there the model alone draws
+# the scene from the prompt, and every later step only refines what it drew. Uniform over the
+# 10 levels it got a tenth, and a model trained so drew the background and no object.
+TOP_LEVEL_SHARE = 0.3
 
 
 @dataclass
@@ -159,7 +163,12 @@ def train_dit(
         latents = clips.latents[resolution][index]  # (B, z, T, h, w)
         x0 = latents[:, :, list(example.chunk)]
         eps = torch.randn(x0.shape, generator=generator)
-        t = torch.tensor([rng.choice(levels) for _ in range(size)])
+        t = torch.tensor(
+            [
+                levels[-1] if rng.random() < TOP_LEVEL_SHARE else rng.choice(levels)
+                for _ in range(size)
+            ]
+        )
         sigma = (t / options.num_train_timesteps).view(-1, 1, 1, 1, 1)
         noisy = (1 - sigma) * x0 + sigma * eps
         context = latents[:, :, list(example.context)]

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from histream_model.config import VAEConfig
+from histream_model.taehv import TAEHV
 from histream_model.vae import WanVAE
 from histream_model.weights.common import (
     StateDict,
@@ -26,6 +27,7 @@ from histream_model.weights.common import (
     rename_keys,
     require_path,
 )
+from histream_model.weights.taehv import is_taehv_state, load_taehv
 
 ORIGINAL_FILE_NAME = "Wan2.1_VAE.pth"
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -44,8 +46,10 @@ def load_vae(
     path: str | Path,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> WanVAE:
-    """A WanVAE from an original checkpoint (file, or a folder holding one) or a diffusers folder.
+) -> WanVAE | TAEHV:
+    """A WanVAE from an original checkpoint (file, or a folder holding one) or a diffusers folder,
+    or a TAEHV-layout tiny decoder from a `taew2_1.pth` / `.safetensors` (recognised by its keys;
+    it streams through the same interface).
 
     A diffusers pipeline folder (with a `vae/` subfolder) works too. The latent mean/std come from
     the diffusers config, or are Wan's constants for an original checkpoint (it does not hold them).
@@ -59,6 +63,8 @@ def load_vae(
     else:
         source = _original_file(source)
         state = _read_state_dict(source)
+        if is_taehv_state(state):
+            return load_taehv(state, str(source), device, dtype)
         config = config_from_original(state, str(source))
     # Built on meta: the checkpoint's tensors are assigned, not copied over a random init.
     with torch.device("meta"):

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 from histream_model.components import (
+    DECODERS,
     DTYPES,
     Components,
     WeightPaths,
+    decoder_for,
     dtype_named,
     load_components,
     resolve_weights,
@@ -26,6 +28,7 @@ from histream_model.config import (
 )
 from histream_model.shape import VideoShape
 from histream_model.text import check_prompt
+from histream_model.weights.common import require_path
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +38,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dit", help="DiT checkpoint, overriding the one found in --weights")
     p.add_argument("--vae", help="VAE checkpoint, overriding the one found in --weights")
     p.add_argument("--text-encoder", help="directory with text_encoder/ + tokenizer/")
+    p.add_argument(
+        "--decoder",
+        choices=DECODERS,
+        help="streaming decoder: wan (the VAE's, default) or taehv (tiny, see README)",
+    )
+    p.add_argument("--decoder-weights",
+                   help="the decoder's checkpoint (taehv: taew2_1.safetensors/.pth; default: "
+                   "one in --weights)")  # fmt: skip
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU"
@@ -129,6 +140,8 @@ def components_from_args(args: argparse.Namespace, weights: WeightPaths | None) 
         weights,
         device=args.device,
         dtype=dtype_named(args.dtype),
+        decoder=args.decoder or "wan",
+        decoder_weights=args.decoder_weights,
     )
 
 
@@ -147,6 +160,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         preset.num_frames if args.num_frames is None else args.num_frames,
     )
     weights = weights_from_args(args)
+    if args.decoder_weights is not None:
+        require_path(args.decoder_weights, "decoder weights")
     components = components_from_args(args, weights)
     shape = {k: getattr(args, k) for k in ("mode", "seed", "num_frames", "height", "width")}
     report = generate_video(components, prompt, args.out, progress=not args.no_progress, **shape)
@@ -181,6 +196,8 @@ def settings_from_args(args: argparse.Namespace):
         "dit": args.dit,
         "vae": args.vae,
         "text_encoder": args.text_encoder,
+        "decoder": args.decoder,
+        "decoder_weights": args.decoder_weights,
         "device": args.device,
         "dtype": args.dtype,
         "http_host": args.host,
@@ -196,7 +213,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from services.local.server import serve_forever
 
     settings = settings_from_args(args)
-    settings.weight_paths()  # a missing weights path fails here, before Ray starts
+    weights = settings.weight_paths()  # a missing weights path fails here, before Ray starts
+    if settings.decoder == "taehv":  # so does a tiny decoder that cannot load (it is small)
+        decoder_for(
+            settings.get_preset(), "taehv", weights, settings.decoder_weights, device="cpu"
+        )
     if settings.tenants_file:  # so does a tenants file that is missing or does not parse
         from services.tenants import parse_tenants
 

@@ -15,7 +15,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from histream_model.components import vae_for
+from histream_model.components import decoder_for
+from histream_model.taehv import TAEHVDecodeState
 from histream_model.vae import VAEDecodeState
 from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument
@@ -45,7 +46,7 @@ class DecodeStream:
     object_id: str  # the video or session id its objects are stored under
     encoder: FragmentedMp4Encoder
     init: bytes
-    vae_state: VAEDecodeState
+    vae_state: VAEDecodeState | TAEHVDecodeState
     writer: SessionWriter | None  # kind SESSION: segments + HLS playlist
     parts: VideoParts | None  # kind VIDEO: segments until FinishStream joins them
     layout: Layout
@@ -64,7 +65,14 @@ class DecodeStage(SessionStage[DecodeStream]):
     def __init__(self, settings: ServeSettings) -> None:
         super().__init__(settings)
         preset = settings.get_preset()
-        self.vae = vae_for(preset, settings.weight_paths(), settings.device, settings.torch_dtype())
+        self.vae = decoder_for(
+            preset,
+            settings.decoder,
+            settings.weight_paths(),
+            settings.decoder_weights,
+            settings.device,
+            settings.torch_dtype(),
+        )
         self.storage = open_storage(settings.storage)
 
     async def _start(

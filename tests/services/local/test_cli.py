@@ -97,9 +97,26 @@ def test_generate_from_operator_weights_directory(tmp_path, tiny_pipeline_dir):
     assert read_video(out) == (9, 96, 64)
 
 
+def test_generate_with_the_tiny_decoder_from_its_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.histream_model.test_taehv import SMALL, small_model
+
+    weights = tmp_path / "taew2_1.safetensors"
+    save_file(dict(small_model(config=SMALL).state_dict()), weights)
+    out, report = tmp_path / "t.mp4", tmp_path / "t.json"
+    argv = ["generate", "--prompt", "a fox", "--num-frames", "9", "--height", "64", "--width",
+            "96", "--decoder", "taehv", "--decoder-weights", str(weights), "--out", str(out),
+            "--report", str(report), "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert read_video(out) == (9, 96, 64)
+    assert json.loads(report.read_text())["decode_seconds"] > 0
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
+        (["--prompt", "x", "--decoder-weights", "/no/taew.pth"], "'/no/taew.pth' does not exist"),
         (["--prompt", "   "], "prompt is empty"),
         (["--prompt", "x", "--height", "100"], "height=100"),
         (["--prompt", "x", "--width", "0"], "width=0"),

@@ -12,6 +12,8 @@ import torch
 from histream_model.components import load_components
 from histream_model.config import get_mode
 from histream_model.generator import HiStreamGenerator
+from histream_model.taehv import TAEHV
+from histream_model.vae import WanVAE
 from protos.histream.v1 import stages_pb2
 from services.errors import AtCapacity, InvalidArgument, SessionNotHeld
 from services.media import read_video
@@ -298,8 +300,10 @@ def test_decode_stage_reaps_an_abandoned_stream(settings):
     asyncio.run(run())
 
 
-def test_decode_stage_writes_a_video_with_its_manifest(settings, tmp_path):
-    decode = DecodeStage(settings)
+@pytest.mark.parametrize("decoder", ["wan", "taehv"])
+def test_decode_stage_writes_a_video_with_its_manifest(settings, tmp_path, decoder):
+    decode = DecodeStage(settings.model_copy(update={"decoder": decoder}))
+    assert isinstance(decode.vae, TAEHV if decoder == "taehv" else WanVAE)
     c = load_components("tiny", device="cpu")
     gen = HiStreamGenerator(c.dit, c.preset, "histream")
     chunks = list(gen.generate(c.text.encode(["a fox"]), H, W, 21, seed=0))
