@@ -38,14 +38,25 @@ class TextKV:
 
 
 @dataclass(frozen=True)
+class CachedRow:
+    """One session of a cross-session batched pass: batch row i of the pass uses its own cache,
+    slots and RoPE table (its own frame positions)."""
+
+    cache: KVCache
+    slots: ChunkSlots
+    rope: RopeTable
+
+
+@dataclass(frozen=True)
 class SelfAttnContext:
     """How self-attention sees its keys for one forward pass."""
 
-    rope: RopeTable  # rotation of this pass's tokens
+    rope: RopeTable | None  # rotation of this pass's tokens (None: per row, see `rows`)
     scale: float | None = None  # softmax scale (None = 1/sqrt(head_dim))
     cache: KVCache | None = None  # None: attend within the pass only
     slots: ChunkSlots | None = None  # where the pass's tokens live in `cache`
     mask: torch.Tensor | None = None  # boolean [L, L] (cache-less passes only)
+    rows: tuple[CachedRow, ...] | None = None  # a cross-session batch: one per batch row
 
 
 class RMSNorm(nn.Module):
@@ -92,7 +103,32 @@ class SelfAttention(Projections):
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), rope)
         return k, self.v(x).unflatten(-1, (self.num_heads, -1))  # (B, L, H, D) each
 
+    def write_rows(self, x: torch.Tensor, layer: int, rows: tuple[CachedRow, ...]) -> None:
+        """Each batch row's keys/values into its own cache (the kv-only pass of a batch)."""
+        for i, row in enumerate(rows):
+            k, v = self.keys_values(x[i : i + 1], row.rope)
+            row.cache.write(layer, k, v, row.slots)
+
+    def forward_rows(self, x: torch.Tensor, layer: int, ctx: SelfAttnContext) -> torch.Tensor:
+        """A cross-session batch: the projections run on every row at once; RoPE, the cache
+        write and attention per row, each exactly as that session's pass alone computes them
+        (its own positions and context length)."""
+        assert ctx.rows is not None
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        out = []
+        for i, row in enumerate(ctx.rows):
+            ki = apply_rope(k[i : i + 1], row.rope)
+            row.cache.write(layer, ki, v[i : i + 1], row.slots)
+            keys, values = row.cache.context(layer, row.slots)
+            out.append(attention(apply_rope(q[i : i + 1], row.rope), keys, values, ctx.scale))
+        return self.o(torch.cat(out).flatten(2))
+
     def forward(self, x: torch.Tensor, layer: int, ctx: SelfAttnContext) -> torch.Tensor:
+        if ctx.rows is not None:
+            return self.forward_rows(x, layer, ctx)
+        assert ctx.rope is not None
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), ctx.rope)
         k, v = self.keys_values(x, ctx.rope)
         if ctx.cache is not None:
@@ -252,8 +288,13 @@ class WanDiT(nn.Module):
         text: TextKV,
         ctx_for_grid: Callable[[tuple[int, int, int]], SelfAttnContext],
         kv_only: bool = False,
+        per_row: bool = False,
     ) -> torch.Tensor | None:
-        tokens, grid = self.patchify(x)
+        if per_row:  # the 3D conv's result depends on the batch size: one row at a time
+            patches = [self.patchify(x[i : i + 1]) for i in range(x.shape[0])]
+            tokens, grid = torch.cat([p for p, _ in patches]), patches[0][1]
+        else:
+            tokens, grid = self.patchify(x)
         frames = grid[0]
         e, e0 = self.embed_time(self._frame_timesteps(t, x.shape[0], frames))
         ctx: SelfAttnContext = ctx_for_grid(grid)
@@ -262,6 +303,10 @@ class WanDiT(nn.Module):
             if kv_only and i == last:
                 # Only this layer's keys/values are needed: skip its attention, FFN and the head.
                 h = block.pre_attention(tokens, block.modulate(e0), frames)
+                if ctx.rows is not None:
+                    block.self_attn.write_rows(h, i, ctx.rows)
+                    return None
+                assert ctx.rope is not None
                 k, v = block.self_attn.keys_values(h, ctx.rope)
                 assert ctx.cache is not None and ctx.slots is not None
                 ctx.cache.write(i, k, v, ctx.slots)
@@ -328,6 +373,29 @@ class WanDiT(nn.Module):
         """
         ctx = SelfAttnContext(rope=rope, scale=scale, cache=cache, slots=slots)
         return self._run(x, t, text, lambda grid: ctx, kv_only=kv_only)
+
+    def forward_chunk_rows(
+        self,
+        x: torch.Tensor,
+        t: float,
+        text: TextKV,
+        rows: Sequence[CachedRow],
+        scale: float | None = None,
+        kv_only: bool = False,
+    ) -> torch.Tensor | None:
+        """`forward_chunk` of several sessions at once: row i of x [N, C, M, H, W] and of
+        `text` is session i, which uses `rows[i]` (its cache, slots, RoPE table); every row is
+        at timestep `t`. Each row's result equals its own `forward_chunk`: the timestep
+        embedding is computed once as for a batch of 1, attention runs per row, and the rest
+        works row by row inside each kernel (bit for bit on the CPU, where it is tested)."""
+        if len(rows) != x.shape[0] or text.k[0].shape[0] != x.shape[0]:
+            raise ValueError(
+                f"{x.shape[0]} latent rows, {text.k[0].shape[0]} text rows and {len(rows)} "
+                "sessions must agree"
+            )
+        ctx = SelfAttnContext(rope=None, scale=scale, rows=tuple(rows))
+        t_one = torch.full((1,), t, device=x.device)
+        return self._run(x, t_one, text, lambda grid: ctx, kv_only=kv_only, per_row=True)
 
     def chunk_rope(
         self, axes: RopeAxes, slots: ChunkSlots, latent_hw: tuple[int, int]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from histream_model.config import HiStreamOptions, Resolution
-from histream_model.dit import TextKV, WanDiT
+from histream_model.dit import CachedRow, TextKV, WanDiT
 from histream_model.kv_cache import CacheLayout, ChunkSlots, KVCache
 from histream_model.rope import RopeAxes, RopeTable
 from histream_model.schedules.flow import FlowSchedule, chunk_noise
@@ -257,6 +257,111 @@ def run_phase(
         state.cache.commit(forward.slots)
         written = last_input
     return PhaseResult(x, written)
+
+
+@dataclass(frozen=True)
+class BatchMember:
+    """One session's phase in a cross-session batch (`run_phase_batch`)."""
+
+    state: ResolutionState
+    plan: ChunkPlan
+    seed: int
+    received: torch.Tensor | None = None
+
+
+def batch_key(state: ResolutionState, plan: ChunkPlan, phase: Phase) -> tuple:
+    """Phases with equal keys can run as one batched pass sequence: the same passes (timesteps,
+    cache write, attention scale) over latents of the same shape. Positions, context lengths,
+    seeds and prompts may differ (they are per row)."""
+    return (
+        phase.resolution, phase.entry, phase.timesteps, phase.write, phase.write_t, phase.scale,
+        phase.first_draw, phase.write_draw, plan.num_frames, state.latent_hw, state.batch,
+        state.cache.k.dtype, str(state.cache.k.device),
+    )  # fmt: skip
+
+
+def _cat_text(texts: list[TextKV]) -> TextKV:
+    if len(texts) == 1:
+        return texts[0]
+    return TextKV(
+        k=tuple(torch.cat(layer) for layer in zip(*(t.k for t in texts), strict=True)),
+        v=tuple(torch.cat(layer) for layer in zip(*(t.v for t in texts), strict=True)),
+    )
+
+
+def run_phase_batch(
+    model: WanDiT,
+    members: list[BatchMember],
+    phase_index: int,
+    options: HiStreamOptions,
+) -> list[PhaseResult]:
+    """Phase `phase_index` of each member's chunk plan, for several sessions at once: every
+    forward pass of the phase runs once for all of them (`WanDiT.forward_chunk_rows`). The
+    phases must have equal `batch_key`s. Each member's result and cache are those `run_phase`
+    gives it alone; its noise comes from its own seed and chunk."""
+    phases = [m.plan.phases[phase_index] for m in members]
+    keys = {batch_key(m.state, m.plan, p) for m, p in zip(members, phases, strict=True)}
+    if len(keys) != 1:
+        raise ValueError(f"phases of a batch must have one batch key, got {len(keys)}")
+    for m, phase in zip(members, phases, strict=True):
+        if m.state.resolution != phase.resolution or m.state.name != phase.cache:
+            raise ValueError(f"a phase on cache {phase.cache!r} cannot run on {m.state.name!r}")
+    phase = phases[0]
+    if members[0].state.batch != 1:
+        raise ValueError("batched phases take sessions of one video each (state batch 1)")
+    x = torch.cat(
+        [phase_input(m.state, m.plan, p, options, m.seed, m.received)
+         for m, p in zip(members, phases, strict=True)]
+    )  # fmt: skip
+    slots = [m.state.cache.slots(m.plan.frame_start, m.plan.num_frames) for m in members]
+    rows = [
+        CachedRow(m.state.cache, s, model.chunk_rope(m.state.rope, s, m.state.latent_hw))
+        for m, s in zip(members, slots, strict=True)
+    ]
+    text = _cat_text([m.state.text for m in members])
+    flow = _flow(options)
+
+    def noise(draw: int, like: torch.Tensor) -> torch.Tensor:
+        one = (1, *like.shape[1:])
+        return torch.cat(
+            [chunk_noise(m.seed, m.plan.index, draw, one, like.device) for m in members]
+        )
+
+    def forward(x: torch.Tensor, t: float, kv_only: bool = False) -> torch.Tensor | None:
+        with torch.no_grad():
+            return model.forward_chunk_rows(x, t, text, rows, phase.scale, kv_only)
+
+    def commit(x: torch.Tensor, t: float) -> None:
+        forward(x, t, kv_only=True)
+        for m, s in zip(members, slots, strict=True):
+            m.state.cache.commit(s)
+            m.state.commit_passes += 1
+
+    last_input = None
+    for j, t in enumerate(phase.timesteps):
+        last_input = x
+        v = forward(x, t)
+        assert v is not None
+        for m in members:
+            m.state.denoise_passes += 1
+        x0 = flow.x0_from_flow(x, v, t)
+        if j + 1 < len(phase.timesteps):
+            x = flow.renoise(x0, noise(phase.first_draw + j + 1, x), phase.timesteps[j + 1])
+        x = x0 if j + 1 == len(phase.timesteps) else x
+    written = None
+    if phase.write == Write.CLEAN:
+        commit(x, 0.0)
+    elif phase.write == Write.RENOISED:
+        written = flow.renoise(x, noise(phase.write_draw, x), phase.write_t)
+        commit(written, phase.write_t)
+    elif phase.write == Write.LAST_PASS:
+        for m, s in zip(members, slots, strict=True):
+            m.state.cache.commit(s)
+        written = last_input
+    return [
+        PhaseResult(x[i : i + 1], None if written is None else written[i : i + 1])
+        for i in range(len(members))
+    ]
 
 
 def run_chunk(
