@@ -92,6 +92,10 @@ class ServeSettings(BaseSettings):
     # exactly before allocation); None: on CUDA 90% of the free memory once the model is
     # loaded, elsewhere no byte limit (max_sessions_per_replica alone)
     stage_budget_bytes: int | None = Field(None, ge=1)
+    # phases of different sessions a denoising replica runs as one batched pass sequence (same
+    # pass, same latent shape; results bit for bit as alone); 1: each session's phase alone
+    phase_batch_size: int = Field(1, ge=1, le=64)
+    phase_batch_wait_s: float = Field(0.0, ge=0, le=1)  # how long an idle replica waits for more
     max_running_jobs: int = Field(4, ge=1)  # video jobs a gateway replica drives at once
     max_queued_jobs: int = Field(256, ge=0)  # jobs waiting for a slot; past it: 429
     # a gateway replica renews its jobs' records every third of this; a queued or running job

@@ -215,9 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     weights = settings.weight_paths()  # a missing weights path fails here, before Ray starts
     if settings.decoder == "taehv":  # so does a tiny decoder that cannot load (it is small)
-        decoder_for(
-            settings.get_preset(), "taehv", weights, settings.decoder_weights, device="cpu"
-        )
+        decoder_for(settings.get_preset(), "taehv", weights, settings.decoder_weights, device="cpu")
     if settings.tenants_file:  # so does a tenants file that is missing or does not parse
         from services.tenants import parse_tenants
 

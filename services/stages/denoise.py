@@ -39,6 +39,7 @@ from histream_model.schedules import (
     session_caches,
     set_text,
 )
+from histream_model.schedules.execute import BatchMember, batch_key, run_phase_batch
 from histream_model.schedules.pipeline import pipelined, split_phases
 from histream_model.schedules.restore import (
     phase_after,
@@ -57,6 +58,7 @@ from services.protocol.routing import own_request_id
 from services.protocol.snapshot import kept_latents, kept_writes, prompt_index
 from services.settings import ServeSettings
 from services.stages.base import SessionStage, rpc
+from services.stages.batcher import PhaseBatcher
 
 log = logging.getLogger("histream.stages")
 R = TypeVar("R")
@@ -95,6 +97,16 @@ class DenoiseStage(SessionStage[DenoiseSession]):
         self.model = dit_for(preset, self.weights, settings.device, settings.torch_dtype())
         self.preset = replace(preset, dit=self.model.config)
         self.sessions.budget_bytes = settings.stage_budget_bytes or self._device_budget()
+        self.batcher: PhaseBatcher[tuple[BatchMember, int], PhaseResult] | None = None
+        if settings.phase_batch_size > 1:
+            self.batcher = PhaseBatcher(
+                self._run_batch, settings.phase_batch_size, settings.phase_batch_wait_s
+            )
+
+    def _run_batch(self, jobs: list[tuple[BatchMember, int]]) -> list[PhaseResult]:
+        """One batch of the micro-batcher: the same phase of several sessions."""
+        members, index = [m for m, _ in jobs], jobs[0][1]
+        return run_phase_batch(self.model, members, index, self.preset.options)
 
     def _device_budget(self) -> int | None:
         """On CUDA, 90% of the memory free once the model is loaded (the rest: workspace)."""
@@ -185,7 +197,12 @@ class DenoiseStage(SessionStage[DenoiseSession]):
             self._check_in_order(request, session)
             started = time.perf_counter()
             before = state.denoise_passes + state.commit_passes
-            done = await self._compute(run)
+            if self.batcher is None:
+                done = await self._compute(run)
+            else:
+                member = BatchMember(state, plan, session.seed, received)
+                key = (request.phase, batch_key(state, plan, phase))
+                done = await self.batcher.submit(key, (member, request.phase))
             session.position = (request.chunk_index, request.phase)
             passes = state.denoise_passes + state.commit_passes - before
             if request.phase == plan.output:
@@ -359,7 +376,8 @@ class DenoiseStage(SessionStage[DenoiseSession]):
     def stats(self) -> dict:
         """Sessions and cache bytes held, RPC calls served (this replica)."""
         kv_bytes = sum(s.kv_bytes for s in self.sessions.values())
-        return {**super().stats(), "kv_bytes": kv_bytes}
+        batches = self.batcher.stats.as_dict() if self.batcher is not None else {}
+        return {**super().stats(), "kv_bytes": kv_bytes, **batches}
 
 
 class StructureStage(DenoiseStage):

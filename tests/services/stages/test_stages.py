@@ -181,6 +181,42 @@ def test_other_seeds_on_the_stages_equal_the_generator_and_restore_from_write_in
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
+def test_phases_of_sessions_running_at_once_batch_and_equal_each_generator(settings):
+    """With phase_batch_size > 1, three sessions driven at once share batched passes on both
+    stages; each still gets exactly its own generator's latents."""
+    settings = settings.model_copy(update={"phase_batch_size": 4, "max_sessions_per_replica": 4})
+    structure = StructureStage(settings)
+    stages = {"low": structure, "high": RefineStage(settings, LocalHandle(structure))}
+    prompts = {"a": "a fox", "b": "a whale", "c": "a fox"}
+
+    async def run() -> dict[str, list]:
+        opened = {}
+        for sid, prompt in prompts.items():
+            context = (await structure.EncodePrompt(
+                stages_pb2.EncodePromptRequest(prompt=prompt))).context  # fmt: skip
+            request = stages_pb2.OpenSessionRequest(
+                spec=spec(sid, "histream", 33, seed=ord(sid)), context=context
+            )
+            for stage in stages.values():
+                await stage.OpenSession(request)
+            opened[sid] = request
+        runs = [drive(stages, sid, "histream", range(3), {}) for sid in prompts]
+        return dict(zip(prompts, await asyncio.gather(*runs), strict=True))
+
+    got = asyncio.run(run())
+    c = load_components("tiny", device="cpu")
+    for sid, prompt in prompts.items():
+        gen = HiStreamGenerator(c.dit, c.preset, "histream")
+        want = gen.generate(c.text.encode([prompt]), H, W, 33, seed=ord(sid))
+        assert all(
+            torch.equal(from_proto(a), b.latents) for a, b in zip(got[sid], want, strict=True)
+        )
+    for stage in stages.values():
+        stats = stage.stats()
+        assert stats["largest_batch"] == 3  # the three sessions' phases ran as one batch
+        assert stats["batched_phases"] > stats["batches"]
+
+
 def test_admission_limit_and_unknown_sessions(settings):
     structure = StructureStage(settings)
 

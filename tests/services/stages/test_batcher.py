@@ -1,0 +1,60 @@
+"""The denoising replicas' micro-batcher: batches by key, bounded, continuous, failures shared."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from services.stages.batcher import PhaseBatcher
+
+
+def test_waiting_jobs_batch_by_key_up_to_the_limit_oldest_key_first():
+    ran: list[list[str]] = []
+    gate = threading.Event()
+
+    def run(jobs: list[str]) -> list[str]:
+        if not ran:
+            gate.wait(5)  # hold the first batch so that the others queue up behind it
+        ran.append(jobs)
+        return [j.upper() for j in jobs]
+
+    batcher: PhaseBatcher[str, str] = PhaseBatcher(run, max_size=2)
+
+    async def main() -> list[str]:
+        first = asyncio.create_task(batcher.submit("k1", "a"))
+        await asyncio.sleep(0.05)  # "a" is running alone
+        rest = [asyncio.create_task(batcher.submit(k, j)) for k, j in
+                [("k2", "b"), ("k1", "c"), ("k2", "d"), ("k2", "e"), ("k1", "f")]]  # fmt: skip
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await asyncio.gather(first, *rest)
+
+    assert asyncio.run(main()) == ["A", "B", "C", "D", "E", "F"]
+    # then k2 (the oldest waiting) two at a time, k1's two, the last k2
+    assert ran == [["a"], ["b", "d"], ["c", "f"], ["e"]]
+    assert batcher.stats.as_dict() == {"batches": 4, "batched_phases": 6, "largest_batch": 2}
+
+
+def test_a_failed_batch_fails_each_of_its_jobs_and_the_next_batch_still_runs():
+    def run(jobs: list[int]) -> list[int]:
+        if 0 in jobs:
+            raise RuntimeError("out of memory")
+        return [j * 10 for j in jobs]
+
+    batcher: PhaseBatcher[int, int] = PhaseBatcher(run, max_size=4)
+
+    async def main():
+        return await asyncio.gather(
+            batcher.submit("a", 0), batcher.submit("a", 1), batcher.submit("b", 2),
+            return_exceptions=True,
+        )  # fmt: skip
+
+    a0, a1, b2 = asyncio.run(main())
+    assert isinstance(a0, RuntimeError) and isinstance(a1, RuntimeError) and b2 == 20
+
+
+def test_a_batch_size_below_one_is_refused():
+    with pytest.raises(ValueError, match="max_size=0 must be >= 1"):
+        PhaseBatcher(lambda jobs: jobs, max_size=0)
