@@ -19,6 +19,7 @@ from bench import (
     durability,
     gpu,
     health,
+    load,
     memory,
     pipeline,
     quality,
@@ -44,7 +45,10 @@ SECTIONS: dict[str, Section] = {
     "memory": lambda a: memory.section(_log),
     "breakdown": lambda a: breakdown.section(a.preset, a.breakdown_repeats, a.frames, _log),
     "decoders": lambda a: decoders.section(a.preset, a.decoder_repeats, a.frames, _log),
-    "serving": lambda a: serving.section(a.preset, a.serving_repeats, a.frames, _log),
+    "load": lambda a: load.section(a.load_preset, a.load_frames, log=_log),
+    "serving": lambda a: "\n\n".join(
+        serving.section(a.preset, a.serving_repeats, a.frames, _log, d) for d in a.serving_decoders
+    ),
     "health": lambda a: health.section(log=_log),
     "durability": lambda a: durability.section(a.preset, a.frames, a.durability_repeats, _log),
     "batch": lambda a: batch.section(a.batch_presets, a.batch_videos, log=_log),
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "--sections", nargs="+", choices=list(SECTIONS),
-        default=[s for s in SECTIONS if s not in ("table2-gpu", "quality")],
+        default=[s for s in SECTIONS if s not in ("table2-gpu", "quality", "load")],
     )  # fmt: skip
     parser.add_argument("--preset", default="bench", help="preset of the measured sections")
     parser.add_argument("--frames", type=int, default=81, help="video frames (81 = 21 latent)")
@@ -73,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--breakdown-repeats", type=int, default=1)
     parser.add_argument("--serving-repeats", type=int, default=5)
     parser.add_argument("--decoder-repeats", type=int, default=2)
+    parser.add_argument(
+        "--serving-decoders", nargs="+", default=["wan"], help="serving: one table per decoder"
+    )
+    parser.add_argument("--load-preset", default="tiny", help="preset of the load section")
+    parser.add_argument("--load-frames", type=int, default=81, help="frames per load session")
     parser.add_argument("--durability-repeats", type=int, default=3)
     parser.add_argument("--pipeline-repeats", type=int, default=3)
     parser.add_argument(

@@ -25,8 +25,8 @@ from histream_model.taehv import TAEHV, build_taehv
 from histream_model.vae import build_vae
 
 MODE = "histream+"
-MODEL_HEADERS = ("decoder", "decoder parameters", "TFLOP/frame", "floor s/frame H100",
-                 "stream state MiB", "fewer FLOPs than wan")  # fmt: skip
+MODEL_HEADERS = ("size", "decoder", "decoder parameters", "TFLOP/frame", "floor s/frame H100",
+                 "stream state MiB", "fewer FLOPs than Wan2.1's")  # fmt: skip
 MEASURED_HEADERS = ("decoder", "decode s/frame", "decode speedup", "decode share of a chunk",
                     "pipeline s/frame")  # fmt: skip
 
@@ -36,32 +36,42 @@ def state_bytes(decoder: StreamDecoder, state) -> int:
     return sum(t.nbytes for t in held if t is not None)
 
 
-def model_rows() -> list[list[object]]:
-    """Per decoder at 1080p: parameters, TFLOP per frame, H100 floor, stream state (bf16)."""
-    preset = get_preset(PRESET)
-    hw = (HEIGHT // preset.vae.spatial_stride, WIDTH // preset.vae.spatial_stride)
+def model_rows(bench_preset: str) -> list[list[object]]:
+    """Per decoder and size: parameters, TFLOP per frame, H100 floor, stream state (bf16).
+    At 1920x1088 and at the `bench_preset`'s size: Wan2.1's VAE decoder against TAEHV, and the
+    bench preset's own (shrunken, random-weight) VAE, which the CPU rows below time."""
+    real, small = get_preset(PRESET), get_preset(bench_preset)
     dtype = torch.bfloat16
-    built = {
-        "wan": build_vae(preset.vae, device="meta", dtype=dtype),
-        "taehv": build_taehv(device="meta", dtype=dtype),
-    }
-    rows, flops = [], {}
-    for name, decoder in built.items():
-        z = torch.zeros(1, preset.vae.z_dim, 3, *hw, device="meta", dtype=dtype)
+    cases = [
+        (f"{WIDTH}x{HEIGHT}", (HEIGHT, WIDTH), "wan (Wan2.1 VAE)",
+         build_vae(real.vae, "meta", dtype)),
+        (f"{WIDTH}x{HEIGHT}", (HEIGHT, WIDTH), "taehv", build_taehv(device="meta", dtype=dtype)),
+        (f"{small.width}x{small.height}", (small.height, small.width), "wan (Wan2.1 VAE)",
+         build_vae(real.vae, "meta", dtype)),
+        (f"{small.width}x{small.height}", (small.height, small.width), "taehv",
+         build_taehv(device="meta", dtype=dtype)),
+        (f"{small.width}x{small.height}", (small.height, small.width),
+         f"wan (`{bench_preset}` preset's VAE, base {small.vae.base_dim})",
+         build_vae(small.vae, "meta", dtype)),
+    ]  # fmt: skip
+    rows, reference = [], {}
+    for size, (height, width), name, decoder in cases:
+        hw = (height // 8, width // 8)
+        z = torch.zeros(1, real.vae.z_dim, 3, *hw, device="meta", dtype=dtype)
         _, state = decoder.decode_chunk(z[:, :, :1], decoder.new_decode_state())
         with FlopCounterMode(display=False) as counter:
             _, state = decoder.decode_chunk(z, state)  # a later chunk: 12 frames
-        flops[name] = counter.get_total_flops() / (4 * z.shape[2])
+        flops = counter.get_total_flops() / (4 * z.shape[2])
+        reference.setdefault(size, flops)  # the Wan2.1 VAE's, first at each size
         parts = (
             [decoder.decoder] if isinstance(decoder, TAEHV) else [decoder.conv2, decoder.decoder]
         )
         params = sum(p.numel() for part in parts for p in part.parameters())
         rows.append([
-            f"`{name}`", f"{params / 1e6:.1f} M", f"{flops[name] / 1e12:.2f}",
-            f"{flops[name] / PEAK_H100:.4f}", f"{state_bytes(decoder, state) / 2**20:.0f}",
+            size, f"`{name}`" if " " not in name else name, f"{params / 1e6:.1f} M",
+            f"{flops / 1e12:.3f}", f"{flops / PEAK_H100:.4f}",
+            f"{state_bytes(decoder, state) / 2**20:.0f}", f"{reference[size] / flops:.1f}x",
         ])  # fmt: skip
-    for row, name in zip(rows, built, strict=True):
-        row.append(f"{flops['wan'] / flops[name]:.1f}x")
     return rows
 
 
@@ -89,10 +99,10 @@ def section(preset_name: str, repeats: int, num_frames: int, log: Log | None = N
             f"{share:.0%}", f"{chunk:.4f}",
         ])  # fmt: skip
     return (
-        f"**{PRESET}** at {WIDTH}x{HEIGHT}, bf16, by the model (each decoder run on the meta "
-        "device under torch's FLOP counter; the floor is the FLOPs at an H100's dense bf16 "
-        "peak; stream state: one session's decoder memory after a chunk):\n\n"
-        + table(MODEL_HEADERS, model_rows())
+        "By the model, bf16 (each decoder run on the meta device under torch's FLOP counter; "
+        "the floor is the FLOPs at an H100's dense bf16 peak; stream state: one session's "
+        "decoder memory after a chunk):\n\n"
+        + table(MODEL_HEADERS, model_rows(preset_name))
         + f"\n\nMeasured here: **{preset_name}** preset ({preset.width}x{preset.height}, "
         f"`{MODE}`, {num_frames} frames, {repeats} interleaved repeat(s), median; random "
         "weights, which cost what trained ones do), the whole chunk pipeline (denoise, "

@@ -136,9 +136,10 @@ def measure(
     repeats: int = 3,
     frames: int = 81,
     log=print,
+    decoder: str = "wan",
 ) -> tuple[Samples, ServeSettings]:
-    settings = local_settings(preset_name)
-    components = load_components(preset_name, device="cpu")
+    settings = local_settings(preset_name).model_copy(update={"decoder": decoder})
+    components = load_components(preset_name, device="cpu", decoder=decoder)
     server.start(settings, num_cpus=4, log_to_driver=False)
     samples = Samples()
     try:
@@ -167,9 +168,9 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def section(preset_name: str, repeats: int, frames: int, log) -> str:
+def section(preset_name: str, repeats: int, frames: int, log, decoder: str = "wan") -> str:
     """The serving table: the distributed pipeline over the in-process generator."""
-    samples, settings = measure(preset_name, "histream+", repeats, frames, log)
+    samples, settings = measure(preset_name, "histream+", repeats, frames, log, decoder)
     rows = [
         ("denoising per chunk (stage RPCs vs `step`)", samples.inproc_denoise,
          samples.service_denoise),
@@ -188,7 +189,8 @@ def section(preset_name: str, repeats: int, frames: int, log) -> str:
             f"{median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |"
         )
     return (
-        f"**{preset_name}** preset, `histream+`, {frames} frames, {repeats} repeats; in each "
+        f"**{preset_name}** preset, `histream+`, {frames} frames, decoder `{decoder}`, "
+        f"{repeats} repeats; in each "
         "repeat the in-process path and the service ran back to back and their ratio is taken "
         "(seconds are medians over repeats). The service is one local Ray with one replica per "
         f"deployment and {settings.torch_threads} torch threads per replica (as in-process), on "

@@ -6,10 +6,11 @@ gets alone.
 Our own micro-batcher rather than Serve's `@serve.batch`: only phases with equal keys may share
 a pass, so waiting work is grouped by key (`@serve.batch` batches any calls of one method), and
 a phase runs under its session's lock, inside `RunPhase`, which `@serve.batch` would split from
-the batch. Batches form continuously: while one runs (in a worker thread), the phases that
-arrive wait, and the next batch takes the oldest one's key with up to `max_size` others of that
-key; `wait_s` (0 by default) lets a batch wait a little longer for company when the replica is
-idle.
+the batch. Batches form continuously, one key at a time: while a key's batch runs (in a worker
+thread), phases of that key that arrive wait and go in its next batch (up to `max_size`, oldest
+first); phases of other keys run beside it, as unbatched phases of different sessions do, so a
+mix of sessions that cannot share passes is not serialised behind one another. `wait_s` (0 by
+default) lets a batch wait a little longer for company.
 """
 
 from __future__ import annotations
@@ -55,27 +56,27 @@ class PhaseBatcher(Generic[J, R]):
         self.run, self.max_size, self.wait_s = run, max_size, wait_s
         self.waiting: list[_Waiting[J, R]] = []
         self.stats = BatchStats()
-        self._task: asyncio.Task | None = None
+        self._drains: dict[Hashable, asyncio.Task] = {}  # the running drain of each key
 
     async def submit(self, key: Hashable, job: J) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self.waiting.append(_Waiting(key, job, future))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drain())
+        drain = self._drains.get(key)
+        if drain is None or drain.done():
+            self._drains[key] = asyncio.create_task(self._drain(key))
         return await future
 
-    def _next_batch(self) -> list[_Waiting[J, R]]:
-        key = self.waiting[0].key
+    def _next_batch(self, key: Hashable) -> list[_Waiting[J, R]]:
         batch = [w for w in self.waiting if w.key == key][: self.max_size]
         taken = {id(w) for w in batch}
         self.waiting = [w for w in self.waiting if id(w) not in taken]
         return batch
 
-    async def _drain(self) -> None:
-        while self.waiting:
+    async def _drain(self, key: Hashable) -> None:
+        while any(w.key == key for w in self.waiting):
             if self.wait_s:
                 await asyncio.sleep(self.wait_s)
-            batch = [w for w in self._next_batch() if not w.future.done()]  # cancelled: gone
+            batch = [w for w in self._next_batch(key) if not w.future.done()]  # cancelled: gone
             if not batch:
                 continue
             try:

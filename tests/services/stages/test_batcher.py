@@ -10,31 +10,34 @@ import pytest
 from services.stages.batcher import PhaseBatcher
 
 
-def test_waiting_jobs_batch_by_key_up_to_the_limit_oldest_key_first():
+def test_waiting_jobs_batch_by_key_up_to_the_limit_and_keys_run_side_by_side():
     ran: list[list[str]] = []
     gate = threading.Event()
 
     def run(jobs: list[str]) -> list[str]:
-        if not ran:
-            gate.wait(5)  # hold the first batch so that the others queue up behind it
+        if jobs[0] in ("a", "b"):
+            gate.wait(5)  # hold each key's first batch so that the others queue up behind it
         ran.append(jobs)
         return [j.upper() for j in jobs]
 
     batcher: PhaseBatcher[str, str] = PhaseBatcher(run, max_size=2)
 
     async def main() -> list[str]:
-        first = asyncio.create_task(batcher.submit("k1", "a"))
-        await asyncio.sleep(0.05)  # "a" is running alone
+        first = [asyncio.create_task(batcher.submit(k, j)) for k, j in [("k1", "a"), ("k2", "b")]]
+        await asyncio.sleep(0.05)  # "a" and "b" are running, each alone, side by side
         rest = [asyncio.create_task(batcher.submit(k, j)) for k, j in
-                [("k2", "b"), ("k1", "c"), ("k2", "d"), ("k2", "e"), ("k1", "f")]]  # fmt: skip
+                [("k1", "c"), ("k2", "d"), ("k2", "e"), ("k1", "f"), ("k2", "g")]]  # fmt: skip
         await asyncio.sleep(0.05)
+        assert ran == []  # both were running at once
         gate.set()
-        return await asyncio.gather(first, *rest)
+        return await asyncio.gather(*first, *rest)
 
-    assert asyncio.run(main()) == ["A", "B", "C", "D", "E", "F"]
-    # then k2 (the oldest waiting) two at a time, k1's two, the last k2
-    assert ran == [["a"], ["b", "d"], ["c", "f"], ["e"]]
-    assert batcher.stats.as_dict() == {"batches": 4, "batched_phases": 6, "largest_batch": 2}
+    assert asyncio.run(main()) == ["A", "B", "C", "D", "E", "F", "G"]
+    assert sorted(ran[:2]) == [["a"], ["b"]]
+    k1 = [batch for batch in ran[2:] if batch[0] in "cf"]
+    k2 = [batch for batch in ran[2:] if batch[0] in "deg"]
+    assert k1 == [["c", "f"]] and k2 == [["d", "e"], ["g"]]  # oldest first, at most 2
+    assert batcher.stats.as_dict() == {"batches": 5, "batched_phases": 7, "largest_batch": 2}
 
 
 def test_a_failed_batch_fails_each_of_its_jobs_and_the_next_batch_still_runs():
