@@ -11,15 +11,12 @@ consecutive chunks) p50/p95, and time to first chunk p50/p95.
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 import time
 from dataclasses import dataclass, field
 
-from websockets.sync.client import connect
-
 from bench.report import table
-from bench.serving import PROMPT, local_settings
+from bench.serving import local_settings, session_events
 from services.local import server
 
 COUNTS = (1, 2, 4, 8, 16)
@@ -38,24 +35,15 @@ class Run:
 
 
 def session(port: int, mode: str, frames: int, run: Run, lock: threading.Lock) -> None:
-    start = {"type": "start", "prompt": PROMPT, "mode": mode, "num_frames": frames}
     arrivals: list[float] = []
     got = 0
-    t0 = time.perf_counter()
-    with connect(f"ws://127.0.0.1:{port}/v1/sessions", max_size=None) as ws:
-        ws.send(json.dumps(start))
-        while True:
-            event = json.loads(ws.recv(timeout=900))
-            if event["type"] in ("init", "chunk"):
-                ws.recv(timeout=900)  # the segment's bytes
-            if event["type"] == "chunk":
-                arrivals.append(time.perf_counter() - t0)
-                got += event["num_frames"]
-            if event["type"] == "error":
-                with lock:
-                    run.errors.append(event.get("code", "error"))
-            if event["type"] in ("session.ended", "error"):
-                break
+    for event, elapsed in session_events(port, mode, frames):
+        if event["type"] == "chunk":
+            arrivals.append(elapsed)
+            got += event["num_frames"]
+        if event["type"] == "error":
+            with lock:
+                run.errors.append(event.get("code", "error"))
     with lock:
         run.frames += got
         if arrivals:

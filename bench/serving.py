@@ -16,6 +16,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -111,23 +112,30 @@ def stage_handle(name: StageName):
     return serve.get_deployment_handle(str(name), app_name=server.APP_NAME)
 
 
-def service_session(port: int, preset, mode: str, frames: int) -> tuple[float, float]:
-    """(end-to-end s per chunk, s to the first segment) of a WebSocket session."""
+def session_events(port: int, mode: str, frames: int) -> Iterator[tuple[dict, float]]:
+    """A WebSocket session's JSON events to its end, each with the seconds since its start
+    message (each segment's bytes are read, not kept)."""
     start = {"type": "start", "prompt": PROMPT, "mode": mode, "num_frames": frames}
-    chunks, first = 0, 0.0
     t0 = time.perf_counter()
     with connect(f"ws://127.0.0.1:{port}/v1/sessions", max_size=None) as ws:
         ws.send(json.dumps(start))
         while True:
-            message = json.loads(ws.recv(timeout=600))
-            if message["type"] in ("init", "chunk"):
-                ws.recv(timeout=600)
-            if message["type"] == "chunk":
-                chunks += 1
-                first = first or time.perf_counter() - t0
-            if message["type"] in ("session.ended", "error"):
-                break
-    return (time.perf_counter() - t0) / max(chunks, 1), first
+            event = json.loads(ws.recv(timeout=900))
+            if event["type"] in ("init", "chunk"):
+                ws.recv(timeout=900)
+            yield event, time.perf_counter() - t0
+            if event["type"] in ("session.ended", "error"):
+                return
+
+
+def service_session(port: int, preset, mode: str, frames: int) -> tuple[float, float]:
+    """(end-to-end s per chunk, s to the first segment) of a WebSocket session."""
+    chunks, first, elapsed = 0, 0.0, 0.0
+    for event, elapsed in session_events(port, mode, frames):
+        if event["type"] == "chunk":
+            chunks += 1
+            first = first or elapsed
+    return elapsed / max(chunks, 1), first
 
 
 def measure(

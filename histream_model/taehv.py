@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from histream_model.vae import check_stream_latents
+
 
 @dataclass(frozen=True)
 class TAEHVConfig:
@@ -169,21 +171,8 @@ class TAEHV(nn.Module):
         return TAEHVDecodeState(pasts=(None,) * self.num_memory)
 
     def _check_latents(self, z: Tensor, state: TAEHVDecodeState) -> None:
-        c = self.config.latent_channels
-        if z.ndim != 5 or z.shape[1] != c or 0 in z.shape:
-            raise ValueError(
-                f"latents must be (B, {c}, T, h, w) with no empty axis, got shape {tuple(z.shape)}"
-            )
-        if len(state.pasts) != self.num_memory:
-            raise ValueError(
-                f"decode state has {len(state.pasts)} memory entries; this decoder needs "
-                f"{self.num_memory} (make it with new_decode_state())"
-            )
-        size = (z.shape[0], z.shape[3], z.shape[4])
-        if state.latent_size is not None and size != state.latent_size:
-            raise ValueError(
-                f"latent chunk (batch, h, w)={size} does not match the stream's {state.latent_size}"
-            )
+        entries = (len(state.pasts), self.num_memory)
+        check_stream_latents(z, self.config.latent_channels, state.latent_size, entries)
 
     @torch.no_grad()
     def decode_chunk(self, z: Tensor, state: TAEHVDecodeState) -> tuple[Tensor, TAEHVDecodeState]:

@@ -30,6 +30,32 @@ class VAEDecodeState:
     latent_size: tuple[int, int, int] | None = None  # (batch, h, w), fixed by the first chunk
 
 
+def check_stream_latents(
+    z: Tensor,
+    channels: int,
+    latent_size: tuple[int, int, int] | None,
+    entries: tuple[int, int],
+) -> None:
+    """A streaming decoder's checks of a latent chunk: (B, channels, T, h, w) with no empty
+    axis, of the stream's (batch, h, w), against a state of the right number of entries
+    (`entries`: the state's, the decoder's)."""
+    if z.ndim != 5 or z.shape[1] != channels or 0 in z.shape:
+        raise ValueError(
+            f"latents must be (B, {channels}, T, h, w) with no empty axis, "
+            f"got shape {tuple(z.shape)}"
+        )
+    if entries[0] != entries[1]:
+        raise ValueError(
+            f"decode state has {entries[0]} entries; this decoder needs {entries[1]} "
+            "(make it with new_decode_state())"
+        )
+    size = (z.shape[0], z.shape[3], z.shape[4])
+    if latent_size is not None and size != latent_size:
+        raise ValueError(
+            f"latent chunk (batch, h, w)={size} does not match the stream's {latent_size}"
+        )
+
+
 class WanVAE(nn.Module):
     """The Wan2.1 VAE (`WanVAE_` in the original): encoder, quant convs, decoder.
 
@@ -67,21 +93,9 @@ class WanVAE(nn.Module):
             )
 
     def _check_latents(self, z: Tensor, state: VAEDecodeState) -> None:
-        if z.ndim != 5 or z.shape[1] != self.config.z_dim or 0 in z.shape:
-            raise ValueError(
-                f"latents must be (B, {self.config.z_dim}, T, h, w) with no empty axis, "
-                f"got shape {tuple(z.shape)}"
-            )
-        if len(state.history) != self.decoder.num_slots:
-            raise ValueError(
-                f"decode state has {len(state.history)} history entries; this VAE needs "
-                f"{self.decoder.num_slots} (make it with new_decode_state())"
-            )
-        size = (z.shape[0], z.shape[3], z.shape[4])
-        if state.latent_size is not None and size != state.latent_size:
-            raise ValueError(
-                f"latent chunk (batch, h, w)={size} does not match the stream's {state.latent_size}"
-            )
+        check_stream_latents(
+            z, self.config.z_dim, state.latent_size, (len(state.history), self.decoder.num_slots)
+        )
 
     def posterior(self, x: Tensor, history: History | None = None) -> Tensor:
         """Video (B, 3, 1 + 4k, H, W) in [-1, 1] -> posterior (mu, log_var) (B, 2z, 1 + k, h, w),
