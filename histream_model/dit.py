@@ -13,65 +13,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histream_model.attention import attention
 from histream_model.config import DiTConfig
+from histream_model.dit_attention import (
+    CachedRow,
+    CrossAttention,
+    SelfAttention,
+    SelfAttnContext,
+    TextKV,
+)
 from histream_model.kv_cache import ChunkSlots, KVCache
-from histream_model.rope import RopeAxes, RopeTable, apply_rope, rope_table
+from histream_model.rope import RopeAxes, RopeTable, rope_table
 
-
-@dataclass(frozen=True)
-class TextKV:
-    """Cross-attention keys/values of one prompt for every layer, computed once per prompt."""
-
-    k: tuple[torch.Tensor, ...]  # per layer (B, text_len, H, D)
-    v: tuple[torch.Tensor, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.k, *self.v))
-
-
-@dataclass(frozen=True)
-class CachedRow:
-    """One session of a cross-session batched pass: batch row i of the pass uses its own cache,
-    slots and RoPE table (its own frame positions)."""
-
-    cache: KVCache
-    slots: ChunkSlots
-    rope: RopeTable
-
-
-@dataclass(frozen=True)
-class SelfAttnContext:
-    """How self-attention sees its keys for one forward pass."""
-
-    rope: RopeTable | None  # rotation of this pass's tokens (None: per row, see `rows`)
-    scale: float | None = None  # softmax scale (None = 1/sqrt(head_dim))
-    cache: KVCache | None = None  # None: attend within the pass only
-    slots: ChunkSlots | None = None  # where the pass's tokens live in `cache`
-    mask: torch.Tensor | None = None  # boolean [L, L] (cache-less passes only)
-    rows: tuple[CachedRow, ...] | None = None  # a cross-session batch: one per batch row
-
-
-class RMSNorm(nn.Module):
-    """RMS norm over the full hidden size (across heads), computed in float32."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(
-            x
-        ) * self.weight
+__all__ = ["CachedRow", "SelfAttnContext", "TextKV", "WanDiT", "build_dit"]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -81,72 +39,6 @@ class LayerNorm(nn.LayerNorm):
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
-
-
-class Projections(nn.Module):
-    """q/k/v/o projections with RMS-normed queries and keys (both attentions of a block)."""
-
-    def __init__(self, config: DiTConfig) -> None:
-        super().__init__()
-        dim = config.dim
-        self.num_heads = config.num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, config.eps)
-        self.norm_k = RMSNorm(dim, config.eps)
-
-
-class SelfAttention(Projections):
-    def keys_values(self, x: torch.Tensor, rope: RopeTable) -> tuple[torch.Tensor, torch.Tensor]:
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), rope)
-        return k, self.v(x).unflatten(-1, (self.num_heads, -1))  # (B, L, H, D) each
-
-    def write_rows(self, x: torch.Tensor, layer: int, rows: tuple[CachedRow, ...]) -> None:
-        """Each batch row's keys/values into its own cache (the kv-only pass of a batch)."""
-        for i, row in enumerate(rows):
-            k, v = self.keys_values(x[i : i + 1], row.rope)
-            row.cache.write(layer, k, v, row.slots)
-
-    def forward_rows(self, x: torch.Tensor, layer: int, ctx: SelfAttnContext) -> torch.Tensor:
-        """A cross-session batch: the projections run on every row at once; RoPE, the cache
-        write and attention per row, each exactly as that session's pass alone computes them
-        (its own positions and context length)."""
-        assert ctx.rows is not None
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
-        v = self.v(x).unflatten(-1, (self.num_heads, -1))
-        out = []
-        for i, row in enumerate(ctx.rows):
-            ki = apply_rope(k[i : i + 1], row.rope)
-            row.cache.write(layer, ki, v[i : i + 1], row.slots)
-            keys, values = row.cache.context(layer, row.slots)
-            out.append(attention(apply_rope(q[i : i + 1], row.rope), keys, values, ctx.scale))
-        return self.o(torch.cat(out).flatten(2))
-
-    def forward(self, x: torch.Tensor, layer: int, ctx: SelfAttnContext) -> torch.Tensor:
-        if ctx.rows is not None:
-            return self.forward_rows(x, layer, ctx)
-        assert ctx.rope is not None
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), ctx.rope)
-        k, v = self.keys_values(x, ctx.rope)
-        if ctx.cache is not None:
-            assert ctx.slots is not None
-            ctx.cache.write(layer, k, v, ctx.slots)
-            k, v = ctx.cache.context(layer, ctx.slots)
-        out = attention(q, k, v, scale=ctx.scale, mask=ctx.mask)  # (B, L, H, D)
-        return self.o(out.flatten(2))
-
-
-class CrossAttention(Projections):
-    def keys_values(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.norm_k(self.k(text)).unflatten(-1, (self.num_heads, -1))
-        return k, self.v(text).unflatten(-1, (self.num_heads, -1))  # (B, Lt, H, D) each
-
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        return self.o(attention(q, k, v).flatten(2))
 
 
 class Block(nn.Module):
@@ -303,13 +195,7 @@ class WanDiT(nn.Module):
             if kv_only and i == last:
                 # Only this layer's keys/values are needed: skip its attention, FFN and the head.
                 h = block.pre_attention(tokens, block.modulate(e0), frames)
-                if ctx.rows is not None:
-                    block.self_attn.write_rows(h, i, ctx.rows)
-                    return None
-                assert ctx.rope is not None
-                k, v = block.self_attn.keys_values(h, ctx.rope)
-                assert ctx.cache is not None and ctx.slots is not None
-                ctx.cache.write(i, k, v, ctx.slots)
+                block.self_attn.write(h, i, ctx)
                 return None
             tokens = block(tokens, e0, (text.k[i], text.v[i]), i, ctx, frames)
         return self.unpatchify(self.head(tokens, e, frames).float(), grid)

@@ -151,38 +151,98 @@ def phase_input(
 
 
 @dataclass(frozen=True)
+class BatchMember:
+    """One session's phase in a cross-session batch (`run_phase_batch`)."""
+
+    state: ResolutionState
+    plan: ChunkPlan
+    seed: int
+    received: torch.Tensor | None = None
+
+
+def batch_key(state: ResolutionState, plan: ChunkPlan, phase: Phase) -> tuple:
+    """Phases with equal keys can run as one batched pass sequence: the same passes (timesteps,
+    cache write, attention scale, noise draws) over latents of the same shape. Positions,
+    context lengths, seeds and prompts may differ (they are per row)."""
+    return (
+        phase.resolution, phase.entry, phase.timesteps, phase.write, phase.write_t, phase.scale,
+        phase.first_draw, phase.write_draw, plan.num_frames, state.latent_hw, state.batch,
+        state.cache.k.dtype, str(state.cache.k.device),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class _Pass:
-    """Where a phase's passes run: the chunk's cache slots and RoPE table at one resolution."""
+    """Where a phase's passes run: each member's chunk slots and RoPE table at one resolution.
+    One member runs `forward_chunk` (any batch of its own); several, a cross-session batch of
+    one row each, run `forward_chunk_rows`, each row with its own noise."""
 
     model: WanDiT
-    state: ResolutionState
-    slots: ChunkSlots
-    rope: RopeTable
+    members: tuple[BatchMember, ...]
+    slots: tuple[ChunkSlots, ...]
+    ropes: tuple[RopeTable, ...]
     scale: float | None
+    text: TextKV
 
     @classmethod
     def of(cls, model: WanDiT, state: ResolutionState, plan: ChunkPlan, phase: Phase) -> _Pass:
-        slots = state.cache.slots(plan.frame_start, plan.num_frames)
-        return cls(
-            model, state, slots, model.chunk_rope(state.rope, slots, state.latent_hw), phase.scale
-        )
+        """One session's passes that draw no noise (a restore's replayed writes)."""
+        return cls.rows(model, [BatchMember(state, plan, seed=0)], phase)
+
+    @classmethod
+    def rows(cls, model: WanDiT, members: list[BatchMember], phase: Phase) -> _Pass:
+        slots = [m.state.cache.slots(m.plan.frame_start, m.plan.num_frames) for m in members]
+        ropes = [
+            model.chunk_rope(m.state.rope, s, m.state.latent_hw)
+            for m, s in zip(members, slots, strict=True)
+        ]
+        texts = [m.state.text for m in members]
+        text = texts[0] if len(texts) == 1 else TextKV(
+            k=tuple(torch.cat(layer) for layer in zip(*(t.k for t in texts), strict=True)),
+            v=tuple(torch.cat(layer) for layer in zip(*(t.v for t in texts), strict=True)),
+        )  # fmt: skip
+        return cls(model, tuple(members), tuple(slots), tuple(ropes), phase.scale, text)
+
+    @property
+    def batched(self) -> bool:
+        return len(self.members) > 1
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: float, kv_only: bool = False) -> torch.Tensor | None:
-        s = self.state
+        if self.batched:
+            rows = [
+                CachedRow(m.state.cache, s, r)
+                for m, s, r in zip(self.members, self.slots, self.ropes, strict=True)
+            ]
+            return self.model.forward_chunk_rows(x, t, self.text, rows, self.scale, kv_only)
+        s = self.members[0].state
         t_batch = torch.full((x.shape[0],), t, device=x.device)
         return self.model.forward_chunk(
-            x, t_batch, s.text, s.cache, self.slots, self.rope, self.scale, kv_only=kv_only
+            x, t_batch, s.text, s.cache, self.slots[0], self.ropes[0], self.scale, kv_only=kv_only
         )
+
+    def noise(self, draw: int, like: torch.Tensor) -> torch.Tensor:
+        """Draw `draw` of the chunk's noise, each member's from its own seed and chunk."""
+        if not self.batched:
+            m = self.members[0]
+            return chunk_noise(m.seed, m.plan.index, draw, like.shape, like.device)
+        one = (1, *like.shape[1:])
+        return torch.cat(
+            [chunk_noise(m.seed, m.plan.index, draw, one, like.device) for m in self.members]
+        )
+
+    def commit(self) -> None:
+        """The chunk's keys/values are written: history in every member's cache."""
+        for m, s in zip(self.members, self.slots, strict=True):
+            m.state.cache.commit(s)
+
+    def counted(self, kind: str) -> None:
+        for m in self.members:
+            setattr(m.state, kind, getattr(m.state, kind) + 1)
 
 
 def _denoise(
-    forward: _Pass,
-    plan: ChunkPlan,
-    phase: Phase,
-    options: HiStreamOptions,
-    seed: int,
-    x: torch.Tensor,
+    forward: _Pass, phase: Phase, options: HiStreamOptions, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The phase's steps: predict x0, re-noise it with fresh noise to the next timestep.
     Returns the last x0 and the last pass's input."""
@@ -191,10 +251,10 @@ def _denoise(
     for j, t in enumerate(phase.timesteps):
         v = forward(x, t)
         assert v is not None
-        forward.state.denoise_passes += 1
+        forward.counted("denoise_passes")
         x0 = flow.x0_from_flow(x, v, t)
         if j + 1 < len(phase.timesteps):
-            eps = chunk_noise(seed, plan.index, phase.first_draw + j + 1, x.shape, x.device)
+            eps = forward.noise(phase.first_draw + j + 1, x)
             x = flow.renoise(x0, eps, phase.timesteps[j + 1])
     return x0, x
 
@@ -203,16 +263,8 @@ def _commit(forward: _Pass, x: torch.Tensor, t: float = 0.0) -> None:
     """The kv-only pass writing the chunk's keys/values of `x` at `t` (the clean x0 at t = 0
     for a commit); the window slides."""
     forward(x, t, kv_only=True)
-    forward.state.cache.commit(forward.slots)
-    forward.state.commit_passes += 1
-
-
-def write_input(
-    plan: ChunkPlan, phase: Phase, options: HiStreamOptions, seed: int, x0: torch.Tensor
-) -> torch.Tensor:
-    """What a RENOISED write pass reads: the phase's x0 re-noised to its write timestep."""
-    eps = chunk_noise(seed, plan.index, phase.write_draw, x0.shape, x0.device)
-    return _flow(options).renoise(x0, eps, phase.write_t)
+    forward.commit()
+    forward.counted("commit_passes")
 
 
 @dataclass(frozen=True)
@@ -223,6 +275,49 @@ class PhaseResult:
 
     latents: torch.Tensor
     write_input: torch.Tensor | None = None
+
+
+def _run_members(
+    model: WanDiT,
+    members: list[BatchMember],
+    phases: list[Phase],
+    options: HiStreamOptions,
+    timer: Timer = _untimed,
+) -> list[PhaseResult]:
+    """One phase (`phases[i]` of member i; they share a `batch_key` when several) as one pass
+    sequence; a result per member."""
+    for m, phase in zip(members, phases, strict=True):
+        if m.state.resolution != phase.resolution or m.state.name != phase.cache:
+            raise ValueError(f"a phase on cache {phase.cache!r} cannot run on {m.state.name!r}")
+    phase = phases[0]
+    with timer("input"):
+        inputs = [
+            phase_input(m.state, m.plan, p, options, m.seed, m.received)
+            for m, p in zip(members, phases, strict=True)
+        ]
+    x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+    forward = _Pass.rows(model, members, phase)
+    last_input = None
+    if phase.timesteps:
+        with timer("denoise"):
+            x, last_input = _denoise(forward, phase, options, x)
+    written = None
+    if phase.write == Write.CLEAN:
+        with timer("commit"):
+            _commit(forward, x)
+    elif phase.write == Write.RENOISED:  # the phase's x0 re-noised to its write timestep
+        with timer("commit"):
+            written = _flow(options).renoise(x, forward.noise(phase.write_draw, x), phase.write_t)
+            _commit(forward, written, phase.write_t)
+    elif phase.write == Write.LAST_PASS:  # the last pass wrote the keys/values: keep them
+        forward.commit()
+        written = last_input
+    if not forward.batched:
+        return [PhaseResult(x, written)]
+    return [
+        PhaseResult(x[i : i + 1], None if written is None else written[i : i + 1])
+        for i in range(len(members))
+    ]
 
 
 def run_phase(
@@ -236,57 +331,8 @@ def run_phase(
     timer: Timer = _untimed,
 ) -> PhaseResult:
     """Run one phase against its cache's state; returns its result (see plan.py)."""
-    if state.resolution != phase.resolution or state.name != phase.cache:
-        raise ValueError(f"a phase on cache {phase.cache!r} cannot run on {state.name!r}")
-    with timer("input"):
-        x = phase_input(state, plan, phase, options, seed, received)
-    forward = _Pass.of(model, state, plan, phase)
-    last_input = None
-    if phase.timesteps:
-        with timer("denoise"):
-            x, last_input = _denoise(forward, plan, phase, options, seed, x)
-    written = None
-    if phase.write == Write.CLEAN:
-        with timer("commit"):
-            _commit(forward, x)
-    elif phase.write == Write.RENOISED:
-        with timer("commit"):
-            written = write_input(plan, phase, options, seed, x)
-            _commit(forward, written, phase.write_t)
-    elif phase.write == Write.LAST_PASS:  # the last pass wrote the keys/values: keep them
-        state.cache.commit(forward.slots)
-        written = last_input
-    return PhaseResult(x, written)
-
-
-@dataclass(frozen=True)
-class BatchMember:
-    """One session's phase in a cross-session batch (`run_phase_batch`)."""
-
-    state: ResolutionState
-    plan: ChunkPlan
-    seed: int
-    received: torch.Tensor | None = None
-
-
-def batch_key(state: ResolutionState, plan: ChunkPlan, phase: Phase) -> tuple:
-    """Phases with equal keys can run as one batched pass sequence: the same passes (timesteps,
-    cache write, attention scale) over latents of the same shape. Positions, context lengths,
-    seeds and prompts may differ (they are per row)."""
-    return (
-        phase.resolution, phase.entry, phase.timesteps, phase.write, phase.write_t, phase.scale,
-        phase.first_draw, phase.write_draw, plan.num_frames, state.latent_hw, state.batch,
-        state.cache.k.dtype, str(state.cache.k.device),
-    )  # fmt: skip
-
-
-def _cat_text(texts: list[TextKV]) -> TextKV:
-    if len(texts) == 1:
-        return texts[0]
-    return TextKV(
-        k=tuple(torch.cat(layer) for layer in zip(*(t.k for t in texts), strict=True)),
-        v=tuple(torch.cat(layer) for layer in zip(*(t.v for t in texts), strict=True)),
-    )
+    member = BatchMember(state, plan, seed, received)
+    return _run_members(model, [member], [phase], options, timer)[0]
 
 
 def run_phase_batch(
@@ -297,71 +343,16 @@ def run_phase_batch(
 ) -> list[PhaseResult]:
     """Phase `phase_index` of each member's chunk plan, for several sessions at once: every
     forward pass of the phase runs once for all of them (`WanDiT.forward_chunk_rows`). The
-    phases must have equal `batch_key`s. Each member's result and cache are those `run_phase`
-    gives it alone; its noise comes from its own seed and chunk."""
+    phases must have equal `batch_key`s and each session one video (state batch 1). Each
+    member's result and cache are those `run_phase` gives it alone; its noise comes from its
+    own seed and chunk."""
     phases = [m.plan.phases[phase_index] for m in members]
     keys = {batch_key(m.state, m.plan, p) for m, p in zip(members, phases, strict=True)}
     if len(keys) != 1:
         raise ValueError(f"phases of a batch must have one batch key, got {len(keys)}")
-    for m, phase in zip(members, phases, strict=True):
-        if m.state.resolution != phase.resolution or m.state.name != phase.cache:
-            raise ValueError(f"a phase on cache {phase.cache!r} cannot run on {m.state.name!r}")
-    phase = phases[0]
     if members[0].state.batch != 1:
         raise ValueError("batched phases take sessions of one video each (state batch 1)")
-    x = torch.cat(
-        [phase_input(m.state, m.plan, p, options, m.seed, m.received)
-         for m, p in zip(members, phases, strict=True)]
-    )  # fmt: skip
-    slots = [m.state.cache.slots(m.plan.frame_start, m.plan.num_frames) for m in members]
-    rows = [
-        CachedRow(m.state.cache, s, model.chunk_rope(m.state.rope, s, m.state.latent_hw))
-        for m, s in zip(members, slots, strict=True)
-    ]
-    text = _cat_text([m.state.text for m in members])
-    flow = _flow(options)
-
-    def noise(draw: int, like: torch.Tensor) -> torch.Tensor:
-        one = (1, *like.shape[1:])
-        return torch.cat(
-            [chunk_noise(m.seed, m.plan.index, draw, one, like.device) for m in members]
-        )
-
-    def forward(x: torch.Tensor, t: float, kv_only: bool = False) -> torch.Tensor | None:
-        with torch.no_grad():
-            return model.forward_chunk_rows(x, t, text, rows, phase.scale, kv_only)
-
-    def commit(x: torch.Tensor, t: float) -> None:
-        forward(x, t, kv_only=True)
-        for m, s in zip(members, slots, strict=True):
-            m.state.cache.commit(s)
-            m.state.commit_passes += 1
-
-    last_input = None
-    for j, t in enumerate(phase.timesteps):
-        last_input = x
-        v = forward(x, t)
-        assert v is not None
-        for m in members:
-            m.state.denoise_passes += 1
-        x0 = flow.x0_from_flow(x, v, t)
-        if j + 1 < len(phase.timesteps):
-            x = flow.renoise(x0, noise(phase.first_draw + j + 1, x), phase.timesteps[j + 1])
-        x = x0 if j + 1 == len(phase.timesteps) else x
-    written = None
-    if phase.write == Write.CLEAN:
-        commit(x, 0.0)
-    elif phase.write == Write.RENOISED:
-        written = flow.renoise(x, noise(phase.write_draw, x), phase.write_t)
-        commit(written, phase.write_t)
-    elif phase.write == Write.LAST_PASS:
-        for m, s in zip(members, slots, strict=True):
-            m.state.cache.commit(s)
-        written = last_input
-    return [
-        PhaseResult(x[i : i + 1], None if written is None else written[i : i + 1])
-        for i in range(len(members))
-    ]
+    return _run_members(model, members, phases, options)
 
 
 def run_chunk(

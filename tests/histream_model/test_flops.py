@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from histream_model import MODES, PRESETS, build_dit
-from histream_model import dit as dit_module
+from histream_model import dit_attention as dit_module
 from histream_model.config import DiTConfig, HiStreamOptions, get_mode
 from histream_model.flops import (
     cache_layout,
