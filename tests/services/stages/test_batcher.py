@@ -33,10 +33,10 @@ def test_waiting_jobs_batch_by_key_up_to_the_limit_and_keys_run_side_by_side():
         return await asyncio.gather(*first, *rest)
 
     assert asyncio.run(main()) == ["A", "B", "C", "D", "E", "F", "G"]
-    assert sorted(ran[:2]) == [["a"], ["b"]]
-    k1 = [batch for batch in ran[2:] if batch[0] in "cf"]
-    k2 = [batch for batch in ran[2:] if batch[0] in "deg"]
-    assert k1 == [["c", "f"]] and k2 == [["d", "e"], ["g"]]  # oldest first, at most 2
+    # the two keys' threads interleave freely once released, so order is checked per key
+    k1 = [batch for batch in ran if batch[0] in "acf"]
+    k2 = [batch for batch in ran if batch[0] in "bdeg"]
+    assert k1 == [["a"], ["c", "f"]] and k2 == [["b"], ["d", "e"], ["g"]]  # oldest first, at most 2
     assert batcher.stats.as_dict() == {"batches": 5, "batched_phases": 7, "largest_batch": 2}
 
 
