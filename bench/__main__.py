@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from bench import (
     batch,
+    batching,
     breakdown,
     decoders,
     diagonal,
@@ -46,6 +47,10 @@ SECTIONS: dict[str, Section] = {
     "breakdown": lambda a: breakdown.section(a.preset, a.breakdown_repeats, a.frames, _log),
     "decoders": lambda a: decoders.section(a.preset, a.decoder_repeats, a.frames, _log),
     "load": lambda a: load.section(a.load_preset, a.load_frames, log=_log),
+    "batching": lambda a: "\n\n".join(
+        batching.section(p, a.batching_frames, a.batching_repeats, log=_log)
+        for p in a.batching_presets
+    ),
     "serving": lambda a: "\n\n".join(
         serving.section(a.preset, a.serving_repeats, a.frames, _log, d) for d in a.serving_decoders
     ),
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "--sections", nargs="+", choices=list(SECTIONS),
-        default=[s for s in SECTIONS if s not in ("table2-gpu", "quality", "load")],
+        default=[s for s in SECTIONS if s not in ("table2-gpu", "quality", "load", "batching")],
     )  # fmt: skip
     parser.add_argument("--preset", default="bench", help="preset of the measured sections")
     parser.add_argument("--frames", type=int, default=81, help="video frames (81 = 21 latent)")
@@ -82,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--load-preset", default="tiny", help="preset of the load section")
     parser.add_argument("--load-frames", type=int, default=81, help="frames per load session")
+    parser.add_argument("--batching-presets", nargs="+", default=["tiny", "bench"])
+    parser.add_argument("--batching-frames", type=int, default=45, help="frames per session")
+    parser.add_argument("--batching-repeats", type=int, default=2)
     parser.add_argument("--durability-repeats", type=int, default=3)
     parser.add_argument("--pipeline-repeats", type=int, default=3)
     parser.add_argument(

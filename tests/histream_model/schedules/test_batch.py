@@ -148,3 +148,16 @@ def test_phases_of_different_keys_are_refused(tiny):
     ]
     with pytest.raises(ValueError, match="one batch key, got 2"):
         run_phase_batch(tiny.dit, members, 0, tiny.preset.options)
+
+
+def test_the_batching_benchmark_times_the_same_work_both_ways(tiny):
+    """`python -m bench --sections batching`: its two ways give each session the same video."""
+    from bench.batching import run_sessions
+
+    context = tiny.text.encode(["a red circle"])
+    took_off, off = run_sessions(tiny, context, 3, 21, batched=False)
+    took_on, on = run_sessions(tiny, context, 3, 21, batched=True)
+    assert took_off > 0 and took_on > 0 and len(on) == 3 and len(on[0]) == 2  # 6 latent frames
+    for alone, together in zip(off, on, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(alone, together, strict=True))
+    assert not torch.equal(on[0][0], on[1][0])  # seeds differ per session
