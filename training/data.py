@@ -124,9 +124,10 @@ def sample_scene(seed: int, two_objects: float = 0.25, placed: bool = False) -> 
     """A random scene; with probability `two_objects` a second object of another colour.
 
     `placed`: the objects start at fixed places (`PLACES`: the centre; or the left and right
-    thirds, in the prompt's order), so the prompt alone decides the whole video. The DiT is
-    trained on placed scenes: its few-step sampler predicts the mean clean video, which for a
-    random start is an empty background. Other draws are the same either way.
+    thirds, in the prompt's order), so the prompt alone decides the whole video up to where it
+    sits. The DiT is trained on placed scenes moved to a token of the frame
+    (`training.dit.centre_on`): where the noise peaks, or anywhere. Other draws are the same
+    either way.
     """
     rng = random.Random(seed)
     background = rng.choice(list(BACKGROUNDS))

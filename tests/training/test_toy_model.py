@@ -75,3 +75,21 @@ def test_histream_eval_scores_a_trained_folder(trained, tmp_path, capsys) -> Non
     assert videos["self-forcing"]["psnr"] is None and videos["histream"]["psnr"] > 0
     assert 0 < videos["histream"]["ssim"] <= 1
     assert json.loads(capsys.readouterr().out) == result["summary"]
+
+
+def test_the_diagnosis_measures_the_top_level_and_can_fine_tune_it(trained, tmp_path, capsys):
+    from training.diagnose import main as diagnose
+
+    capsys.readouterr()
+    out = tmp_path / "tuned"
+    code = diagnose(["--weights", str(trained), "--finetune", "2", "--clips", "2",
+                     "--out", str(out)])  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    targets = {"placed low", "noise-peak low", "placed high", "noise-peak high"}
+    assert set(result) == {"before", "after"} and set(result["before"]) == targets
+    for measured in result["before"].values():
+        assert measured["object_mse"] > 0 and measured["object_variance"] > 0
+    assert result["after"] != result["before"]  # the fine-tune changed the DiT
+    tuned = load_components("toy", resolve_weights(out), device="cpu")
+    assert tuned.dit.config == get_preset("toy").dit

@@ -17,7 +17,14 @@ from histream_model.text import BuiltinTextEncoder
 from histream_model.vae import WanVAE
 from services.local.cli import main as cli_main
 from training.data import render, sample_scene
-from training.dit import encode_clips, layout, sampler_timesteps, train_dit
+from training.dit import (
+    centre_on,
+    encode_clips,
+    layout,
+    noise_peak,
+    sampler_timesteps,
+    train_dit,
+)
 from training.vae import (
     StreamedClips,
     _init_for_training,
@@ -148,6 +155,22 @@ def test_training_timesteps_are_the_samplers() -> None:
     levels = sampler_timesteps(get_preset("toy"))
     assert levels[-1] == 1000.0 and 400.0 in levels  # 250 warped by shift 2
     assert all(0 < t <= 1000 for t in levels) and list(levels) == sorted(set(levels))
+
+
+def test_a_scene_drawn_from_pure_noise_is_centred_where_the_noise_peaks() -> None:
+    eps = torch.randn(2, 16, 3, 8, 12, generator=torch.Generator().manual_seed(0))
+    eps[0, :, 0, 4:6, 2:4] += 1.0  # token (2, 1)'s patch of the first frame
+    eps[1, :, 0, 0:2, 10:12] += 1.0  # token (0, 5)
+    eps[1, :, 1:, 2:4, 0:2] += 5.0  # later frames do not count
+    tokens = noise_peak(eps, (1, 2, 2))
+    assert tokens.tolist() == [[2, 1], [0, 5]]
+    centred = torch.zeros(2, 1, 1, 8, 12)
+    centred[:, :, :, 2:6, 5:7] = 1.0  # a 4 x 2 object on the frame's centre (4, 6)
+    moved = centre_on(centred, tokens, (1, 2, 2))
+    rows = lambda clip: sorted({r for r, _ in moved[clip, 0, 0].nonzero().tolist()})  # noqa: E731
+    cols = lambda clip: sorted({c for _, c in moved[clip, 0, 0].nonzero().tolist()})  # noqa: E731
+    assert rows(0) == [3, 4, 5, 6] and cols(0) == [2, 3]  # centred on token (2, 1)'s (5, 3)
+    assert rows(1) == [0, 1, 2, 7] and cols(1) == [10, 11]  # token (0, 5): over the top edge
 
 
 def test_dit_loss_falls_on_a_small_set() -> None:
