@@ -18,13 +18,16 @@ source: `chunk_noise(seed, chunk, draw)`, the noise of step `draw` of a chunk, a
 interface. What is under test is everything around the model: schedule, caches, windows,
 positions, hand-offs.
 
-Limits: a pass has one softmax scale and one prompt, so chunks after a first chunk generated
-with CineScale's attention scale, or after a prompt change, cannot be recomputed in one pass; the
-multi-chunk cases use scale 1 and one prompt, and the scale is checked on a first chunk alone.
+A prompt change (from chunk k on) leaves the earlier chunks' keys as their prompt made them, so
+in a reference pass each frame attends to its own chunk's prompt (`prompts_per_frame` splits
+the cross-attention by frame). A pass has one softmax scale, so chunks after a first chunk
+generated with CineScale's attention scale cannot be recomputed in one pass: the multi-chunk
+cases use scale 1, and the scale is checked on a first chunk alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 
@@ -82,17 +85,43 @@ def sees(frame_chunk: int, other: int, m: int, sliding: bool) -> bool:
     return other == 0 or start - (m - 1) <= other < start  # the anchor, then the M - 1 before
 
 
-def reference_pass(model, preset, sliding, history, x, t, ntk, scale=None) -> torch.Tensor:
-    """x0 of the noisy chunk `x` at `t` after the `history`: (latent, t) per earlier chunk."""
+@contextlib.contextmanager
+def prompts_per_frame(model, contexts: list[torch.Tensor], frame_prompt: list[int]):
+    """Each latent frame's tokens cross-attend to `contexts[frame_prompt[f]]`."""
+    texts = [model.text_kv(c) for c in contexts]
+    for layer, block in enumerate(model.blocks):
+        attend = block.cross_attn.forward
+
+        def per_frame(x, k, v, layer=layer, attend=attend):
+            n = x.shape[1] // len(frame_prompt)
+            return torch.cat([
+                attend(x[:, f * n : (f + 1) * n], texts[p].k[layer], texts[p].v[layer])
+                for f, p in enumerate(frame_prompt)
+            ], dim=1)  # fmt: skip
+
+        block.cross_attn.forward = per_frame
+    try:
+        yield
+    finally:
+        for block in model.blocks:
+            del block.cross_attn.forward  # back to the class's method
+
+
+def reference_pass(model, preset, sliding, history, x, t, ntk, scale, prompts) -> torch.Tensor:
+    """x0 of the noisy chunk `x` at `t` after the `history`: (latent, t) per earlier chunk;
+    `prompts[b]` is chunk b's prompt (the last is the noisy chunk's)."""
     m = x.shape[2]
     frames = torch.cat([h for h, _ in history] + [x], dim=2)
     total = frames.shape[2]
     mask = torch.tensor([[sees(f // m, g, m, sliding) for g in range(total)] for f in range(total)])
     times = torch.tensor([[tb for _, tb in history for _ in range(m)] + [t] * m])
-    flow = model.forward_full(
-        frames, times, prompt(), rope=RopeAxes.build(preset.dit, ntk),
-        frame_positions=list(range(total)), frame_mask=mask, scale=scale,
-    )[:, :, total - m :]  # fmt: skip
+    contexts = [prompt(p) for p in sorted(set(prompts))]
+    frame_prompt = [sorted(set(prompts)).index(prompts[f // m]) for f in range(total)]
+    with prompts_per_frame(model, contexts, frame_prompt):
+        flow = model.forward_full(
+            frames, times, contexts[0], rope=RopeAxes.build(preset.dit, ntk),
+            frame_positions=list(range(total)), frame_mask=mask, scale=scale,
+        )[:, :, total - m :]  # fmt: skip
     return x - t / 1000 * flow
 
 
@@ -102,8 +131,19 @@ def step_list(options, count: int) -> tuple[int, ...]:
     return fixed.get(count) or tuple(round(1000 * (count - k) / count) for k in range(count))
 
 
-def reference(model, preset, mode_name: str, frames: int, seed: int, scale=None) -> list:
-    """Algorithm 1 (and Diagonal's context rule): each chunk's x0 (high resolution)."""
+def reference(
+    model,
+    preset,
+    mode_name: str,
+    frames: int,
+    seed: int,
+    scale=None,
+    change_at=None,
+    rewrite_history=False,
+) -> list:
+    """Algorithm 1 (and Diagonal's context rule): each chunk's x0 (high resolution); from chunk
+    `change_at` on, prompt 1 instead of prompt 0. `rewrite_history`: earlier chunks' keys as
+    the current prompt would make them (not what the generator does; for contrast)."""
     mode, options = get_mode(mode_name), preset.options
     diagonal = mode.schedule == "diagonal"
     m = options.chunk_frames
@@ -132,7 +172,12 @@ def reference(model, preset, mode_name: str, frames: int, seed: int, scale=None)
             ntk = (options.low if is_low else options.high).ntk_factors
             step_scale = scale if (i == 0 and not is_low) else None
             history = kv_low if is_low else kv_high
-            x0 = reference_pass(model, preset, mode.sliding_window, history, x, t, ntk, step_scale)
+            prompts = [int(change_at is not None and b >= change_at) for b in range(i + 1)]
+            if rewrite_history:
+                prompts = [prompts[-1]] * len(prompts)
+            x0 = reference_pass(
+                model, preset, mode.sliding_window, history, x, t, ntk, step_scale, prompts
+            )
         # Algorithm 1 lines 17-18: commit x0 (and Down(x0)) at t = 0; Diagonal: a later chunk
         # keeps the keys of its last high-res pass, on that pass's input at its timestep.
         kv_high.append((x, ts[-1]) if diagonal and i > 0 else (x0, 0.0))
@@ -141,9 +186,15 @@ def reference(model, preset, mode_name: str, frames: int, seed: int, scale=None)
     return outputs
 
 
-def generated(model, preset, mode: str, frames: int, seed: int) -> list[torch.Tensor]:
+def generated(model, preset, mode: str, frames: int, seed: int, change_at=None) -> list:
     generator = HiStreamGenerator(model, preset, mode)
-    return [c.latents for c in generator.generate(prompt(), H, W, frames, seed)]
+    state = generator.start(prompt(), H, W, frames, seed)
+    out = []
+    while not state.done:
+        if len(out) == change_at:
+            generator.set_prompt(state, prompt(1))
+        out.append(generator.step(state).latents)
+    return out
 
 
 @pytest.mark.parametrize("frames", [21, 45])  # 2 chunks; 4 chunks (the window slides twice)
@@ -154,6 +205,22 @@ def test_the_cached_generator_is_algorithm_1(model, mode, frames):
     assert len(ours) == len(paper) == (frames - 1) // 12 + 1
     for i, (a, b) in enumerate(zip(ours, paper, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"{mode}, chunk {i}")
+
+
+@pytest.mark.parametrize("mode", ["histream", "histream+", "self-forcing", "diagonal"])
+def test_a_prompt_change_conditions_later_chunks_and_leaves_earlier_keys(model, mode):
+    ours = generated(model, UNSCALED, mode, 45, seed=4, change_at=2)
+    paper = reference(model, UNSCALED, mode, 45, seed=4, change_at=2)
+    for i, (a, b) in enumerate(zip(ours, paper, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"{mode}, chunk {i}")
+    unchanged = reference(model, UNSCALED, mode, 45, seed=4)
+    assert torch.equal(ours[1], generated(model, UNSCALED, mode, 45, seed=4)[1])
+    assert not torch.allclose(ours[2], unchanged[2], atol=1e-3)  # the new prompt steers chunk 3
+    # ... and chunk 3 sees chunks 1-2's keys as the old prompt made them: the same history
+    # with its keys recomputed under the new prompt gives another chunk 3
+    rewritten = reference(model, UNSCALED, mode, 45, seed=4, change_at=2, rewrite_history=True)
+    torch.testing.assert_close(rewritten[1], paper[1])
+    assert not torch.allclose(ours[2], rewritten[2], atol=1e-3)
 
 
 @pytest.mark.parametrize("mode", ["histream", "self-forcing"])
