@@ -427,3 +427,41 @@ def test_kept_sessions_give_way_to_the_bytes_a_new_one_needs():
     assert table.evictable(70) == ["kept-2", "kept-1"]
     with pytest.raises(AtCapacity, match="holds 90 bytes"):
         table.check_room("new", 40)
+
+
+def test_the_background_reaper_frees_an_idle_session_on_its_own(tmp_path):
+    """README: a session unused for `session_idle_timeout_s` is freed by the stage itself (a
+    driver that vanished without closing). The reaper starts with the first session and wakes
+    every max(0.5 s, timeout / 4); the session table's clock is faked, so what frees the session
+    is the loop seeing the fake time pass, not the test calling `reap()`."""
+    settings = ServeSettings(
+        preset="tiny", session_idle_timeout_s=1.0,
+        storage=StorageSettings(local_dir=str(tmp_path / "store")),
+    )  # fmt: skip
+    structure = StructureStage(settings)
+    now = [0.0]
+    structure.sessions.clock = lambda: now[0]
+
+    async def run() -> tuple[int, int, int]:
+        await open_two(structure)
+        await asyncio.sleep(1.2)  # two wakes: the fake clock has not moved, so both stay
+        kept = structure.stats()["sessions"]
+        structure.sessions.get("a")  # used at t = 0 ...
+        now[0] = 0.8
+        structure.sessions.get("b")  # ... and at 0.8
+        now[0] = 1.5  # a idle 1.5 s > 1 s; b 0.7 s
+        for _ in range(40):  # up to 4 s for the next wake
+            if structure.stats()["sessions"] < 2:
+                break
+            await asyncio.sleep(0.1)
+        one = structure.stats()["sessions"]
+        with pytest.raises(SessionNotHeld):
+            structure.sessions.get("a")
+        now[0] = 10.0
+        for _ in range(40):
+            if structure.stats()["sessions"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        return kept, one, structure.stats()["sessions"]
+
+    assert asyncio.run(run()) == (2, 1, 0)
