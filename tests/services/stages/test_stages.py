@@ -465,3 +465,26 @@ def test_the_background_reaper_frees_an_idle_session_on_its_own(tmp_path):
         return kept, one, structure.stats()["sessions"]
 
     assert asyncio.run(run()) == (2, 1, 0)
+
+
+@pytest.mark.parametrize("mode", ["self-forcing", "no-drc"])
+def test_single_resolution_modes_run_on_the_refine_stage_alone(settings, mode):
+    """Modes without DRC hold no low-res cache: every phase runs on the refine stage, the
+    structure stage holds nothing of the session, and the latents are the generator's."""
+    structure = StructureStage(settings)
+    stages = {"low": structure, "high": RefineStage(settings, LocalHandle(structure))}
+
+    async def run() -> list:
+        context = (await structure.EncodePrompt(
+            stages_pb2.EncodePromptRequest(prompt="a fox"))).context  # fmt: skip
+        opened = stages_pb2.OpenSessionRequest(spec=spec("s", mode, 33), context=context)
+        await stages["high"].OpenSession(opened)
+        return await drive(stages, "s", mode, range(3), {})
+
+    got = [from_proto(x) for x in asyncio.run(run())]
+    assert structure.calls.get("RunPhase", 0) == 0 and structure.stats()["sessions"] == 0
+    c = load_components("tiny", device="cpu")
+    want = HiStreamGenerator(c.dit, c.preset, mode).generate(
+        c.text.encode(["a fox"]), H, W, 33, seed=4
+    )
+    assert all(torch.equal(a, b.latents) for a, b in zip(got, want, strict=True))
