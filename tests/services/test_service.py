@@ -419,8 +419,20 @@ def test_grpc_video_lifecycle(service):
     assert video.status == "completed"
     listed = stub.ListVideos(api_pb2.ListVideosRequest(limit=100, order="asc"), metadata=md)
     assert video.id in [v.id for v in listed.data]
+    created = [v.created_at for v in listed.data]
+    assert created == sorted(created)  # asc: oldest first
+    newest = stub.ListVideos(api_pb2.ListVideosRequest(limit=100, order="desc"), metadata=md)
+    latest = [v.created_at for v in newest.data]
+    assert latest == sorted(latest, reverse=True) and video.id in [v.id for v in newest.data]
+    if not listed.has_more:  # the whole list both ways: one is the other reversed
+        assert [v.id for v in newest.data] == [v.id for v in listed.data][::-1]
     gone = stub.DeleteVideo(api_pb2.DeleteVideoRequest(id=video.id), metadata=md)
     assert gone.deleted and gone.object == "video.deleted"
+    with pytest.raises(grpc.RpcError) as missing:  # deleted means gone
+        stub.GetVideo(api_pb2.GetVideoRequest(id=video.id), metadata=md)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    after = stub.ListVideos(api_pb2.ListVideosRequest(limit=100, order="asc"), metadata=md)
+    assert video.id not in [v.id for v in after.data]
 
 
 # -- health, metrics, bad input -----------------------------------------------------------------
@@ -436,6 +448,21 @@ def test_health_and_metrics(service):
     for name in ("histream_requests_total", "histream_chunk_seconds_bucket",
                  "histream_active_sessions", "histream_cache_bytes"):  # fmt: skip
         assert name in text
+    # the request counter counts what was asked, by route template, method and status
+    ok = '{code="200",method="GET",route="/v1/models"}'  # labels sorted, as exposed
+    missing = '{code="404",method="GET",route="/v1/videos/{video_id}"}'
+
+    def count(labels: str) -> float:
+        try:
+            return metric(service.url, "histream_requests_total", labels)
+        except AssertionError:  # not asked yet
+            return 0.0
+
+    before = count(ok), count(missing)
+    for _ in range(3):
+        assert httpx.get(f"{service.url}/v1/models").status_code == 200
+    assert httpx.get(f"{service.url}/v1/videos/video_nope").status_code == 404
+    assert (count(ok), count(missing)) == (before[0] + 3, before[1] + 1)
 
 
 BAD_VIDEOS = [
