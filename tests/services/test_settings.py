@@ -54,3 +54,29 @@ def test_diagonal_steps_reach_the_served_preset(monkeypatch):
     monkeypatch.setenv("HISTREAM_DIAGONAL_STEPS", "[2, 2]")
     with pytest.raises(ValueError, match=r"must decrease strictly: entry 1 \(2\)"):
         ServeSettings()
+
+
+def test_every_setting_comes_from_the_environment(monkeypatch):
+    """README: `HISTREAM_<FIELD>` for the fields of services/settings.py (nested ones with
+    `__`), `HISTREAM_STORAGE_<FIELD>` for storage; a bad value is refused naming the field."""
+    from services.settings import ServeSettings
+
+    for name, value in {
+        "HISTREAM_MAX_SESSIONS_PER_REPLICA": "7", "HISTREAM_TORCH_THREADS": "3",
+        "HISTREAM_SESSION_IDLE_TIMEOUT_S": "2.5", "HISTREAM_FPS": "24",
+        "HISTREAM_PHASE_BATCH_SIZE": "8", "HISTREAM_DECODE__MAX_REPLICAS": "5",
+        "HISTREAM_STORAGE_ENDPOINT": "s3.example:9000", "HISTREAM_STORAGE_BUCKET": "vids",
+        "HISTREAM_STORAGE_TIMEOUT_S": "12",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    s = ServeSettings()
+    assert (s.max_sessions_per_replica, s.torch_threads, s.session_idle_timeout_s, s.fps) == (
+        7, 3, 2.5, 24,
+    )  # fmt: skip
+    assert s.phase_batch_size == 8 and s.decode.max_replicas == 5
+    assert (s.storage.endpoint, s.storage.bucket, s.storage.timeout_s) == (
+        "s3.example:9000", "vids", 12,
+    )  # fmt: skip
+    monkeypatch.setenv("HISTREAM_MAX_SESSIONS_PER_REPLICA", "0")
+    with pytest.raises(ValueError, match="max_sessions_per_replica"):
+        ServeSettings()
