@@ -241,7 +241,7 @@ def ws_events(ws, until: str = "session.ended"):
 def test_websocket_session_streams_chunks_and_applies_a_new_prompt(service, tmp_path):
     start = {"type": "start", "prompt": PROMPT, "size": f"{W}x{H}", "num_frames": 117, "seed": 3,
              "mode": "histream+"}  # fmt: skip
-    chunks, accepted = [], None
+    chunks, accepted, applied, ended = [], None, [], None
     with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
         ws.send(json.dumps(start))
         events = ws_events(ws)
@@ -256,6 +256,10 @@ def test_websocket_session_streams_chunks_and_applies_a_new_prompt(service, tmp_
                     ws.send(json.dumps({"type": "prompt", "prompt": OTHER}))
             elif message["type"] == "prompt.accepted":
                 accepted = message
+            elif message["type"] == "prompt.applied":
+                applied.append((message, len(chunks)))
+            elif message["type"] == "session.ended":
+                ended = message
             elif message["type"] == "error":
                 pytest.fail(message["message"])
     assert [m["index"] for m, _ in chunks] == list(range(10))
@@ -263,6 +267,9 @@ def test_websocket_session_streams_chunks_and_applies_a_new_prompt(service, tmp_
     assert accepted is not None and 1 <= accepted["from_chunk"] < 10
     k = accepted["from_chunk"]
     assert [m["prompt_version"] for m, _ in chunks] == [0] * k + [1] * (10 - k)
+    # the prompt is announced applied once, right before the first chunk made under it
+    assert [(m["prompt_version"], m["from_chunk"], before) for m, before in applied] == [(1, k, k)]
+    assert ended is not None and ended["reason"] == "completed"
 
     # the stream decodes to the whole video
     mp4 = tmp_path / "stream.mp4"
@@ -339,6 +346,25 @@ def test_other_seeds_through_the_video_api(service, tmp_path):
     assert api.models.retrieve("histream-diagonal").id == "histream-diagonal"
     described = httpx.get(f"{service.url}/v1/models/hiar").json()
     assert described["mode"] == "hiar" and described["description"].startswith("HiAR: 4 high")
+
+
+def test_websocket_close_message_ends_the_session_as_closed(service):
+    """`{"type": "close"}` stops the session after the chunks already started: it ends with
+    reason `closed` before its last chunk, and the stages free its caches."""
+    start = {"type": "start", "prompt": PROMPT, "size": f"{W}x{H}", "num_frames": 117, "seed": 1}
+    got, ended = [], None
+    with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
+        ws.send(json.dumps(start))
+        for message, _ in ws_events(ws):
+            if message["type"] == "chunk":
+                got.append(message["index"])
+                if len(got) == 1:
+                    ws.send(json.dumps({"type": "close"}))
+            elif message["type"] == "session.ended":
+                ended = message
+    assert ended is not None and ended["reason"] == "closed"
+    assert got[0] == 0 and got == list(range(len(got))) and len(got) < 10
+    assert wait_until(lambda: held_sessions() == 0)
 
 
 def test_websocket_disconnect_frees_the_session(service):
