@@ -18,7 +18,7 @@ import logging
 
 from fastapi import WebSocket, WebSocketDisconnect
 
-from services.errors import InvalidArgument, QuotaExceeded, ServiceError, TooLarge
+from services.errors import Internal, InvalidArgument, QuotaExceeded, ServiceError, TooLarge
 from services.gateway.bodies import parse_object
 from services.gateway.core import GatewayCore
 from services.gateway.http import api
@@ -71,14 +71,23 @@ class WebSocketApi:
                     await send(event.message(), event.payload)
             await ws.close()
         except ServiceError as err:
-            with contextlib.suppress(Exception):
-                await send(error_event(err))
-                await ws.close(code=1008 if err.http_status < 500 else 1011)
-        except (Disconnected, WebSocketDisconnect, RuntimeError):
+            await self._ws_fail(ws, send, err)
+        except (Disconnected, WebSocketDisconnect, RuntimeError):  # RuntimeError: sent on a
+            # socket starlette already knows is closed
             log.info("session %s: client disconnected", live.id if live else "(not started)")
+        except Exception as err:  # a bug or a stage's unexpected failure: say so, then close
+            sid = live.id if live else "(not started)"
+            await self._ws_fail(ws, send, Internal.logged(log, err, f"session {sid}"))
         finally:
             if reader is not None:
                 reader.cancel()
+
+    @staticmethod
+    async def _ws_fail(ws: WebSocket, send, err: ServiceError) -> None:
+        """The `error` event, then a close: 1008 for the client's mistakes, 1011 for ours."""
+        with contextlib.suppress(Exception):
+            await send(error_event(err))
+            await ws.close(code=1008 if err.http_status < 500 else 1011)
 
     def _ws_tenant(self, ws: WebSocket, first: dict) -> str:
         """The caller's tenant: from the `Authorization` header, or (browsers cannot set

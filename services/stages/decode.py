@@ -19,10 +19,11 @@ from histream_model.components import decoder_for
 from histream_model.taehv import TAEHVDecodeState
 from histream_model.vae import VAEDecodeState
 from protos.histream.v1 import stages_pb2
-from services.errors import InvalidArgument
+from services.errors import InvalidArgument, SessionNotHeld
 from services.logs import ids
 from services.media import FragmentedMp4Encoder, progressive_mp4
 from services.protocol import StageName, StreamKind, from_proto
+from services.protocol.identity import replica_name
 from services.protocol.snapshot import decode_tail
 from services.settings import ServeSettings
 from services.stages.base import SessionStage, rpc
@@ -205,6 +206,7 @@ class DecodeStage(SessionStage[DecodeStream]):
             )
 
         async with stream.lock:
+            self._check_in_order(request, stream)
             segment = await asyncio.to_thread(run)
             segment.session_id, segment.chunk_index = request.session_id, request.chunk_index
             segment.first_frame, stream.frames = stream.frames, stream.frames + segment.num_frames
@@ -218,6 +220,19 @@ class DecodeStage(SessionStage[DecodeStream]):
                 await asyncio.to_thread(stream.parts.write, index, segment.data)
             stream.segments = index
         return segment
+
+    def _check_in_order(self, request: stages_pb2.ChunkLatents, stream: DecodeStream) -> None:
+        """A chunk is decoded only by the stream that decoded the chunk before it. Anything else
+        is a copy left behind: the session moved to another replica (a replica change) and back,
+        and this copy missed the chunks decoded there. It answers as a lost session, so the
+        driver restores it here from the snapshot (never a wrong decoder state or a gap)."""
+        if request.chunk_index != stream.segments:
+            raise SessionNotHeld(
+                f"{self.label} replica {replica_name()} holds session {request.session_id!r} "
+                f"with {stream.segments} chunk(s) decoded, not the state chunk "
+                f"{request.chunk_index} follows: a stale copy (the session ran elsewhere "
+                "meanwhile); it is restored"
+            )
 
     @rpc
     async def FinishStream(

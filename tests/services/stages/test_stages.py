@@ -488,3 +488,31 @@ def test_single_resolution_modes_run_on_the_refine_stage_alone(settings, mode):
         c.text.encode(["a fox"]), H, W, 33, seed=4
     )
     assert all(torch.equal(a, b.latents) for a, b in zip(got, want, strict=True))
+
+
+def test_a_decode_stream_left_behind_answers_as_not_held(settings):
+    """CI caught this: a session moved to a new decode replica (scale-up) and back to its old
+    one (scale-down 8 s later); the old one still held its stream as of chunk 6 and was asked
+    for chunk 8, and its playlist writer failed the session. A chunk that does not follow the
+    stream's last one now answers `session_not_held`, which makes the driver restore the stream
+    here from the snapshot; the copy itself is left as it was."""
+    decode = DecodeStage(settings)
+    c = load_components("tiny", device="cpu")
+    chunks = list(HiStreamGenerator(c.dit, c.preset, "histream").generate(
+        c.text.encode(["a fox"]), H, W, 33, seed=0))  # fmt: skip
+
+    def latents(i: int) -> stages_pb2.ChunkLatents:
+        return stages_pb2.ChunkLatents(
+            session_id="s", chunk_index=i, latents=to_proto(chunks[i].latents)
+        )
+
+    async def run() -> None:
+        await decode.OpenStream(video_stream("s", "video_s"))
+        await decode.DecodeChunk(latents(0))
+        with pytest.raises(SessionNotHeld, match=r"1 chunk\(s\) decoded, not the state chunk 2"):
+            await decode.DecodeChunk(latents(2))
+        with pytest.raises(SessionNotHeld, match="stale copy"):
+            await decode.DecodeChunk(latents(0))  # a repeat is not decoded twice either
+        assert (await decode.DecodeChunk(latents(1))).first_frame == 9  # in order: goes on
+
+    asyncio.run(run())
