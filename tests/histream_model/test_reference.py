@@ -10,6 +10,9 @@ position, with an explicit frame mask standing in for the caches:
   t = 0 commit wrote (lines 17-18), recomputed in the same pass;
 - with DRC (section 3.2) the low-resolution passes see Down(x0) of every earlier chunk (line 18),
   the high-resolution ones x0;
+- HiAR: one cache per step; step k's holds each earlier chunk's x0 of that step re-noised to
+  step k + 1's level (the draw step k + 1 enters with at the same resolution, its own draw
+  across a resolution change), clean after the last step;
 - the steps (lines 5-12, 13-30): timesteps warped by the shift, x0 = x_t - sigma * flow,
   Psi(x0, eps, t) = (1 - sigma) x0 + sigma eps, Up of the last low-res x0 before the first
   high-res step; Up is bilinear per frame, Down a 2x2 mean, written here.
@@ -45,7 +48,7 @@ TINY = PRESETS["tiny"]
 UNSCALED = replace(TINY, options=replace(TINY.options, first_chunk_attn_scale=1.0))
 H, W = 64, 96  # latents 8 x 12 (high) and 4 x 6 (low)
 MODES = ("histream", "histream+", "no-drc", "no-agsw", "naive-2step", "self-forcing", "diagonal",
-         "histream-diagonal")  # fmt: skip
+         "histream-diagonal", "hiar", "histream-hiar")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +144,11 @@ def reference(
     change_at=None,
     rewrite_history=False,
 ) -> list:
-    """Algorithm 1 (and Diagonal's context rule): each chunk's x0 (high resolution); from chunk
+    """Algorithm 1 (and Diagonal's and HiAR's context rules): each chunk's x0 (high resolution); from chunk
     `change_at` on, prompt 1 instead of prompt 0. `rewrite_history`: earlier chunks' keys as
     the current prompt would make them (not what the generator does; for contrast)."""
     mode, options = get_mode(mode_name), preset.options
-    diagonal = mode.schedule == "diagonal"
+    diagonal, hiar = mode.schedule == "diagonal", mode.schedule == "hiar"
     m = options.chunk_frames
     chunks = (frames - 1) // 4 // m + 1
     high = (1, 16, m, H // 8, W // 8)
@@ -153,6 +156,9 @@ def reference(
     # What each earlier chunk left in KV_high and KV_low: (latent, t) its keys were computed at.
     kv_high: list[tuple[torch.Tensor, float]] = []
     kv_low: list[tuple[torch.Tensor, float]] = []
+    # HiAR: one cache per step; step k's holds each earlier chunk re-noised to step k + 1's
+    # level (clean after the last step)
+    kv_steps: dict[int, list[tuple[torch.Tensor, float]]] = {}
     outputs = []
     for i in range(chunks):
         low_steps, high_steps = mode.steps(i)
@@ -171,13 +177,22 @@ def reference(
                 x = (1 - t / 1000) * previous + t / 1000 * eps
             ntk = (options.low if is_low else options.high).ntk_factors
             step_scale = scale if (i == 0 and not is_low) else None
-            history = kv_low if is_low else kv_high
+            history = kv_steps.setdefault(j, []) if hiar else kv_low if is_low else kv_high
             prompts = [int(change_at is not None and b >= change_at) for b in range(i + 1)]
             if rewrite_history:
                 prompts = [prompts[-1]] * len(prompts)
             x0 = reference_pass(
                 model, preset, mode.sliding_window, history, x, t, ntk, step_scale, prompts
             )
+            if hiar:
+                if j + 1 == len(ts):
+                    kv_steps[j].append((x0, 0.0))
+                    continue
+                # the next step's own draw when it stays at this resolution; else one of its own
+                draw = j + 1 if (j + 1 < low_steps) == is_low else 100 + j + 1
+                noise = chunk_noise(seed, i, draw, x0.shape)
+                kv_steps[j].append(((1 - ts[j + 1] / 1000) * x0 + ts[j + 1] / 1000 * noise,
+                                    ts[j + 1]))  # fmt: skip
         # Algorithm 1 lines 17-18: commit x0 (and Down(x0)) at t = 0; Diagonal: a later chunk
         # keeps the keys of its last high-res pass, on that pass's input at its timestep.
         kv_high.append((x, ts[-1]) if diagonal and i > 0 else (x0, 0.0))
