@@ -144,9 +144,10 @@ def reference(
     change_at=None,
     rewrite_history=False,
 ) -> list:
-    """Algorithm 1 (and Diagonal's and HiAR's context rules): each chunk's x0 (high resolution); from chunk
-    `change_at` on, prompt 1 instead of prompt 0. `rewrite_history`: earlier chunks' keys as
-    the current prompt would make them (not what the generator does; for contrast)."""
+    """Algorithm 1 (and Diagonal's and HiAR's context rules): each chunk's x0 (high
+    resolution); from chunk `change_at` on, prompt 1 instead of prompt 0. `rewrite_history`:
+    earlier chunks' keys as the current prompt would make them (not what the generator does;
+    for contrast)."""
     mode, options = get_mode(mode_name), preset.options
     diagonal, hiar = mode.schedule == "diagonal", mode.schedule == "hiar"
     m = options.chunk_frames
