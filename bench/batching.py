@@ -18,8 +18,8 @@ import torch
 from bench.latency import Log, load
 from bench.report import table
 from histream_model.config import get_mode
-from histream_model.schedules import handoff, new_session_states, plan_chunk
-from histream_model.schedules.execute import BatchMember, run_phase, run_phase_batch
+from histream_model.schedules import handoff, new_session_states, plan_chunk, run_chunk
+from histream_model.schedules.execute import BatchMember, run_phase_batch
 from histream_model.shape import VideoShape
 
 MODE = "histream+"
@@ -35,25 +35,21 @@ def run_sessions(
     preset = components.preset
     shape = VideoShape(preset, get_mode(MODE), preset.height, preset.width, frames)
     sessions = [new_session_states(components.dit, shape, context) for _ in range(count)]
-    options = preset.options
     outputs: list[list[torch.Tensor]] = [[] for _ in range(count)]
     started = time.perf_counter()
     for chunk in range(shape.num_chunks):
         plan = plan_chunk(shape, chunk)
+        if not batched:  # one session's chunk after another's, as a replica runs them alone
+            for seed, states in enumerate(sessions):
+                outputs[seed].append(run_chunk(components.dit, states, shape, plan, seed))
+            continue
         received = [None] * count
         for index, phase in enumerate(plan.phases):
-            if batched:
-                members = [
-                    BatchMember(states[phase.cache], plan, seed, received[seed])
-                    for seed, states in enumerate(sessions)
-                ]
-                results = run_phase_batch(components.dit, members, index, options)
-            else:
-                results = [
-                    run_phase(components.dit, states[phase.cache], plan, phase, options, seed,
-                              received[seed])
-                    for seed, states in enumerate(sessions)
-                ]  # fmt: skip
+            members = [
+                BatchMember(states[phase.cache], plan, seed, received[seed])
+                for seed, states in enumerate(sessions)
+            ]
+            results = run_phase_batch(components.dit, members, index, preset.options)
             if index == plan.output:
                 for kept, result in zip(outputs, results, strict=True):
                     kept.append(result.latents)

@@ -65,15 +65,8 @@ def finetune(components: Components, steps: int, seed: int, clips: int = 64) -> 
     place."""
     preset = components.preset
     data = dit_training.encode_clips(preset, components.vae, components.text, clips, 21, seed=1)
-    shares = dit_training.FIRST_CHUNK_SHARE, dit_training.TOP_LEVEL_SHARE
-    build = dit_training.build_dit
-    dit_training.FIRST_CHUNK_SHARE = dit_training.TOP_LEVEL_SHARE = 1.0
-    dit_training.build_dit = lambda config, seed=0: components.dit  # type: ignore[assignment]
-    try:
-        dit_training.train_dit(preset, data, steps, seed, lr=1e-3)
-    finally:
-        dit_training.FIRST_CHUNK_SHARE, dit_training.TOP_LEVEL_SHARE = shares
-        dit_training.build_dit = build
+    dit_training.train_dit(preset, data, steps, seed, lr=1e-3, start=components.dit,
+                           first_chunk_share=1.0, top_level_share=1.0)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

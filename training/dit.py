@@ -171,11 +171,16 @@ def train_dit(
     lr: float = 1e-3,
     max_gap: int = 100,
     progress: Progress | None = None,
+    start: WanDiT | None = None,
+    first_chunk_share: float = FIRST_CHUNK_SHARE,
+    top_level_share: float = TOP_LEVEL_SHARE,
 ) -> tuple[WanDiT, list[float]]:
-    """The preset's DiT trained for `steps` AdamW steps from `seed`; returns it and the losses."""
+    """The preset's DiT trained for `steps` AdamW steps from `seed` (from scratch, or on from
+    `start`, in place); returns it and the losses. The shares: of examples at a first chunk,
+    and of noise levels at the top one."""
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = build_dit(preset.dit, seed=seed).train().requires_grad_(True)
+    model = (start or build_dit(preset.dit, seed=seed)).train().requires_grad_(True)
     optimiser = Optimiser(model.parameters(), lr, steps, weight_decay=0.01)
     options = preset.options
     levels = sampler_timesteps(preset)
@@ -194,7 +199,7 @@ def train_dit(
         sliding = rng.random() < 0.6
         gap = rng.randrange(max_gap + 1) if sliding and rng.random() < 0.5 else 0
         # Chunk 1 is where the prompt alone decides the scene: a third of the examples.
-        chunk = 0 if rng.random() < FIRST_CHUNK_SHARE else rng.randrange(1, num_chunks)
+        chunk = 0 if rng.random() < first_chunk_share else rng.randrange(1, num_chunks)
         example = layout(chunk, options, sliding, gap)
         index = torch.tensor([rng.randrange(count) for _ in range(size)])
         latents = clips.latents[resolution][index]  # (B, z, T, h, w), scenes centred
@@ -202,7 +207,7 @@ def train_dit(
                           generator=generator)  # fmt: skip
         t = torch.tensor(
             [
-                levels[-1] if rng.random() < TOP_LEVEL_SHARE else rng.choice(levels)
+                levels[-1] if rng.random() < top_level_share else rng.choice(levels)
                 for _ in range(size)
             ]
         )
