@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from services.errors import NotFound
+from services.errors import InvalidArgument, NotFound
 from services.gateway.videos import Videos
-from services.jobs import RecordStore, VideoRecord
+from services.jobs import RecordStore, VideoRecord, VideoStatus
 from services.jobs.records import new_video_id
 from services.settings import ServeSettings
 from services.storage import Layout, LocalStorage
@@ -62,3 +62,43 @@ def test_a_page_reads_only_its_records(tmp_path):
     assert [v["id"] for v in second["data"]] == made[::-1][5:10]
     assert [v["id"] for v in oldest["data"]] == made[:3]
     assert (first["first_id"], first["last_id"]) == (made[-1], made[-5])
+
+
+def test_the_last_page_says_no_more_and_bad_pages_are_named(tmp_path):
+    records = RecordStore(LocalStorage(tmp_path / "store"), Layout())
+    videos = Videos(ServeSettings(preset="tiny"), None, records, jobs=None)
+    made = [f"video_{1700000000000 + i:012x}{'0' * 20}" for i in range(5)]
+
+    async def go():
+        for i, video_id in enumerate(made):
+            await records.put(record(video_id, 1700000000 + i))
+        pages, after = [], None
+        while True:
+            page = await videos.list(2, after, "asc")
+            pages.append(page)
+            if not page["has_more"]:
+                return pages
+            after = page["last_id"]
+
+    pages = asyncio.run(go())
+    assert [[v["id"] for v in p["data"]] for p in pages] == [made[:2], made[2:4], made[4:]]
+    assert [p["has_more"] for p in pages] == [True, True, False]
+    assert (pages[-1]["first_id"], pages[-1]["last_id"]) == (made[4], made[4])
+    for limit, order, words in ((0, "asc", "limit=0 must be in [1, 100]"),
+                                (101, "asc", "limit=101"), (5, "up", "order 'up'")):  # fmt: skip
+        with pytest.raises(InvalidArgument, match=re.escape(words)):
+            asyncio.run(videos.list(limit, None, order))
+
+
+@pytest.mark.parametrize(
+    "status", [VideoStatus.queued, VideoStatus.in_progress, VideoStatus.failed]
+)
+def test_content_before_completion_is_not_found_and_says_why(tmp_path, status):
+    records = RecordStore(LocalStorage(tmp_path / "store"), Layout())
+    videos = Videos(ServeSettings(preset="tiny"), None, records, jobs=None)
+    video_id = f"video_{1700000000000:012x}{'0' * 20}"
+    asyncio.run(records.put(record(video_id, 1700000000).model_copy(update={"status": status})))
+    with pytest.raises(NotFound, match=f"is {status.value}; content exists once completed"):
+        asyncio.run(videos.content(video_id))
+    with pytest.raises(InvalidArgument, match="variant 'thumbnail' is not available"):
+        asyncio.run(videos.content(video_id, variant="thumbnail"))
