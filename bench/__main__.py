@@ -15,6 +15,7 @@ from bench import (
     batch,
     batching,
     breakdown,
+    charts,
     decoders,
     diagonal,
     durability,
@@ -64,10 +65,12 @@ SECTIONS: dict[str, Section] = {
     ),
     # measured on a GPU machine by `python -m bench.gpu`; rendered here from its JSON files
     "table2-gpu": lambda a: gpu.section(a.gpu_json),
+    # drawn from the tables above once they are written: keep it last
+    "charts": lambda a: charts.section(_log),
 }
 
 MODEL_ONLY = {"real-flops"}  # sections computed by the FLOP model, not measured
-STAMPED = {"table2-gpu"}  # sections that say themselves where and how they were measured
+STAMPED = {"table2-gpu", "charts"}  # sections that say themselves where and how they were measured
 
 
 def main(argv: list[str] | None = None) -> int:
