@@ -23,6 +23,7 @@ from histream_model.text import BuiltinTextEncoder
 from histream_model.weights.vae import load_vae
 from training.checkpoint import SHIPPED, write_card, write_checkpoint, write_loss_plot
 from training.data import render, sample_scene
+from training.distill import STUDENT_LR, ode_pairs
 from training.dit import encode_clips, train_dit
 from training.vae import fold_statistics, latent_statistics, train_vae
 
@@ -32,6 +33,13 @@ DEFAULTS = {
     "dit_steps": 3000,
     "clips": 320,
     "clip_frames": 57,
+    "dit_batch": 8,
+    # Distillation (training/distill.py): a teacher trained at every noise level for this many
+    # steps draws `pairs` first chunks in `solve_steps` Euler steps, and the DiT (--dit-steps,
+    # starting from the teacher) learns them at the top level; 0: no teacher.
+    "teacher_steps": 0,
+    "pairs": 4000,
+    "solve_steps": 32,
 }
 
 
@@ -43,6 +51,7 @@ def parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         p.add_argument(flag, type=int, default=value, help=f"default {value}")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--device", default="cpu", help="torch device to train on (cpu)")
     p.add_argument(
         "--vae-from", type=Path,
         help="reuse the VAE of an earlier run's folder (same seed and VAE steps give the same "
@@ -53,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _check(args: argparse.Namespace) -> None:
     for name in DEFAULTS:
-        least = 0 if name == "vae_stream_steps" else 1
+        least = 0 if name in ("vae_stream_steps", "teacher_steps") else 1
         if getattr(args, name) < least:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {least}")
     if (args.clip_frames - 1) % 4 or args.clip_frames < 21:
@@ -78,11 +87,11 @@ def train(args: argparse.Namespace) -> dict:
     else:
         vae, vae_losses = _train_vae(args, preset)
         vae_seconds = time.monotonic() - started
+    vae = vae.to(args.device)
     text = BuiltinTextEncoder(preset.dit.text_dim, preset.dit.text_len, preset.text.vocab_size)
     with tqdm(total=args.clips, desc="encode", unit="clip", file=sys.stderr) as bar:
-        clips = encode_clips(
-            preset, vae, text, args.clips, args.clip_frames, args.seed + 1, progress=bar.update
-        )
+        clips = encode_clips(preset, vae, text, args.clips, args.clip_frames, args.seed + 1,
+                             progress=bar.update, device=args.device)  # fmt: skip
     encode_seconds = time.monotonic() - started - (0 if args.vae_from else vae_seconds)
     with _bar(args.dit_steps, "DiT") as bar:
 
@@ -90,9 +99,7 @@ def train(args: argparse.Namespace) -> dict:
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}")
 
-        dit, dit_losses = train_dit(
-            preset, clips, args.dit_steps, args.seed + 2, progress=dit_progress
-        )
+        dit, dit_losses = _train_dit(args, preset, clips, dit_progress)
     total = time.monotonic() - started
     facts = {
         "seed": args.seed,
@@ -101,6 +108,11 @@ def train(args: argparse.Namespace) -> dict:
         "dit_steps": args.dit_steps,
         "clips": args.clips,
         "clip_frames": args.clip_frames,
+        "dit_batch": args.dit_batch,
+        "teacher_steps": args.teacher_steps,
+        "pairs": args.pairs,
+        "solve_steps": args.solve_steps,
+        "device": str(args.device),
         "threads": torch.get_num_threads(),
         "vae_final_loss": _tail_mean(vae_losses),
         "dit_final_loss": _tail_mean(dit_losses),
@@ -112,7 +124,7 @@ def train(args: argparse.Namespace) -> dict:
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(args.out, dit, vae)
+    write_checkpoint(args.out, dit.cpu(), vae.cpu())
     write_loss_plot(args.out / "loss.png", vae_losses, dit_losses)
     (args.out / "losses.json").write_text(json.dumps({"vae": vae_losses, "dit": dit_losses}))
     if args.vae_from is not None:
@@ -120,6 +132,28 @@ def train(args: argparse.Namespace) -> dict:
     (args.out / "facts.json").write_text(json.dumps(facts, indent=2) + "\n")
     write_card(args.out, facts, preset)
     return facts
+
+
+def _train_dit(args: argparse.Namespace, preset, clips, progress) -> tuple:
+    """The DiT and its losses: flow matching on the clips, or (--teacher-steps) a teacher first,
+    its pairs, then the DiT from the teacher on pairs and clips (training/distill.py)."""
+    if not args.teacher_steps:
+        return train_dit(preset, clips, args.dit_steps, args.seed + 2, batch=args.dit_batch,
+                         progress=progress)  # fmt: skip
+    with _bar(args.teacher_steps, "teacher") as bar:
+
+        def teacher_progress(step: int, loss: float) -> None:
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+        teacher, _ = train_dit(preset, clips, args.teacher_steps, args.seed + 2,
+                               batch=args.dit_batch, progress=teacher_progress, continuous=True,
+                               top_level_share=0.0)  # fmt: skip
+    with tqdm(total=2 * args.pairs, desc="pairs", unit="chunk", file=sys.stderr) as bar:
+        pairs = ode_pairs(teacher, preset, clips, args.pairs, args.solve_steps, args.seed + 3,
+                          progress=bar.update)  # fmt: skip
+    return train_dit(preset, clips, args.dit_steps, args.seed + 4, batch=args.dit_batch,
+                     lr=STUDENT_LR, progress=progress, start=teacher, pairs=pairs)  # fmt: skip
 
 
 def _train_vae(args: argparse.Namespace, preset) -> tuple:
@@ -132,14 +166,14 @@ def _train_vae(args: argparse.Namespace, preset) -> tuple:
 
         vae, vae_losses = train_vae(
             preset.vae, args.vae_steps, args.seed, (preset.height, preset.width),
-            stream_steps=args.vae_stream_steps, progress=vae_progress,
+            stream_steps=args.vae_stream_steps, progress=vae_progress, device=args.device,
         )  # fmt: skip
     sample = torch.stack(
         [
             render(sample_scene(10**6 + i), preset.height, preset.width, 17).transpose(0, 1)
             for i in range(16)
         ]
-    )
+    ).to(args.device)
     fold_statistics(vae, *latent_statistics(vae, sample))
     return vae, vae_losses
 

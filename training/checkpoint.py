@@ -85,8 +85,16 @@ def write_card(out: Path, facts: dict, preset: Preset) -> None:
         f"python -m training --seed {facts['seed']} --vae-steps {facts['vae_steps']} "
         f"--vae-stream-steps {facts.get('vae_stream_steps', 0)} "
         f"--dit-steps {facts['dit_steps']} --clips {facts['clips']} "
-        f"--clip-frames {facts['clip_frames']}"
+        f"--clip-frames {facts['clip_frames']} --dit-batch {facts.get('dit_batch', 8)}"
     )
+    teacher = facts.get("teacher_steps", 0)
+    if teacher:
+        command += (
+            f" --teacher-steps {teacher} --pairs {facts['pairs']} "
+            f"--solve-steps {facts['solve_steps']}"
+        )
+    if facts.get("device", "cpu") != "cpu":
+        command += f" --device {facts['device']}"
     text = f"""# The `toy` preset's weights
 
 Trained here, from scratch, by `make train` (`{command}`); nothing downloaded.

@@ -21,8 +21,9 @@ sits on a token: where the noise peaks when a first chunk is drawn from pure noi
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,9 @@ from histream_model.text import BuiltinTextEncoder
 from histream_model.vae import WanVAE
 from training.data import Scene, render, sample_scene
 from training.optim import Optimiser, Progress
+
+if TYPE_CHECKING:
+    from training.distill import Pairs
 
 FIRST_CHUNK_SHARE = 0.35
 # Context frames are given with a little noise in half the examples (still as t = 0): at
@@ -68,8 +72,10 @@ def encode_clips(
     seed: int,
     batch: int = 8,
     progress: Callable[[int], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> LatentClips:
-    """`count` random clips of `frames` video frames at the preset's size, encoded."""
+    """`count` random clips of `frames` video frames at the preset's size, encoded (by the VAE
+    on its device: the latents and text context are left there)."""
     rng = random.Random(seed)
     scenes = [sample_scene(rng.randrange(2**31), placed=True) for _ in range(count)]
     high = []
@@ -78,13 +84,13 @@ def encode_clips(
         videos = torch.stack(
             [render(s, preset.height, preset.width, frames).transpose(0, 1) for s in group]
         )  # (B, 3, T, H, W)
-        high.append(vae.encode(videos))
+        high.append(vae.encode(videos.to(device)))
         if progress is not None:
             progress(len(group))
     latents = torch.cat(high)
     factor = preset.options.low_res_factor
     low_hw = (latents.shape[3] // factor, latents.shape[4] // factor)
-    context = text.encode([s.prompt for s in scenes])
+    context = text.encode([s.prompt for s in scenes]).to(device)
     return LatentClips(
         latents={Resolution.HIGH: latents, Resolution.LOW: downsample(latents, low_hw)},
         context=context,
@@ -162,6 +168,24 @@ def layout(chunk: int, options: object, sliding: bool, gap: int) -> Layout:
     return Layout(context, tuple(range(start, start + m)), positions, mask)
 
 
+def draw_levels(
+    rng: random.Random, size: int, levels: Sequence[float], top_share: float, shift: float | None
+) -> Tensor:
+    """`size` training timesteps: the top level with probability `top_share`, else one of the
+    sampler's `levels`, or (`shift` given: a teacher's continuous training) a uniform noise level
+    warped by the shift, as a many-step solve visits them."""
+    out = []
+    for _ in range(size):
+        if rng.random() < top_share:
+            out.append(levels[-1])
+        elif shift is None:
+            out.append(rng.choice(levels))
+        else:
+            u = 1.0 - rng.random()  # (0, 1]
+            out.append(1000.0 * shift * u / (1 + (shift - 1) * u))
+    return torch.tensor(out)
+
+
 def train_dit(
     preset: Preset,
     clips: LatentClips,
@@ -174,16 +198,22 @@ def train_dit(
     start: WanDiT | None = None,
     first_chunk_share: float = FIRST_CHUNK_SHARE,
     top_level_share: float = TOP_LEVEL_SHARE,
+    continuous: bool = False,
+    pairs: Pairs | None = None,
 ) -> tuple[WanDiT, list[float]]:
     """The preset's DiT trained for `steps` AdamW steps from `seed` (from scratch, or on from
-    `start`, in place); returns it and the losses. The shares: of examples at a first chunk,
-    and of noise levels at the top one."""
+    `start`, in place), on the clips' device; returns it and the losses. The shares: of examples
+    at a first chunk, and of noise levels at the top one. `continuous` trains at every noise
+    level (a teacher for `training.distill`); with `pairs`, a first chunk drawn from pure noise
+    learns the teacher's sample of that noise instead of a clip placed by `noise_peak`."""
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = (start or build_dit(preset.dit, seed=seed)).train().requires_grad_(True)
+    device = clips.context.device
+    model = (start or build_dit(preset.dit, seed=seed)).to(device).train().requires_grad_(True)
     optimiser = Optimiser(model.parameters(), lr, steps, weight_decay=0.01)
     options = preset.options
     levels = sampler_timesteps(preset)
+    shift = options.shift if continuous else None
     ropes = {res: RopeAxes.build(preset.dit, options.at(res).ntk_factors) for res in Resolution}
     patch = preset.dit.patch_size
     count, _, total_frames = clips.latents[Resolution.HIGH].shape[:3]
@@ -202,37 +232,40 @@ def train_dit(
         chunk = 0 if rng.random() < first_chunk_share else rng.randrange(1, num_chunks)
         example = layout(chunk, options, sliding, gap)
         index = torch.tensor([rng.randrange(count) for _ in range(size)])
-        latents = clips.latents[resolution][index]  # (B, z, T, h, w), scenes centred
+        latents = clips.latents[resolution][index.to(device)]  # (B, z, T, h, w), scenes centred
         eps = torch.randn((*latents.shape[:2], options.chunk_frames, *latents.shape[3:]),
                           generator=generator)  # fmt: skip
-        t = torch.tensor(
-            [
-                levels[-1] if rng.random() < top_level_share else rng.choice(levels)
-                for _ in range(size)
-            ]
-        )
+        t = draw_levels(rng, size, levels, top_level_share, shift)
         # Each scene moves to a token: where the noise peaks when a first chunk is drawn from
         # pure noise, anywhere (uniformly) otherwise, where the place is seen in x_t or context.
         rows, cols = latents.shape[3] // patch[1], latents.shape[4] // patch[2]
         tokens = torch.stack([torch.randint(0, n, (size,), generator=generator)
                               for n in (rows, cols)], dim=1)  # fmt: skip
-        if chunk == 0:
-            drawn = t == levels[-1]
+        drawn = (t == levels[-1]) if chunk == 0 else torch.zeros(size, dtype=torch.bool)
+        if pairs is None and bool(drawn.any()):
             tokens[drawn] = noise_peak(eps[drawn], patch)
         latents = centre_on(latents, tokens, patch)
+        text = clips.context[index.to(device)]
+        eps, t = eps.to(device), t.to(device)
         x0 = latents[:, :, list(example.chunk)]
+        if pairs is not None and bool(drawn.any()):
+            picks = torch.tensor([rng.randrange(pairs.count) for _ in range(int(drawn.sum()))])
+            where = drawn.to(device)
+            eps[where], x0[where] = pairs.noise[resolution][picks], pairs.samples[resolution][picks]
+            text[where] = pairs.context[picks]
         sigma = (t / options.num_train_timesteps).view(-1, 1, 1, 1, 1)
         noisy = (1 - sigma) * x0 + sigma * eps
         context = latents[:, :, list(example.context)]
         if rng.random() < CONTEXT_NOISE_SHARE:  # the sampler's context is its own imperfect x0
-            context = context + CONTEXT_NOISE * torch.randn(context.shape, generator=generator)
+            noise = torch.randn(context.shape, generator=generator).to(device)
+            context = context + CONTEXT_NOISE * noise
         x = torch.cat([context, noisy], dim=2)
-        frame_t = torch.zeros(size, x.shape[2])
+        frame_t = torch.zeros(size, x.shape[2], device=device)
         frame_t[:, len(example.context) :] = t[:, None]
         flow = model.forward_full(
             x,
             frame_t,
-            clips.context[index],
+            text,
             rope=ropes[resolution],
             frame_positions=example.positions,
             frame_mask=example.mask,

@@ -49,7 +49,7 @@ def vae_forward(
     first = all(h is None for h in decoded)
     mu, log_var = vae.posterior(video, encoded).chunk(2, dim=1)
     log_var = log_var.clamp(-30.0, 20.0)
-    noise = torch.randn(mu.shape, generator=generator)
+    noise = torch.randn(mu.shape, generator=generator).to(mu.device)
     z = vae.conv2(mu + noise * (0.5 * log_var).exp())
     frames = [vae.decoder(z[:, :, i : i + 1], decoded, first and i == 0) for i in range(z.shape[2])]
     kl = 0.5 * (mu.pow(2) + log_var.exp() - 1.0 - log_var).mean()
@@ -66,9 +66,10 @@ class StreamedClips:
 
     def __init__(
         self, vae: WanVAE, rng: random.Random, batch: int, size: tuple[int, int], crop: int,
-        latents: int = 15, per_step: int = 3,
+        latents: int = 15, per_step: int = 3, device: torch.device | str = "cpu",
     ) -> None:  # fmt: skip
         self.vae, self.rng, self.batch, self.size, self.crop = vae, rng, batch, size, crop
+        self.device = device
         self.frames, self.per_step = 1 + 4 * (latents - 1), per_step
         self.position = self.frames  # starts a clip on the first call
 
@@ -76,6 +77,7 @@ class StreamedClips:
         """(reconstruction, target, KL) of the streams' next frames."""
         if self.position >= self.frames:
             self.clips = crop_batch(self.rng, self.batch, self.frames, self.size, self.crop)
+            self.clips = self.clips.to(self.device)
             self.position = 0
             self.encoded: list[Tensor | None] = [None] * self.vae.encoder.num_slots
             self.decoded: list[Tensor | None] = [None] * self.vae.decoder.num_slots
@@ -149,23 +151,25 @@ def train_vae(
     lr: float = 1e-3,
     kl_weight: float = 1e-5,
     progress: Progress | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[WanVAE, list[float]]:
     """A VAE trained from `seed` for `steps` AdamW steps on short clips, then `stream_steps` more
     that alternate long-stream steps (`StreamedClips`) with short-clip ones (so the fresh start
-    of a stream stays as sharp); one learning-rate schedule over all. Returns it and the loss
-    per step."""
+    of a stream stays as sharp); one learning-rate schedule over all. Returns it (on `device`)
+    and the loss per step. Random draws are made on the CPU whatever the device."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     vae = WanVAE(config).train()
     _init_for_training(vae)
+    vae.to(device)
     optimiser = Optimiser(vae.parameters(), lr, steps + stream_steps)
-    streams = StreamedClips(vae, rng, batch, size, crop)
+    streams = StreamedClips(vae, rng, batch, size, crop, device=device)
     for step in range(steps + stream_steps):
         if step >= steps and (step - steps) % 2 == 0:
             recon, video, kl = streams.step(generator)
         else:
-            video = crop_batch(rng, batch, frames, size, crop)
+            video = crop_batch(rng, batch, frames, size, crop).to(device)
             recon, kl = vae_forward(vae, video, generator)
         error = recon - video
         loss = error.abs().mean() + error.pow(2).mean() + kl_weight * kl

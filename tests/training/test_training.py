@@ -210,10 +210,13 @@ def test_histream_train_writes_a_loadable_checkpoint(tmp_path, capsys) -> None:
     assert components.vae.config.base_dim == get_preset("toy").vae.base_dim
     card = (out / "MODEL_CARD.md").read_text()
     assert "--dit-steps 2" in card and f"final loss {facts['dit_final_loss']}" in card
-    # --vae-from trains only the DiT, on the earlier run's VAE
+    # --vae-from trains only the DiT, on the earlier run's VAE; here distilled from a teacher
     again = tmp_path / "again"
     assert cli_main(["train", "--out", str(again), "--vae-from", str(out), "--dit-steps", "2",
-                     "--clips", "2", "--clip-frames", "21"]) == 0  # fmt: skip
+                     "--clips", "2", "--clip-frames", "21", "--teacher-steps", "2",
+                     "--pairs", "3", "--solve-steps", "2", "--dit-batch", "1"]) == 0  # fmt: skip
+    assert "--teacher-steps 2 --pairs 3 --solve-steps 2" in (again / "MODEL_CARD.md").read_text()
+    assert "--dit-batch 1 " in (again / "MODEL_CARD.md").read_text()
     reused = load_components("toy", resolve_weights(again), device="cpu").vae.state_dict()
     assert all(torch.equal(v, components.vae.state_dict()[k]) for k, v in reused.items())
     assert json.loads((again / "facts.json").read_text())["vae_from"] == str(out)
