@@ -24,7 +24,7 @@ from histream_model.weights.vae import load_vae
 from training.checkpoint import SHIPPED, write_card, write_checkpoint, write_loss_plot
 from training.data import render, sample_scene
 from training.distill import STUDENT_LR, ode_pairs
-from training.dit import encode_clips, train_dit
+from training.dit import FIRST_CHUNK_SHARE, TOP_LEVEL_SHARE, encode_clips, train_dit
 from training.vae import fold_statistics, latent_statistics, train_vae
 
 DEFAULTS = {
@@ -53,6 +53,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--device", default="cpu", help="torch device to train on (cpu)")
     p.add_argument(
+        "--prompt-dropout",
+        type=float,
+        default=0.0,
+        help="the teacher's share of empty-prompt examples, for guidance (0)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance of the teacher's solve (1: none)",
+    )
+    for flag, value, what in (
+        ("--first-chunk-share", FIRST_CHUNK_SHARE, "first-chunk examples"),
+        ("--top-level-share", TOP_LEVEL_SHARE, "examples at the top noise level"),
+    ):
+        p.add_argument(flag, type=float, default=value, help=f"the DiT's share of {what} ({value})")
+    p.add_argument(
         "--vae-from", type=Path,
         help="reuse the VAE of an earlier run's folder (same seed and VAE steps give the same "
         "VAE): trains only the DiT",
@@ -65,6 +82,14 @@ def _check(args: argparse.Namespace) -> None:
         least = 0 if name in ("vae_stream_steps", "teacher_steps") else 1
         if getattr(args, name) < least:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {least}")
+    if not 0 <= args.prompt_dropout < 1:
+        raise SystemExit(f"--prompt-dropout={args.prompt_dropout} must be in [0, 1)")
+    for name in ("first_chunk_share", "top_level_share"):
+        if not 0 <= getattr(args, name) <= 1:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"{flag}={getattr(args, name)} must be in [0, 1]")
+    if args.guidance < 1:
+        raise SystemExit(f"--guidance={args.guidance} must be >= 1 (1: no guidance)")
     if (args.clip_frames - 1) % 4 or args.clip_frames < 21:
         raise SystemExit(
             f"--clip-frames={args.clip_frames} must be 1 + 4k and at least 21 (two chunks of 3 "
@@ -112,7 +137,12 @@ def train(args: argparse.Namespace) -> dict:
         "teacher_steps": args.teacher_steps,
         "pairs": args.pairs,
         "solve_steps": args.solve_steps,
+        "prompt_dropout": args.prompt_dropout,
+        "guidance": args.guidance,
+        "first_chunk_share": args.first_chunk_share,
+        "top_level_share": args.top_level_share,
         "device": str(args.device),
+        "device_name": _device_name(args.device),
         "threads": torch.get_num_threads(),
         "vae_final_loss": _tail_mean(vae_losses),
         "dit_final_loss": _tail_mean(dit_losses),
@@ -137,9 +167,11 @@ def train(args: argparse.Namespace) -> dict:
 def _train_dit(args: argparse.Namespace, preset, clips, progress) -> tuple:
     """The DiT and its losses: flow matching on the clips, or (--teacher-steps) a teacher first,
     its pairs, then the DiT from the teacher on pairs and clips (training/distill.py)."""
+    shares = {"first_chunk_share": args.first_chunk_share,
+              "top_level_share": args.top_level_share}  # fmt: skip
     if not args.teacher_steps:
         return train_dit(preset, clips, args.dit_steps, args.seed + 2, batch=args.dit_batch,
-                         progress=progress)  # fmt: skip
+                         progress=progress, **shares)  # fmt: skip
     with _bar(args.teacher_steps, "teacher") as bar:
 
         def teacher_progress(step: int, loss: float) -> None:
@@ -148,12 +180,14 @@ def _train_dit(args: argparse.Namespace, preset, clips, progress) -> tuple:
 
         teacher, _ = train_dit(preset, clips, args.teacher_steps, args.seed + 2,
                                batch=args.dit_batch, progress=teacher_progress, continuous=True,
-                               top_level_share=0.0)  # fmt: skip
+                               top_level_share=0.0,
+                               prompt_dropout=args.prompt_dropout)  # fmt: skip
     with tqdm(total=2 * args.pairs, desc="pairs", unit="chunk", file=sys.stderr) as bar:
         pairs = ode_pairs(teacher, preset, clips, args.pairs, args.solve_steps, args.seed + 3,
-                          progress=bar.update)  # fmt: skip
+                          progress=bar.update, guidance=args.guidance)  # fmt: skip
     return train_dit(preset, clips, args.dit_steps, args.seed + 4, batch=args.dit_batch,
-                     lr=STUDENT_LR, progress=progress, start=teacher, pairs=pairs)  # fmt: skip
+                     lr=STUDENT_LR, progress=progress, start=teacher, pairs=pairs,
+                     **shares)  # fmt: skip
 
 
 def _train_vae(args: argparse.Namespace, preset) -> tuple:
@@ -184,6 +218,12 @@ def reused_vae(folder: Path) -> tuple:
     losses = json.loads((folder / "losses.json").read_text())["vae"]
     facts = json.loads((folder / "facts.json").read_text())
     return vae, losses, float(facts["seconds"]["vae"])
+
+
+def _device_name(device: str) -> str | None:
+    """The accelerator's name (for the card), None on the CPU."""
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
 
 
 def _tail_mean(losses: Sequence[float], n: int = 100) -> float:

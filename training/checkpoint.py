@@ -87,17 +87,22 @@ def write_card(out: Path, facts: dict, preset: Preset) -> None:
         f"--dit-steps {facts['dit_steps']} --clips {facts['clips']} "
         f"--clip-frames {facts['clip_frames']} --dit-batch {facts.get('dit_batch', 8)}"
     )
+    for name in ("first_chunk_share", "top_level_share"):
+        if name in facts:
+            command += f" --{name.replace('_', '-')} {facts[name]}"
     teacher = facts.get("teacher_steps", 0)
     if teacher:
         command += (
             f" --teacher-steps {teacher} --pairs {facts['pairs']} "
-            f"--solve-steps {facts['solve_steps']}"
+            f"--solve-steps {facts['solve_steps']} --prompt-dropout {facts['prompt_dropout']} "
+            f"--guidance {facts['guidance']}"
         )
     if facts.get("device", "cpu") != "cpu":
         command += f" --device {facts['device']}"
     text = f"""# The `toy` preset's weights
 
-Trained here, from scratch, by `make train` (`{command}`); nothing downloaded.
+Trained by this project, from scratch, with `{command}` (`make train` runs `python -m training`
+with its options in TRAIN_ARGS); nothing downloaded.
 
 - **Data**: procedural clips (`training/data.py`): one or two flat shapes (circle, square,
   triangle; 8 colours, 2 sizes) moving left/right/up/down/diagonally, still or bouncing, slowly or
@@ -116,9 +121,40 @@ Trained here, from scratch, by `make train` (`{command}`); nothing downloaded.
   {facts["dit_steps"]} steps of flow matching with teacher forcing (clean context, block-causal
   frame mask, anchor + window or full-history layouts), at the sampler's timesteps, alternating
   low ({preset.width // 2}x{preset.height // 2}, NTK 1) and high resolution (NTK 2 on h and w);
-  final loss {facts["dit_final_loss"]}.
-- **Seed** {facts["seed"]}, {facts["threads"]} CPU threads; wall time: VAE {seconds["vae"]} s,
+  final loss {facts["dit_final_loss"]}.{_distilled(facts)}
+- **Seed** {facts["seed"]}; {_where(facts)}; wall time: VAE {seconds["vae"]} s,
   encoding {seconds["encode"]} s, DiT {seconds["dit"]} s, total {seconds["total"]} s.
 - Loss curves: `loss.png`; per-step losses: `losses.json`.
 """
     (out / "MODEL_CARD.md").write_text(text)
+
+
+def _distilled(facts: dict) -> str:
+    """The card's sentence on distillation (training/distill.py), if the run used it."""
+    if not facts.get("teacher_steps"):
+        return ""
+    guided = (
+        f", guided {facts['guidance']}x (classifier-free; the teacher saw the empty prompt in "
+        f"{facts['prompt_dropout']:.0%} of its examples)"
+        if facts.get("guidance", 1.0) > 1
+        else ""
+    )
+    return (
+        f" It starts from a teacher trained {facts['teacher_steps']} steps at every noise level, "
+        f"whose {facts['solve_steps']}-step Euler solves from pure noise{guided} gave "
+        f"{facts['pairs']} first chunks per resolution that the DiT learns at the top level "
+        "(training/distill.py)."
+    )
+
+
+def _where(facts: dict) -> str:
+    """Which machine did what: the device (and its name), the CPU threads, a reused VAE."""
+    device = facts.get("device", "cpu")
+    named = f" ({facts['device_name']})" if facts.get("device_name") else ""
+    where = f"trained on `{device}`{named} with {facts['threads']} CPU threads"
+    if facts.get("vae_from"):
+        where += (
+            "; the VAE was reused from an earlier run (`--vae-from`), whose own training time "
+            "the VAE figure is"
+        )
+    return where

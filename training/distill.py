@@ -59,9 +59,12 @@ def ode_pairs(
     seed: int,
     batch: int = 128,
     progress: Callable[[int], None] | None = None,
+    guidance: float = 1.0,
 ) -> Pairs:
     """`count` first chunks per resolution, each the teacher's Euler solve (`steps` steps) of the
-    flow ODE from pure noise under a random training clip's prompt."""
+    flow ODE from pure noise under a random training clip's prompt; with `guidance` g > 1 the
+    flow is classifier-free guided, unconditional + g (conditional - unconditional), the empty
+    prompt being the all-zero context (a teacher trained with `prompt_dropout`)."""
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     device = clips.context.device
@@ -81,9 +84,19 @@ def ode_pairs(
             text = context[first : first + batch]
             for s, s_next in pairwise(sigmas):
                 t = torch.full((x.shape[0],), s * options.num_train_timesteps, device=device)
-                x = x + (s_next - s) * teacher.forward_full(x, t, text, rope=rope)
+                x = x + (s_next - s) * _flow(teacher, x, t, text, rope, guidance)
             out.append(x)
             if progress is not None:
                 progress(x.shape[0])
         noise[resolution], samples[resolution] = eps, torch.cat(out)
     return Pairs(noise=noise, samples=samples, context=context)
+
+
+def _flow(teacher: WanDiT, x: Tensor, t: Tensor, text: Tensor, rope, guidance: float) -> Tensor:
+    if guidance == 1.0:
+        return teacher.forward_full(x, t, text, rope=rope)
+    both = teacher.forward_full(
+        torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, torch.zeros_like(text)]), rope=rope
+    )
+    conditional, unconditional = both.chunk(2)
+    return unconditional + guidance * (conditional - unconditional)

@@ -200,12 +200,15 @@ def train_dit(
     top_level_share: float = TOP_LEVEL_SHARE,
     continuous: bool = False,
     pairs: Pairs | None = None,
+    prompt_dropout: float = 0.0,
 ) -> tuple[WanDiT, list[float]]:
     """The preset's DiT trained for `steps` AdamW steps from `seed` (from scratch, or on from
     `start`, in place), on the clips' device; returns it and the losses. The shares: of examples
     at a first chunk, and of noise levels at the top one. `continuous` trains at every noise
     level (a teacher for `training.distill`); with `pairs`, a first chunk drawn from pure noise
-    learns the teacher's sample of that noise instead of a clip placed by `noise_peak`."""
+    learns the teacher's sample of that noise instead of a clip placed by `noise_peak`. A share
+    `prompt_dropout` of examples gets the empty (all-zero) text context, so the model also
+    learns the unconditional flow that classifier-free guidance needs."""
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     device = clips.context.device
@@ -246,6 +249,9 @@ def train_dit(
             tokens[drawn] = noise_peak(eps[drawn], patch)
         latents = centre_on(latents, tokens, patch)
         text = clips.context[index.to(device)]
+        if prompt_dropout:
+            dropped = torch.tensor([rng.random() < prompt_dropout for _ in range(size)])
+            text[dropped.to(device)] = 0.0
         eps, t = eps.to(device), t.to(device)
         x0 = latents[:, :, list(example.chunk)]
         if pairs is not None and bool(drawn.any()):

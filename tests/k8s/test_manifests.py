@@ -117,13 +117,13 @@ def test_serve_config_v2_is_the_overlays_serve_config_file_and_valid(overlay):
     ServeSettings(**config["applications"][0]["args"])
 
 
-def test_the_cpu_demo_serve_config_is_the_base_one_but_tiny_and_without_gpus():
+def test_the_cpu_demo_serve_config_is_the_base_one_but_toy_and_without_gpus():
     base = yaml.safe_load((K8S / "base" / "serve-config.yaml").read_text())
     demo = yaml.safe_load((K8S / "overlays" / "cpu-demo" / "serve-config.yaml").read_text())
     expected = copy.deepcopy(base)
     app = expected["applications"][0]
     app["args"] = {k: v for k, v in app["args"].items() if k not in ("weights", "dit", "dtype")}
-    app["args"]["preset"] = "tiny"
+    app["args"]["preset"] = "toy"
     for deployment in app["deployments"]:
         options = deployment["ray_actor_options"]
         if options.get("num_gpus"):

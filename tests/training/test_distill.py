@@ -85,3 +85,34 @@ def test_a_student_learns_the_pairs_at_the_top_level_of_first_chunks() -> None:
     plain, _ = train_dit(preset, clips, steps=60, seed=0, batch=2, lr=3e-3,
                          first_chunk_share=1.0, top_level_share=1.0)  # fmt: skip
     assert top_level_error(plain) > 0.5 * before
+
+
+def test_a_guided_solve_lands_on_the_guided_target() -> None:
+    """Guidance g mixes the teacher's conditional flow (towards c) with its unconditional one
+    (the zero prompt: towards 0): the guided flow carries x to g * c."""
+    preset = _preset()
+    clips = _clips(preset)
+    pairs = ode_pairs(ExactTeacher(), preset, clips, count=3, steps=5, seed=1, guidance=2.5)
+    want = 2.5 * pairs.context.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
+    got = pairs.samples[Resolution.HIGH]
+    assert torch.allclose(got, want.expand_as(got), atol=1e-4)
+
+
+def test_prompt_dropout_shows_the_model_the_empty_prompt_that_often() -> None:
+    preset = _preset()
+    clips = _clips(preset)
+    model = build_dit(preset.dit, seed=0)
+    seen = []
+    forward = model.forward_full
+
+    def recording(x, t, context, **kwargs):
+        seen.append(context.detach().flatten(1).abs().sum(1) == 0)
+        return forward(x, t, context, **kwargs)
+
+    model.forward_full = recording
+    train_dit(preset, clips, steps=40, seed=0, batch=2, start=model, prompt_dropout=0.25)
+    empty = torch.cat(seen).float().mean().item()
+    assert 0.15 < empty < 0.35, empty  # 120 examples, 25% asked
+    seen.clear()
+    train_dit(preset, clips, steps=40, seed=0, batch=1, start=model)
+    assert not torch.cat(seen).any()

@@ -214,9 +214,12 @@ def test_histream_train_writes_a_loadable_checkpoint(tmp_path, capsys) -> None:
     again = tmp_path / "again"
     assert cli_main(["train", "--out", str(again), "--vae-from", str(out), "--dit-steps", "2",
                      "--clips", "2", "--clip-frames", "21", "--teacher-steps", "2",
-                     "--pairs", "3", "--solve-steps", "2", "--dit-batch", "1"]) == 0  # fmt: skip
+                     "--pairs", "3", "--solve-steps", "2", "--dit-batch", "1",
+                     "--prompt-dropout", "0.5", "--guidance", "2"]) == 0  # fmt: skip
     assert "--teacher-steps 2 --pairs 3 --solve-steps 2" in (again / "MODEL_CARD.md").read_text()
-    assert "--dit-batch 1 " in (again / "MODEL_CARD.md").read_text()
+    card = (again / "MODEL_CARD.md").read_text()
+    assert "--dit-batch 1 " in card and "--prompt-dropout 0.5 --guidance 2.0" in card
+    assert "guided 2.0x" in card and "learns at the top level" in card
     reused = load_components("toy", resolve_weights(again), device="cpu").vae.state_dict()
     assert all(torch.equal(v, components.vae.state_dict()[k]) for k, v in reused.items())
     assert json.loads((again / "facts.json").read_text())["vae_from"] == str(out)

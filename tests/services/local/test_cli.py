@@ -14,13 +14,14 @@ from services.local import cli
 from services.media import read_video
 
 
-def test_generate_tiny_default_writes_mp4_and_report(tmp_path, capsys):
+def test_generate_default_writes_mp4_and_report(tmp_path, capsys):
+    """The embedded default: the toy preset with its shipped weights, at its own size."""
     out, report = tmp_path / "v.mp4", tmp_path / "r.json"
     code = cli.main(
         [
             "generate",
             "--prompt",
-            "a red fox in snow",
+            "a large red circle moving quickly left on a dark blue background",
             "--out",
             str(out),
             "--report",
@@ -35,7 +36,7 @@ def test_generate_tiny_default_writes_mp4_and_report(tmp_path, capsys):
     data = json.loads(report.read_text())
     assert {k: data[k] for k in ("mode", "preset", "height", "width", "num_frames")} == {
         "mode": "histream+",
-        "preset": "tiny",
+        "preset": "toy",
         "height": 128,
         "width": 192,
         "num_frames": 33,
@@ -62,8 +63,23 @@ def test_generate_tiny_default_writes_mp4_and_report(tmp_path, capsys):
 )
 def test_generate_diagonal_takes_its_step_list(tmp_path, extra, steps):
     out, report = tmp_path / "d.mp4", tmp_path / "d.json"
-    argv = ["generate", "--prompt", "a fox", "--mode", "diagonal", "--num-frames", "57",
-            "--out", str(out), "--report", str(report), "--no-progress", *extra]  # fmt: skip
+    argv = [
+        "generate",
+        "--preset",
+        "tiny",
+        "--prompt",
+        "a fox",
+        "--mode",
+        "diagonal",
+        "--num-frames",
+        "57",
+        "--out",
+        str(out),
+        "--report",
+        str(report),
+        "--no-progress",
+        *extra,
+    ]
     assert cli.main(argv) == 0
     chunks = json.loads(report.read_text())["chunks"]
     assert [c["high_steps"] for c in chunks] == steps
@@ -76,6 +92,8 @@ def test_generate_from_operator_weights_directory(tmp_path, tiny_pipeline_dir):
     code = cli.main(
         [
             "generate",
+            "--preset",
+            "tiny",
             "--prompt",
             "a cat runs on the grass",
             "--weights",
@@ -98,8 +116,22 @@ def test_generate_from_operator_weights_directory(tmp_path, tiny_pipeline_dir):
     # the weights are what made it: the same call again gives the same bytes, and the same
     # call without them (the preset's built-in random weights) another video
     again, builtin = tmp_path / "again.mp4", tmp_path / "builtin.mp4"
-    common = ["generate", "--prompt", "a cat runs on the grass", "--height", "64", "--width",
-              "96", "--num-frames", "9", "--mode", "histream", "--no-progress"]  # fmt: skip
+    common = [
+        "generate",
+        "--preset",
+        "tiny",
+        "--prompt",
+        "a cat runs on the grass",
+        "--height",
+        "64",
+        "--width",
+        "96",
+        "--num-frames",
+        "9",
+        "--mode",
+        "histream",
+        "--no-progress",
+    ]
     weights = ["--weights", str(tiny_pipeline_dir)]
     assert cli.main([*common, *weights, "--out", str(again)]) == 0
     assert cli.main([*common, "--out", str(builtin)]) == 0
@@ -115,9 +147,28 @@ def test_generate_with_the_tiny_decoder_from_its_checkpoint(tmp_path):
     weights = tmp_path / "taew2_1.safetensors"
     save_file(dict(small_model(config=SMALL).state_dict()), weights)
     out, report = tmp_path / "t.mp4", tmp_path / "t.json"
-    argv = ["generate", "--prompt", "a fox", "--num-frames", "9", "--height", "64", "--width",
-            "96", "--decoder", "taehv", "--decoder-weights", str(weights), "--out", str(out),
-            "--report", str(report), "--no-progress"]  # fmt: skip
+    argv = [
+        "generate",
+        "--preset",
+        "tiny",
+        "--prompt",
+        "a fox",
+        "--num-frames",
+        "9",
+        "--height",
+        "64",
+        "--width",
+        "96",
+        "--decoder",
+        "taehv",
+        "--decoder-weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--report",
+        str(report),
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     assert read_video(out) == (9, 96, 64)
     assert json.loads(report.read_text())["decode_seconds"] > 0
@@ -161,8 +212,8 @@ def _serve(store) -> tuple[subprocess.Popen, str]:
     http, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     server = subprocess.Popen(
-        [sys.executable, "-m", "services.local.cli", "serve", "--http-port", str(http),
-         "--grpc-port", str(grpc_port), "--storage", str(store)],
+        [sys.executable, "-m", "services.local.cli", "serve", "--preset", "tiny", "--http-port",
+         str(http), "--grpc-port", str(grpc_port), "--storage", str(store)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     return server, f"http://127.0.0.1:{http}"
