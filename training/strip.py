@@ -1,8 +1,8 @@
 """A frame strip: a PNG of a few generated videos, one row per prompt, frames left to right.
 
-`python -m training.strip --out histream_model/checkpoints/toy/strip.png` (defaults: the toy preset's shipped weights,
-the first 4 evaluation scenes, `histream` mode, seed 0, 81 frames). The README shows it so a
-reader sees what the embedded default makes.
+`python -m training.strip --out histream_model/checkpoints/toy/strip.png` (defaults: the toy
+preset's shipped weights, the first 4 evaluation scenes, `histream` mode, seed 0, 81 frames).
+The README shows it so a reader sees what the embedded default makes.
 """
 
 from __future__ import annotations
