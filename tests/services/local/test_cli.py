@@ -88,51 +88,16 @@ def test_generate_diagonal_takes_its_step_list(tmp_path, extra, steps):
 
 
 def test_generate_from_operator_weights_directory(tmp_path, tiny_pipeline_dir):
+    common = ["generate", "--preset", "tiny", "--prompt", "a cat runs on the grass",
+              "--height", "64", "--width", "96", "--num-frames", "9", "--mode", "histream",
+              "--no-progress"]  # fmt: skip
+    weights = ["--weights", str(tiny_pipeline_dir)]
     out = tmp_path / "w.mp4"
-    code = cli.main(
-        [
-            "generate",
-            "--preset",
-            "tiny",
-            "--prompt",
-            "a cat runs on the grass",
-            "--weights",
-            str(tiny_pipeline_dir),
-            "--height",
-            "64",
-            "--width",
-            "96",
-            "--num-frames",
-            "9",
-            "--mode",
-            "histream",
-            "--out",
-            str(out),
-            "--no-progress",
-        ]
-    )
-    assert code == 0
+    assert cli.main([*common, *weights, "--out", str(out)]) == 0
     assert read_video(out) == (9, 96, 64)
     # the weights are what made it: the same call again gives the same bytes, and the same
     # call without them (the preset's built-in random weights) another video
     again, builtin = tmp_path / "again.mp4", tmp_path / "builtin.mp4"
-    common = [
-        "generate",
-        "--preset",
-        "tiny",
-        "--prompt",
-        "a cat runs on the grass",
-        "--height",
-        "64",
-        "--width",
-        "96",
-        "--num-frames",
-        "9",
-        "--mode",
-        "histream",
-        "--no-progress",
-    ]
-    weights = ["--weights", str(tiny_pipeline_dir)]
     assert cli.main([*common, *weights, "--out", str(again)]) == 0
     assert cli.main([*common, "--out", str(builtin)]) == 0
     assert again.read_bytes() == out.read_bytes()
