@@ -62,6 +62,12 @@ def number(cell: str) -> float:
     return float(found.group())
 
 
+def first_table(text: str, section: str) -> Table | None:
+    """The first table of a BENCHMARKS.md section, None when the section holds none."""
+    found = tables(section_text(text, section))
+    return found[0] if found else None
+
+
 def column(table: Table, name: str) -> list[str]:
     headers, rows = table
     index = headers.index(name)
@@ -107,10 +113,9 @@ def latency(text: str, plt) -> object | None:
 
 
 def memory(text: str, plt) -> object | None:
-    found = tables(section_text(text, "memory"))
-    if not found:
+    table = first_table(text, "memory")
+    if table is None:
         return None
-    table = found[0]
     frames = [number(c) for c in column(table, "video frames")]
     agsw = [number(c) for c in column(table, "AGSW (`histream`) MB measured")]
     full = [number(c) for c in column(table, "full history (`no-agsw`) MB measured")]
@@ -125,10 +130,9 @@ def memory(text: str, plt) -> object | None:
 
 
 def breakdown(text: str, plt) -> object | None:
-    found = tables(section_text(text, "breakdown"))
-    if not found:
+    table = first_table(text, "breakdown")
+    if table is None:
         return None
-    table = found[0]
     steps = [s.strip("`") for s in column(table, "step")]
     modes = [h.split()[0].strip("`") for h in table[0] if h.endswith("s/video")]
     fig, ax = plt.subplots(figsize=(7.0, 3.2))

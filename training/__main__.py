@@ -119,10 +119,7 @@ def train(args: argparse.Namespace) -> dict:
                              progress=bar.update, device=args.device)  # fmt: skip
     encode_seconds = time.monotonic() - started - (0 if args.vae_from else vae_seconds)
     with _bar(args.dit_steps, "DiT") as bar:
-
-        def dit_progress(step: int, loss: float) -> None:
-            bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}")
+        dit_progress = _loss_progress(bar)
 
         dit, dit_losses = _train_dit(args, preset, clips, dit_progress)
     total = time.monotonic() - started
@@ -164,6 +161,16 @@ def train(args: argparse.Namespace) -> dict:
     return facts
 
 
+def _loss_progress(bar: tqdm):
+    """A trainer's progress callback: one step on the bar, the step's loss beside it."""
+
+    def progress(step: int, loss: float) -> None:
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    return progress
+
+
 def _train_dit(args: argparse.Namespace, preset, clips, progress) -> tuple:
     """The DiT and its losses: flow matching on the clips, or (--teacher-steps) a teacher first,
     its pairs, then the DiT from the teacher on pairs and clips (training/distill.py)."""
@@ -173,10 +180,7 @@ def _train_dit(args: argparse.Namespace, preset, clips, progress) -> tuple:
         return train_dit(preset, clips, args.dit_steps, args.seed + 2, batch=args.dit_batch,
                          progress=progress, **shares)  # fmt: skip
     with _bar(args.teacher_steps, "teacher") as bar:
-
-        def teacher_progress(step: int, loss: float) -> None:
-            bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}")
+        teacher_progress = _loss_progress(bar)
 
         teacher, _ = train_dit(preset, clips, args.teacher_steps, args.seed + 2,
                                batch=args.dit_batch, progress=teacher_progress, continuous=True,
@@ -193,10 +197,7 @@ def _train_dit(args: argparse.Namespace, preset, clips, progress) -> tuple:
 def _train_vae(args: argparse.Namespace, preset) -> tuple:
     """Train the VAE, then fold the latent statistics of 16 clips (seeds apart from training's)."""
     with _bar(args.vae_steps + args.vae_stream_steps, "VAE") as bar:
-
-        def vae_progress(step: int, loss: float) -> None:
-            bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}")
+        vae_progress = _loss_progress(bar)
 
         vae, vae_losses = train_vae(
             preset.vae, args.vae_steps, args.seed, (preset.height, preset.width),

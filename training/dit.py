@@ -234,8 +234,8 @@ def train_dit(
         # Chunk 1 is where the prompt alone decides the scene: a third of the examples.
         chunk = 0 if rng.random() < first_chunk_share else rng.randrange(1, num_chunks)
         example = layout(chunk, options, sliding, gap)
-        index = torch.tensor([rng.randrange(count) for _ in range(size)])
-        latents = clips.latents[resolution][index.to(device)]  # (B, z, T, h, w), scenes centred
+        index = torch.tensor([rng.randrange(count) for _ in range(size)], device=device)
+        latents = clips.latents[resolution][index]  # (B, z, T, h, w), scenes centred
         eps = torch.randn((*latents.shape[:2], options.chunk_frames, *latents.shape[3:]),
                           generator=generator)  # fmt: skip
         t = draw_levels(rng, size, levels, top_level_share, shift)
@@ -248,7 +248,7 @@ def train_dit(
         if pairs is None and bool(drawn.any()):
             tokens[drawn] = noise_peak(eps[drawn], patch)
         latents = centre_on(latents, tokens, patch)
-        text = clips.context[index.to(device)]
+        text = clips.context[index]
         if prompt_dropout:
             dropped = torch.tensor([rng.random() < prompt_dropout for _ in range(size)])
             text[dropped.to(device)] = 0.0

@@ -13,6 +13,9 @@ import pytest
 from services.local import cli
 from services.media import read_video
 
+# generate on the fastest random-weight preset, where the test is not about the default model
+TINY = ["generate", "--preset", "tiny"]
+
 
 def test_generate_default_writes_mp4_and_report(tmp_path, capsys):
     """The embedded default: the toy preset with its shipped weights, at its own size."""
@@ -63,23 +66,8 @@ def test_generate_default_writes_mp4_and_report(tmp_path, capsys):
 )
 def test_generate_diagonal_takes_its_step_list(tmp_path, extra, steps):
     out, report = tmp_path / "d.mp4", tmp_path / "d.json"
-    argv = [
-        "generate",
-        "--preset",
-        "tiny",
-        "--prompt",
-        "a fox",
-        "--mode",
-        "diagonal",
-        "--num-frames",
-        "57",
-        "--out",
-        str(out),
-        "--report",
-        str(report),
-        "--no-progress",
-        *extra,
-    ]
+    argv = [*TINY, "--prompt", "a fox", "--mode", "diagonal", "--num-frames", "57",
+            "--out", str(out), "--report", str(report), "--no-progress", *extra]  # fmt: skip
     assert cli.main(argv) == 0
     chunks = json.loads(report.read_text())["chunks"]
     assert [c["high_steps"] for c in chunks] == steps
@@ -88,7 +76,7 @@ def test_generate_diagonal_takes_its_step_list(tmp_path, extra, steps):
 
 
 def test_generate_from_operator_weights_directory(tmp_path, tiny_pipeline_dir):
-    common = ["generate", "--preset", "tiny", "--prompt", "a cat runs on the grass",
+    common = [*TINY, "--prompt", "a cat runs on the grass",
               "--height", "64", "--width", "96", "--num-frames", "9", "--mode", "histream",
               "--no-progress"]  # fmt: skip
     weights = ["--weights", str(tiny_pipeline_dir)]
@@ -112,28 +100,9 @@ def test_generate_with_the_tiny_decoder_from_its_checkpoint(tmp_path):
     weights = tmp_path / "taew2_1.safetensors"
     save_file(dict(small_model(config=SMALL).state_dict()), weights)
     out, report = tmp_path / "t.mp4", tmp_path / "t.json"
-    argv = [
-        "generate",
-        "--preset",
-        "tiny",
-        "--prompt",
-        "a fox",
-        "--num-frames",
-        "9",
-        "--height",
-        "64",
-        "--width",
-        "96",
-        "--decoder",
-        "taehv",
-        "--decoder-weights",
-        str(weights),
-        "--out",
-        str(out),
-        "--report",
-        str(report),
-        "--no-progress",
-    ]
+    argv = [*TINY, "--prompt", "a fox", "--num-frames", "9", "--height", "64", "--width", "96",
+            "--decoder", "taehv", "--decoder-weights", str(weights), "--out", str(out),
+            "--report", str(report), "--no-progress"]  # fmt: skip
     assert cli.main(argv) == 0
     assert read_video(out) == (9, 96, 64)
     assert json.loads(report.read_text())["decode_seconds"] > 0
