@@ -12,7 +12,7 @@ GRPC_PORT ?= 9000
 PROTOS := $(wildcard protos/histream/v1/*.proto)
 STUBS := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: install protos run test lint format bench train clean
+.PHONY: install protos browser run test lint format bench train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,16 @@ run: $(STAMP) protos
 		--prompt "$(PROMPT)" --out outputs/video.mp4 \
 		|| { echo "--- outputs/serve.log ---"; tail -30 outputs/serve.log; exit 1; }
 
-test: $(STAMP) protos
+# Headless Chromium + ChromeDriver for the web player's browser test (Debian packages); where
+# they cannot be installed (no root, no apt) the browser tests skip and say why.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+		$$SUDO apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver \
+		|| echo "warning: could not install chromium + chromium-driver; browser tests will skip"; }
+
+test: $(STAMP) protos browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from histream_model.conditioning import PromptChange, conditioning
 from histream_model.config import Preset, Resolution, get_mode, get_preset
 from histream_model.dit import WanDiT
 from histream_model.schedules import (
@@ -32,6 +33,8 @@ class SessionState:
     seed: int
     states: dict[str, ResolutionState]  # one per cache the schedule names ("low", "high.3"...)
     next_chunk: int = 0
+    prompts: list[PromptChange] = field(default_factory=list)  # the first from chunk 0
+    conditioned_on: torch.Tensor | None = None  # the context the states' text K/V are of
 
     @property
     def high(self) -> ResolutionState:
@@ -107,12 +110,20 @@ class HiStreamGenerator:
         batch = context.shape[0]
         with torch.no_grad():
             states = new_session_states(self.model, shape, context, batch)
-        return SessionState(shape=shape, seed=seed, states=states)
+        first = PromptChange(0, context)
+        return SessionState(shape, seed, states, prompts=[first], conditioned_on=context)
 
-    @torch.no_grad()
-    def set_prompt(self, state: SessionState, context: torch.Tensor) -> None:
-        """Condition the following chunks on a new prompt; the caches are kept."""
-        set_text(self.model, state.states, context)
+    def set_prompt(
+        self,
+        state: SessionState,
+        context: torch.Tensor,
+        transition_chunks: int = 1,
+        interpolation: str = "linear",
+    ) -> None:
+        """Condition the following chunks on a new prompt, reached over `transition_chunks`
+        chunks (histream_model.conditioning); the caches are kept."""
+        change = PromptChange(state.next_chunk, context, transition_chunks, interpolation)
+        state.prompts = [p for p in state.prompts if p.from_chunk < change.from_chunk] + [change]
 
     def step(self, state: SessionState) -> ChunkResult:
         """Generate the session's next chunk (Algorithm 1, lines 4-30)."""
@@ -121,6 +132,10 @@ class HiStreamGenerator:
         plan = plan_chunk(state.shape, state.next_chunk)
         before = state.passes()
         started = time.perf_counter()
+        context = conditioning(state.prompts, state.next_chunk)
+        if context is not state.conditioned_on:
+            set_text(self.model, state.states, context)
+            state.conditioned_on = context
         writes: dict[int, torch.Tensor] = {}
         x0 = run_chunk(self.model, state.states, state.shape, plan, state.seed, writes=writes)
         if x0.is_cuda:

@@ -106,6 +106,12 @@ class ServeSettings(BaseSettings):
     # fails (error code job_interrupted)
     max_job_attempts: int = Field(3, ge=1)
     max_live_sessions: int = Field(256, ge=1)  # streaming sessions per gateway; past it: 429
+    # a session started without num_frames streams until closed or for this long (a tenant's
+    # max_session_seconds quota may cut it shorter); sliding-window modes only
+    max_session_seconds: int = Field(3600, ge=1)
+    # an endless session's HLS playlist lists its latest this-many segments (a live sliding
+    # window); segments older than twice that are deleted from storage as new ones land
+    hls_window_segments: int = Field(60, ge=1)
     retry_after_s: int = Field(5, ge=1)  # what a 429 tells the client to wait
     # stages free sessions untouched this long: a live driver touches its sessions every third
     # of it, so only a dead driver's (a lost gateway replica) are freed, within seconds

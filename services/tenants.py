@@ -51,6 +51,7 @@ class Quotas(BaseModel):
     max_sessions: int | None = Field(None, ge=0)  # streaming sessions open at once
     max_videos: int | None = Field(None, ge=0)  # video jobs queued or running at once
     max_frames: int | None = Field(None, ge=1)  # frames of one video or session
+    max_session_seconds: int | None = Field(None, ge=1)  # how long an endless session may run
     max_size: str | None = Field(None, pattern=r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$")  # WxH
     frames_per_hour: int | None = Field(None, ge=0)  # frames asked for in a rolling hour
     requests_per_minute: int | None = Field(None, ge=1)  # API calls (a burst of a minute's)

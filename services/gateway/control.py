@@ -30,6 +30,7 @@ from services.logs import ids
 from services.protocol import EndReason
 from services.protocol.routing import own_request_id
 from services.sessions import SessionRegistry
+from services.sessions.prompts import PromptUpdate
 
 log = logging.getLogger("histream.gateway")
 
@@ -51,10 +52,14 @@ class SessionControl:
     # -- the calls, wherever the session runs -----------------------------------------------------
 
     async def update_prompt(
-        self, session_id: str, token: str | None, tenant: str, prompt: str
+        self, session_id: str, token: str | None, tenant: str, prompt: PromptUpdate | str
     ) -> tuple[int, int]:
         """Queue `prompt` (already checked) for the session; (its version, its first chunk)."""
-        version, start = await self._call("update_prompt", session_id, token, tenant, prompt=prompt)
+        update = PromptUpdate(prompt) if isinstance(prompt, str) else prompt
+        version, start = await self._call(
+            "update_prompt", session_id, token, tenant, prompt=update.text,
+            transition_chunks=update.transition_chunks, interpolation=update.interpolation,
+        )  # fmt: skip
         return version, start
 
     async def close(self, session_id: str, token: str | None, tenant: str) -> None:
@@ -89,7 +94,9 @@ class SessionControl:
     async def _here(self, op: str, session_id: str, token: str | None, tenant: str, **args):
         live = self.sessions.get(session_id, token, tenant)
         if op == "update_prompt":
-            return list(await live.driver.update_prompt(args["prompt"]))
+            chunks, interpolation = args.get("transition_chunks", 1), args.get("interpolation")
+            update = PromptUpdate(args["prompt"], chunks, interpolation or "linear")
+            return list(await live.driver.update_prompt(update))
         if op == "close":
             live.request_stop(EndReason.CLOSED)
             return True

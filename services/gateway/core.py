@@ -54,6 +54,7 @@ class GatewayCore:
             snapshot_ttl_s=settings.session_snapshot_ttl_s,
             heartbeat_s=settings.session_idle_timeout_s / 3,
             settle_s=settings.drain_timeout_s,
+            replay_chunks=settings.hls_window_segments,
         )
         self.jobs = JobRunner(
             handles,

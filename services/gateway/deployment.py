@@ -7,6 +7,7 @@ from ray import serve
 from services.gateway.core import GatewayCore
 from services.gateway.grpc import GrpcApi
 from services.gateway.http import HttpApi, api
+from services.gateway.page import PageApi
 from services.gateway.websocket import WebSocketApi
 from services.logs import through_serve
 from services.sessions import StageHandles
@@ -14,7 +15,7 @@ from services.settings import ServeSettings
 
 
 @serve.ingress(api)
-class Gateway(HttpApi, WebSocketApi, GrpcApi):
+class Gateway(HttpApi, WebSocketApi, GrpcApi, PageApi):
     def __init__(
         self, settings: ServeSettings, structure, refine, decode, mailbox=None, *steps
     ) -> None:

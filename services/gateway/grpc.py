@@ -163,8 +163,13 @@ class GrpcApi:
     async def UpdateSessionPrompt(
         self, request: api_pb2.UpdateSessionPromptRequest, tenant: str
     ) -> api_pb2.UpdateSessionPromptResponse:
+        change = {
+            "prompt": request.prompt,
+            "transition_chunks": request.transition_chunks or None,  # 0: unset
+            "interpolation": request.interpolation or None,
+        }
         version, start = await self.core.streams.update_prompt_by_id(
-            request.session_id, request.session_token, request.prompt, tenant
+            request.session_id, request.session_token, change, tenant
         )
         return api_pb2.UpdateSessionPromptResponse(
             session_id=request.session_id, prompt_version=version, from_chunk=start

@@ -93,6 +93,11 @@ class QuotaKeeper:
                 )
         self._take_frames(tenant, quotas, generation.shape.num_frames)
 
+    def endless_limits(self, tenant: str) -> tuple[int | None, int | None]:
+        """(max_session_seconds, max_frames) of `tenant`: what caps its endless sessions."""
+        quotas = self.tenancy.quotas(tenant)
+        return quotas.max_session_seconds, quotas.max_frames
+
     def admit_session(self, tenant: str, generation: Generation) -> None:
         quotas = self.tenancy.quotas(tenant)
         self._check_request(tenant, quotas, generation)

@@ -13,13 +13,15 @@ import math
 import re
 import unicodedata
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Self
 
+from histream_model.conditioning import check_transition
 from histream_model.config import MODES, Preset, get_mode
 from histream_model.shape import check_video_shape
 from services.errors import InvalidArgument
 from services.protocol import Generation, video_shape
+from services.sessions.prompts import PromptUpdate
 
 SIZE = re.compile(r"\s*([0-9]{1,5})\s*[xX]\s*([0-9]{1,5})\s*", re.ASCII)
 DEFAULT_MODE = "histream+"
@@ -136,6 +138,20 @@ def check_prompt_field(prompt: object, max_chars: int) -> str:
             f"prompt has {len(stripped)} characters; the limit is {max_chars}", param="prompt"
         )
     return stripped
+
+
+def check_prompt_update(data: Mapping[str, object], max_chars: int) -> PromptUpdate:
+    """A prompt change's fields from any transport: `prompt`, and optionally
+    `transition_chunks` (1-64; default 1, a cut) and `interpolation` (linear | slerp)."""
+    prompt = check_prompt_field(data.get("prompt"), max_chars)
+    chunks = whole(data, "transition_chunks")
+    interpolation = text(data, "interpolation")
+    try:
+        check_transition(1 if chunks is None else chunks, interpolation or "linear")
+    except ValueError as err:
+        param = "interpolation" if "interpolation" in str(err) else "transition_chunks"
+        raise InvalidArgument(str(err), param) from None
+    return PromptUpdate(prompt, 1 if chunks is None else chunks, interpolation or "linear")
 
 
 def model_ids(served: str) -> list[str]:
@@ -267,11 +283,38 @@ def resolve_video(
     return _resolve(body, preset, served_model, max_prompt_chars, length)
 
 
+def endless_frames(preset: Preset, fps: int, seconds: int, max_frames: int | None = None) -> int:
+    """An endless session's cap: the most frames of whole chunks lasting at most `seconds` at
+    `fps` (and at most `max_frames`), at least one chunk."""
+    t, m = preset.vae.temporal_stride, preset.options.chunk_frames
+    first, step = 1 + t * (m - 1), t * m
+    limit = seconds * fps + 1 if max_frames is None else min(seconds * fps + 1, max_frames)
+    return first + step * max(0, (limit - first) // step)
+
+
 def resolve_session(
-    body: SessionStart, preset: Preset, served_model: str, fps: int, max_prompt_chars: int
+    body: SessionStart,
+    preset: Preset,
+    served_model: str,
+    fps: int,
+    max_prompt_chars: int,
+    endless_cap: int | None = None,
 ) -> Generation:
+    """A session request. Without `num_frames` (or 0, gRPC's unset) it is endless when
+    `endless_cap` (its frame cap) is given, else the preset's default length."""
+    endless = endless_cap is not None and body.num_frames in (None, 0)
+
     def length() -> tuple[int, str]:
-        frames = check_num_frames(body.num_frames, preset)
+        frames = endless_cap if endless else check_num_frames(body.num_frames, preset)
         return frames, str(math.ceil((frames - 1) / fps))
 
-    return _resolve(body, preset, served_model, max_prompt_chars, length)
+    generation = _resolve(body, preset, served_model, max_prompt_chars, length)
+    mode = generation.shape.mode
+    if endless and not mode.sliding_window:
+        windowed = [name for name, m in MODES.items() if m.sliding_window]
+        raise InvalidArgument(
+            f"mode {mode.name!r} keeps every frame in its cache, so its sessions need "
+            f"num_frames; endless sessions (no num_frames) run in {windowed}",
+            param="num_frames",
+        )
+    return replace(generation, endless=endless)

@@ -6,14 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 from histream_model.config import Preset
 from services.errors import QueueFull, Unavailable
 from services.gateway.control import SessionControl
 from services.gateway.metrics import Metrics
 from services.gateway.quotas import QuotaKeeper
-from services.gateway.requests import SessionStart, check_prompt_field, resolve_session
+from services.gateway.requests import (
+    SessionStart,
+    check_prompt_update,
+    endless_frames,
+    resolve_session,
+)
 from services.protocol import ChunkReady, EndReason, SessionEvent, StreamKind
 from services.sessions import (
     Durability,
@@ -83,8 +88,13 @@ class Streams:
         s = self.settings
         layout = Layout(tenant) if tenant else self.layout
         self._admit_session()
+        seconds, max_frames = s.max_session_seconds, None
+        if self.quotas is not None:  # a tenant's quotas may cut an endless session shorter
+            quota_seconds, max_frames = self.quotas.endless_limits(layout.tenant)
+            seconds = min(seconds, quota_seconds or seconds)
+        cap = endless_frames(self.preset, s.frame_rate, seconds, max_frames)
         generation = resolve_session(
-            body, self.preset, s.served_model, s.frame_rate, s.max_prompt_chars
+            body, self.preset, s.served_model, s.frame_rate, s.max_prompt_chars, cap
         )
         if self.quotas is not None:
             self.quotas.admit_session(layout.tenant, generation)
@@ -151,19 +161,26 @@ class Streams:
             self.sessions.remove(live.id)
             self.control.ended(live.id)
 
-    async def update_prompt(self, live: LiveSession, prompt: object) -> tuple[int, int]:
-        """A prompt update from the session's own connection (WebSocket)."""
-        text = check_prompt_field(prompt, self.settings.max_prompt_chars)
-        return await live.driver.update_prompt(text)
+    async def update_prompt(
+        self, live: LiveSession, message: Mapping[str, object]
+    ) -> tuple[int, int]:
+        """A prompt update from the session's own connection (WebSocket): `message`'s
+        `prompt`, `transition_chunks` and `interpolation`."""
+        update = check_prompt_update(message, self.settings.max_prompt_chars)
+        return await live.driver.update_prompt(update)
 
     async def update_prompt_by_id(
-        self, session_id: str, token: str | None, prompt: object, tenant: str | None = None
+        self,
+        session_id: str,
+        token: str | None,
+        message: Mapping[str, object],
+        tenant: str | None = None,
     ) -> tuple[int, int]:
         """A prompt update for `tenant`'s session quoting its token, wherever it runs:
         (the prompt's version, the chunk it applies from)."""
-        text = check_prompt_field(prompt, self.settings.max_prompt_chars)
+        update = check_prompt_update(message, self.settings.max_prompt_chars)
         tenant = tenant or self.layout.tenant
-        return await self.control.update_prompt(session_id, token, tenant, text)
+        return await self.control.update_prompt(session_id, token, tenant, update)
 
     async def close_by_id(
         self, session_id: str, token: str | None, tenant: str | None = None

@@ -117,9 +117,9 @@ class WebSocketApi:
     async def _ws_read(self, ws: WebSocket, live: LiveSession, send) -> None:
         """Prompt changes and close requests from the client; a disconnect ends the session."""
 
-        async def prompt(text: object) -> None:
+        async def prompt(message: dict) -> None:
             try:
-                version, start = await self.core.streams.update_prompt(live, text)
+                version, start = await self.core.streams.update_prompt(live, message)
                 await send(
                     {"type": "prompt.accepted", "prompt_version": version, "from_chunk": start}
                 )
@@ -142,7 +142,7 @@ class WebSocketApi:
                         )
                     kind = message.get("type")
                     if kind == "prompt":
-                        task = asyncio.create_task(prompt(message.get("prompt")))
+                        task = asyncio.create_task(prompt(message))
                         updates.add(task)
                         task.add_done_callback(updates.discard)
                     elif kind == "close":

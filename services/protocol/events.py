@@ -58,6 +58,8 @@ class SessionStarted(_Event):
     session_token: str  # the secret that prompt updates, closes and resumes by id must quote
     resumed: bool = False  # a resume: chunks go on after the client's last one
     mode: str = ""  # the generation mode the session runs (histream_model.config.MODES)
+    # started without num_frames: runs until closed, or for at most num_frames (its cap)
+    endless: bool = False
 
     @classmethod
     def of(
@@ -68,11 +70,13 @@ class SessionStarted(_Event):
         playlist_key: str,
         token: str,
         resumed: bool = False,
+        endless: bool = False,
     ) -> SessionStarted:
         frames, chunks, size = shape.num_frames, shape.num_chunks, (shape.width, shape.height)
         return cls(
-            session_id, *size, fps, chunks, frames, playlist_key, token, resumed, shape.mode.name
-        )
+            session_id, *size, fps, chunks, frames, playlist_key, token, resumed,
+            shape.mode.name, endless,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -4,19 +4,26 @@ latents it keeps, the tail a decoder resumes from. The session driver writes sna
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from histream_model.conditioning import PromptChange
 from protos.histream.v1 import stages_pb2
 from services.protocol.codec import from_proto
 
 
-def prompt_index(snapshot: stages_pb2.SessionSnapshot, chunk: int) -> int:
-    """Index into `snapshot.prompts` of the prompt chunk `chunk` is generated under."""
-    index = 0
-    for i, change in enumerate(snapshot.prompts):
-        if change.from_chunk <= chunk:
-            index = i
-    return index
+def prompt_changes(
+    prompts: Sequence[stages_pb2.PromptChange], contexts: Sequence[torch.Tensor]
+) -> list[PromptChange]:
+    """A session's prompts with their text contexts, as histream_model.conditioning reads them
+    (which conditioning each chunk is under, transitions included)."""
+    if len(contexts) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(contexts)} text contexts")
+    return [
+        PromptChange(p.from_chunk, context, p.transition_chunks or 1, p.interpolation or "linear")
+        for p, context in zip(prompts, contexts, strict=True)
+    ]
 
 
 def kept_latents(snapshot: stages_pb2.SessionSnapshot) -> dict[int, torch.Tensor]:
@@ -49,3 +56,19 @@ def decode_tail(
     latents = torch.cat(tail, dim=2)[:, :, -frames:]  # (B, C, K, h, w)
     per_chunk = tail[-1].shape[2]  # latent frames per chunk (M)
     return latents, snapshot.next_chunk * per_chunk - latents.shape[2]
+
+
+def stored_frames(snapshot: stages_pb2.SessionSnapshot) -> tuple[int, list[int]]:
+    """(the first chunk of the run the snapshot keeps records of, up to its next chunk; the
+    video frames of each). Endless sessions keep their latest chunks only (`first_chunk`)."""
+    tail = [
+        c.num_frames
+        for c in snapshot.chunks
+        if snapshot.first_chunk <= c.index < snapshot.next_chunk
+    ]
+    return snapshot.first_chunk, tail
+
+
+def frames_done(snapshot: stages_pb2.SessionSnapshot) -> int:
+    """Video frames of every chunk before the snapshot's next chunk."""
+    return snapshot.frames_before + sum(stored_frames(snapshot)[1])

@@ -21,6 +21,7 @@ class Generation:
     shape: VideoShape  # preset, mode, size and length
     seed: int
     seconds: str  # the length as the API reports it back, e.g. "5"
+    endless: bool = False  # a session started without num_frames: shape.num_frames is its cap
 
 
 def video_shape(preset: Preset, mode: str, height: int, width: int, num_frames: int) -> VideoShape:
@@ -32,7 +33,7 @@ def video_shape(preset: Preset, mode: str, height: int, width: int, num_frames: 
 
 
 def session_spec(
-    session_id: str, tenant: str, shape: VideoShape, seed: int
+    session_id: str, tenant: str, shape: VideoShape, seed: int, endless: bool = False
 ) -> stages_pb2.SessionSpec:
     return stages_pb2.SessionSpec(
         session_id=session_id,
@@ -43,6 +44,7 @@ def session_spec(
         width=shape.width,
         num_frames=shape.num_frames,
         seed=seed,
+        endless=endless,
     )
 
 

@@ -31,20 +31,28 @@ class ChunkWork:
         self.durability = durability
 
     async def apply_prompt(self, chunk: int, prompts: PromptVersions) -> None:
-        """A prompt update waiting to apply conditions the stages from chunk `chunk` on."""
+        """A prompt update waiting to apply conditions the stages from chunk `chunk` on; each
+        chunk of a transition is conditioned on its blend (histream_model.conditioning)."""
         pending = prompts.take()
-        if pending is None:
+        if pending is not None:
+            self.record.prompt(
+                pending.version, chunk, pending.text, pending.context,
+                pending.transition_chunks, pending.interpolation,
+            )  # fmt: skip
+        if not self.record.text_changes(chunk):
             return
-        self.record.prompt(pending.version, chunk, pending.text, pending.context)
+        context = self.record.conditioning(chunk)
         try:
             await self.restorer.retried(
-                lambda: self.stages.set_prompt(pending.context),
+                lambda: self.stages.set_prompt(context),
                 lambda: self.restorer.denoisers(chunk),  # rebuilt under the new prompt
             )
         except BaseException as err:
-            prompts.failed(pending, err if isinstance(err, Exception) else too_late())
+            if pending is not None:
+                prompts.failed(pending, err if isinstance(err, Exception) else too_late())
             raise
-        prompts.applied(pending, chunk)
+        if pending is not None:
+            prompts.applied(pending, chunk)
 
     def wavefront(self) -> Wavefront:
         """HiAR's pipeline over this session's step workers (see wavefront.py)."""

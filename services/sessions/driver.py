@@ -33,7 +33,7 @@ from services.protocol import (
     StageName,
 )
 from services.sessions.chunks import ChunkWork
-from services.sessions.prompts import PromptVersions
+from services.sessions.prompts import PromptUpdate, PromptVersions
 from services.sessions.record import SessionRecord
 from services.sessions.remote import Opened, SessionPlan, SessionStages, StageHandles
 from services.sessions.restore import Durability, Restorer
@@ -121,11 +121,12 @@ class SessionDriver:
         durability = durability or Durability()
         self.durability = durability
         self.store = durability.store
-        window, frames = durability.window_chunks, durability.decode_frames
+        sizes = (durability.window_chunks, durability.decode_frames, self.lookahead,
+                 durability.replay_chunks)  # fmt: skip
         self.record = (
-            SessionRecord(plan, window, frames, self.lookahead)
+            SessionRecord(plan, *sizes)
             if snapshot is None
-            else SessionRecord.from_snapshot(plan, snapshot, window, frames, self.lookahead)
+            else SessionRecord.from_snapshot(plan, snapshot, *sizes)
         )
         self.restorer = Restorer(self.stages, self.record, on_restore)
         self.work = ChunkWork(self.stages, self.record, self.restorer, durability)
@@ -206,8 +207,11 @@ class SessionDriver:
         suspended session's stages stand exactly where its snapshot does."""
         self.settling = True
 
-    async def update_prompt(self, prompt: str) -> tuple[int, int]:
-        """Queue a new prompt; returns (its version, the chunk it applies from)."""
+    async def update_prompt(self, update: PromptUpdate | str) -> tuple[int, int]:
+        """Queue a new prompt (a transition, or a plain text: a cut); returns (its version,
+        the chunk it applies from)."""
+        if isinstance(update, str):
+            update = PromptUpdate(update)
         if self.status not in (SessionStatus.OPENING, SessionStatus.RUNNING):
             raise InvalidArgument(f"the session is {self.status}; no prompt can apply", "prompt")
         if self.next_chunk >= self.plan.shape.num_chunks:
@@ -216,8 +220,8 @@ class SessionDriver:
                 "no chunk is left to apply a new prompt to",
                 param="prompt",
             )
-        context = await self.stages.encode(prompt)
-        return await asyncio.shield(self.prompts.submit(context, prompt))
+        context = await self.stages.encode(update.text)
+        return await asyncio.shield(self.prompts.submit(context, update))
 
     async def chunks(self) -> AsyncIterator[ChunkReady]:
         """Generate every chunk from `next_chunk` on (0, or where a resume took up); yields
@@ -241,8 +245,10 @@ class SessionDriver:
                     await ahead.acquire()
                     if self.settling:
                         return
-                    if wave is not None and self.prompts.pending:
-                        await wave.drain()  # a new prompt applies between whole chunks
+                    if wave is not None and (
+                        self.prompts.pending or self.record.text_changes(index)
+                    ):
+                        await wave.drain()  # a new prompt (or blend) applies between chunks
                     await self.work.apply_prompt(index, self.prompts)
                     self.next_chunk = index + 1
                     version = self.prompts.current
@@ -284,6 +290,9 @@ class SessionDriver:
                 ))  # fmt: skip
                 if self.first_chunk_seconds is None:
                     self.first_chunk_seconds = time.perf_counter() - started
+                # finished decodes (and the chunks they hold) go: an endless session's memory
+                # stays that of the chunks in flight
+                decodes[:] = [task for task in decodes if not task.done()]
                 yield event
                 ahead.release()
         finally:

@@ -112,7 +112,7 @@ class LiveSession:
                 return
             yield SessionStarted.of(
                 self.id, shape, driver.plan.fps, self.playlist_key, self.token,
-                resumed=self.resume_after is not None,
+                resumed=self.resume_after is not None, endless=driver.plan.endless,
             )  # fmt: skip
             yield InitSegment(driver.init_segment)
             async for missed in self._missed():
@@ -150,7 +150,7 @@ class LiveSession:
         if self.resume_after is None or self.replay is None:
             return
         record = self.driver.record
-        first_frame = sum(record.frames.get(i, 0) for i in range(self.resume_after + 1))
+        first_frame = record.first_frame(self.resume_after + 1)
         for index in range(self.resume_after + 1, record.decoded):
             frames = record.frames[index]
             yield ChunkReady(

@@ -15,11 +15,23 @@ if TYPE_CHECKING:
     from services.sessions.record import SessionRecord
 
 
+@dataclass(frozen=True)
+class PromptUpdate:
+    """A new prompt as a client asks for it (checked): blended in over `transition_chunks`
+    chunks, linearly or by slerp (histream_model.conditioning)."""
+
+    text: str
+    transition_chunks: int = 1
+    interpolation: str = "linear"
+
+
 @dataclass
 class PendingPrompt:
     context: stages_pb2.Tensor  # the encoded prompt
     version: int
     text: str  # the prompt itself (a restore on another replica re-encodes nothing)
+    transition_chunks: int = 1
+    interpolation: str = "linear"
     # resolves to (version, first chunk generated under it) once the stages condition on it
     applied: asyncio.Future = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -35,13 +47,17 @@ class PromptVersions:
         self.closed = False  # no chunk is left to apply an update to
         self._pending: PendingPrompt | None = None
 
-    def submit(self, context: stages_pb2.Tensor, text: str = "") -> asyncio.Future:
+    def submit(self, context: stages_pb2.Tensor, update: PromptUpdate | str = "") -> asyncio.Future:
         """Queue a new prompt; the future gives (its version, the chunk it applies from)."""
         if self.closed:
             raise too_late()
+        if isinstance(update, str):
+            update = PromptUpdate(update)
         previous = self._pending
         self.issued += 1
-        self._pending = PendingPrompt(context=context, version=self.issued, text=text)
+        self._pending = PendingPrompt(
+            context, self.issued, update.text, update.transition_chunks, update.interpolation
+        )
         if previous is not None and not previous.applied.done():
             self._pending.applied = previous.applied  # superseded: both resolve together
         return self._pending.applied
@@ -60,8 +76,9 @@ class PromptVersions:
         if later:
             change = record.prompts[later[-1]]
             self._pending = PendingPrompt(
-                context=record.contexts[later[-1]], version=change.version, text=change.prompt
-            )
+                record.contexts[later[-1]], change.version, change.prompt,
+                change.transition_chunks or 1, change.interpolation or "linear",
+            )  # fmt: skip
         record.prompts = [record.prompts[i] for i in keep]
         record.contexts = [record.contexts[i] for i in keep]
         record.denoised = start

@@ -9,16 +9,25 @@ from __future__ import annotations
 import math
 import time
 
+from histream_model.conditioning import PromptChange, conditioning, in_transition, text_changes_at
 from histream_model.schedules.restore import snapshot_chunks
 from protos.histream.v1 import stages_pb2
-from services.protocol import session_spec
+from services.protocol import from_proto, session_spec, to_proto
+from services.protocol.snapshot import prompt_changes
 from services.sessions.remote import SessionPlan
 
 
 class SessionRecord:
     """The latents, frame counts and prompts of one session, pruned to what a restore reads."""
 
-    def __init__(self, plan: SessionPlan, window_chunks: int, decode_frames: int, lookahead: int):
+    def __init__(
+        self,
+        plan: SessionPlan,
+        window_chunks: int,
+        decode_frames: int,
+        lookahead: int,
+        replay_chunks: int = 60,
+    ):
         self.plan = plan
         shape = plan.shape
         chunk_frames = shape.preset.options.chunk_frames
@@ -36,6 +45,12 @@ class SessionRecord:
         self.denoised = 0  # chunks generated so far
         self.decoded = 0  # chunks decoded so far
         self.token_sha256 = ""  # streaming sessions: the hash a resume's token must match
+        # an endless session keeps the frame counts and digests of its latest `replay` chunks
+        # only (a resume re-sends at most those), and the frames of the chunks before them
+        self.replay = max(replay_chunks, self.window) if plan.endless else None
+        self.first_kept = 0
+        self.frames_before = 0
+        self._changes: tuple[tuple, list[PromptChange]] | None = None  # decoded, for blends
 
     @classmethod
     def from_snapshot(
@@ -45,9 +60,10 @@ class SessionRecord:
         window_chunks: int,
         decode_frames: int,
         lookahead: int,
+        replay_chunks: int = 60,
     ) -> SessionRecord:
         """The record a snapshot was made from (its prompts' contexts still to be encoded)."""
-        record = cls(plan, window_chunks, decode_frames, lookahead)
+        record = cls(plan, window_chunks, decode_frames, lookahead, replay_chunks)
         record.prompts = list(snapshot.prompts)
         for chunk in snapshot.chunks:
             if chunk.HasField("latents"):
@@ -58,12 +74,45 @@ class SessionRecord:
             record.digests[chunk.index] = chunk.latents_sha256
         record.denoised = record.decoded = snapshot.next_chunk
         record.token_sha256 = snapshot.token_sha256
+        record.first_kept, record.frames_before = snapshot.first_chunk, snapshot.frames_before
         return record
 
-    def prompt(self, version: int, from_chunk: int, text: str, context: stages_pb2.Tensor) -> None:
-        change = stages_pb2.PromptChange(version=version, from_chunk=from_chunk, prompt=text)
+    def prompt(
+        self,
+        version: int,
+        from_chunk: int,
+        text: str,
+        context: stages_pb2.Tensor,
+        transition_chunks: int = 1,
+        interpolation: str = "linear",
+    ) -> None:
+        change = stages_pb2.PromptChange(
+            version=version, from_chunk=from_chunk, prompt=text,
+            transition_chunks=transition_chunks, interpolation=interpolation,
+        )  # fmt: skip
         self.prompts.append(change)
         self.contexts.append(context)
+        self._changes = None
+
+    def changes(self) -> list[PromptChange]:
+        """The prompts as histream_model.conditioning reads them (contexts decoded once)."""
+        key = (id(self.prompts), len(self.prompts))  # take_up replaces the lists
+        if self._changes is None or self._changes[0] != key:
+            decoded = [from_proto(c) for c in self.contexts]
+            self._changes = (key, prompt_changes(self.prompts, decoded))
+        return self._changes[1]
+
+    def text_changes(self, chunk: int) -> bool:
+        """Whether chunk `chunk`'s text context differs from the chunk before's (a change
+        starts there, or a transition goes on or ends)."""
+        return text_changes_at(self.prompts, chunk)
+
+    def conditioning(self, chunk: int) -> stages_pb2.Tensor:
+        """The text context chunk `chunk` is generated under (a transition's: its blend)."""
+        if in_transition(self.prompts, chunk):
+            return to_proto(conditioning(self.changes(), chunk))
+        latest = max(i for i, p in enumerate(self.prompts) if p.from_chunk <= chunk)
+        return self.contexts[latest]
 
     def denoised_chunk(
         self,
@@ -85,6 +134,18 @@ class SessionRecord:
         self.frames[index] = num_frames
         self.digests[index] = sha256
         self.decoded = max(self.decoded, index + 1)
+        if self.replay is not None:  # endless: the same bytes at chunk 1000 as at chunk 3
+            while self.first_kept < self.decoded - self.replay:
+                self.frames_before += self.frames.pop(self.first_kept, 0)
+                self.digests.pop(self.first_kept, None)
+                self.first_kept += 1
+
+    def first_frame(self, chunk: int) -> int:
+        """The first video frame of chunk `chunk` (at least `first_kept`)."""
+        if chunk < self.first_kept:
+            raise ValueError(f"chunk {chunk} is before the first one kept ({self.first_kept})")
+        kept = range(self.first_kept, chunk)
+        return self.frames_before + sum(self.frames.get(i, 0) for i in kept)
 
     def prompt_version(self, chunk: int) -> int:
         """The version of the prompt chunk `chunk` was generated under."""
@@ -97,6 +158,8 @@ class SessionRecord:
     def snapshot(self, next_chunk: int, routing_id: str) -> stages_pb2.SessionSnapshot:
         """The session as it stood before chunk `next_chunk`."""
         plan = self.plan
+        # the anchor chunk (its latents: restores replay it) and the chunks kept from first_kept
+        indices = [0] if self.first_kept else []
         chunks = [
             stages_pb2.ChunkRecord(
                 index=i,
@@ -105,10 +168,10 @@ class SessionRecord:
                 latents_sha256=self.digests.get(i, ""),
                 writes=self.writes.get(i, {}),
             )
-            for i in range(next_chunk)
+            for i in [*indices, *range(self.first_kept, next_chunk)]
         ]
         return stages_pb2.SessionSnapshot(
-            spec=session_spec(routing_id, plan.tenant, plan.shape, plan.seed),
+            spec=session_spec(routing_id, *plan.spec_args),
             kind=plan.kind.to_proto(),
             object_id=plan.object_id,
             fps=plan.fps,
@@ -117,6 +180,8 @@ class SessionRecord:
             chunks=chunks,
             token_sha256=self.token_sha256,
             saved_at=int(time.time()),
+            first_chunk=self.first_kept,
+            frames_before=self.frames_before,
         )
 
     def restore(self, next_chunk: int, routing_id: str) -> stages_pb2.RestoreRequest:

@@ -73,13 +73,19 @@ class SessionPlan:
     # HiAR's pipeline: the step workers a session of a HiAR mode runs on (0: none deployed);
     # the driver sets it from its handles
     step_workers: int = 0
+    endless: bool = False  # started without num_frames: shape.num_frames is its cap
+
+    @property
+    def spec_args(self) -> tuple:
+        """(tenant, shape, seed, endless): what session_spec reads besides the routing id."""
+        return self.tenant, self.shape, self.seed, self.endless
 
     @classmethod
     def of(
         cls, generation: Generation, object_id: str, kind: StreamKind, tenant: str, fps: int
     ) -> SessionPlan:
         g = generation
-        return cls(object_id, kind, tenant, g.shape, g.seed, g.prompt, fps)
+        return cls(object_id, kind, tenant, g.shape, g.seed, g.prompt, fps, endless=g.endless)
 
     def log_ids(self) -> dict:
         """The `extra` of a log line about this session or video (never its prompt)."""
@@ -172,7 +178,7 @@ class SessionStages:
         that did open stay in `held` for `release`."""
         self.session_id = session_id
         plan, shape = self.plan, self.plan.shape
-        spec = session_spec(session_id, plan.tenant, shape, plan.seed)
+        spec = session_spec(session_id, *plan.spec_args)
         opened = stages_pb2.OpenSessionRequest(spec=spec, context=context)
         stream = stages_pb2.OpenStreamRequest(
             session_id=session_id,
@@ -183,6 +189,7 @@ class SessionStages:
             height=shape.height,
             fps=plan.fps,
             object_id=plan.object_id,
+            endless=plan.endless,
         )
         calls = {name: self._pinned(name).OpenSession.remote(opened) for name in plan.denoisers}
         calls[StageName.DECODE] = self._pinned(StageName.DECODE).OpenStream.remote(stream)

@@ -68,6 +68,9 @@ class Durability:
     snapshot_ttl_s: float = 3600.0  # a session whose client or driver is gone stays resumable
     heartbeat_s: float = 5.0  # how often the driver touches its stages (a third of their idle)
     settle_s: float = 30.0  # a suspend first finishes the chunks already started, this long
+    # an endless session's record keeps its latest this-many chunks (a resume re-sends at most
+    # those; hls_window_segments: their segments are still stored)
+    replay_chunks: int = 60
 
 
 class Restorer:

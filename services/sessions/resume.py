@@ -15,6 +15,7 @@ from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument, NotFound
 from services.logs import ids
 from services.protocol import StreamKind, shape_of
+from services.protocol.snapshot import stored_frames
 from services.sessions.periodic import Periodic
 from services.sessions.remote import SessionPlan
 from services.sessions.restore import SnapshotStore
@@ -46,10 +47,12 @@ async def resumable(
         raise gone
     if time.time() > snapshot.resumable_until:
         raise gone
-    if not -1 <= last_chunk < snapshot.next_chunk:
+    oldest = snapshot.first_chunk - 1  # endless sessions re-send their latest chunks only
+    if not oldest <= last_chunk < snapshot.next_chunk:
+        kept = "" if oldest < 0 else f"; chunks before {snapshot.first_chunk} are no longer kept"
         raise InvalidArgument(
-            f"last_chunk={last_chunk} must be in [-1, {snapshot.next_chunk - 1}]: the session "
-            f"has delivered chunks 0..{snapshot.next_chunk - 1}",
+            f"last_chunk={last_chunk} must be in [{oldest}, {snapshot.next_chunk - 1}]: the "
+            f"session has delivered chunks 0..{snapshot.next_chunk - 1}{kept}",
             param="last_chunk",
         )
     return snapshot
@@ -65,6 +68,7 @@ def plan_of(snapshot: stages_pb2.SessionSnapshot, preset: Preset) -> SessionPlan
         seed=snapshot.spec.seed,
         prompt=snapshot.prompts[0].prompt,
         fps=snapshot.fps,
+        endless=snapshot.spec.endless,
     )
 
 
@@ -118,6 +122,10 @@ class Sweeper(Periodic):
         return ended
 
     def _seal(self, snapshot: stages_pb2.SessionSnapshot, layout: Layout) -> None:
-        writer = SessionWriter(self.store.storage, layout, snapshot.object_id, snapshot.fps)
-        writer.resume([c.num_frames for c in snapshot.chunks])
+        first, frames = stored_frames(snapshot)
+        window = max(1, len(frames)) if snapshot.spec.endless else None
+        writer = SessionWriter(
+            self.store.storage, layout, snapshot.object_id, snapshot.fps, window=window
+        )
+        writer.resume(frames, first + 1)
         writer.end()

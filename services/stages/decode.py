@@ -24,7 +24,7 @@ from services.logs import ids
 from services.media import FragmentedMp4Encoder, progressive_mp4
 from services.protocol import StageName, StreamKind, from_proto
 from services.protocol.identity import replica_name
-from services.protocol.snapshot import decode_tail
+from services.protocol.snapshot import decode_tail, frames_done, stored_frames
 from services.settings import ServeSettings
 from services.stages.base import SessionStage, rpc
 from services.storage import (
@@ -85,6 +85,7 @@ class DecodeStage(SessionStage[DecodeStream]):
         fps: int,
         tenant: str,
         resume: stages_pb2.SessionSnapshot | None = None,
+        endless: bool = False,
     ) -> DecodeStream:
         """A new stream, or one taken up from a snapshot; stores the init segment first."""
         if not object_id:
@@ -99,7 +100,7 @@ class DecodeStage(SessionStage[DecodeStream]):
             encoder=encoder,
             init=encoder.init_segment(),
             vae_state=self.vae.new_decode_state(),
-            writer=SessionWriter(self.storage, layout, object_id, fps)
+            writer=self._writer(layout, object_id, fps, endless)
             if kind == StreamKind.SESSION
             else None,
             parts=VideoParts(self.storage, layout, object_id) if kind == StreamKind.VIDEO else None,
@@ -120,16 +121,22 @@ class DecodeStage(SessionStage[DecodeStream]):
             raise
         return stream
 
+    def _writer(self, layout: Layout, object_id: str, fps: int, endless: bool) -> SessionWriter:
+        """A session's segments and playlist; an endless one's a live window (old segments
+        deleted as new ones land)."""
+        window = self.settings.hls_window_segments if endless else None
+        return SessionWriter(self.storage, layout, object_id, fps, window=window)
+
     def _take_up(self, stream: DecodeStream, snapshot: stages_pb2.SessionSnapshot) -> None:
-        frames = [c.num_frames for c in snapshot.chunks][: snapshot.next_chunk]
-        stream.frames, stream.segments = sum(frames), len(frames)
+        first, frames = stored_frames(snapshot)
+        stream.frames, stream.segments = frames_done(snapshot), snapshot.next_chunk
         stream.encoder.resume_at(stream.frames, stream.segments)
         tail, before = decode_tail(snapshot, self.settings.snapshot_decode_frames)
         if tail is None:
             raise InvalidArgument("the snapshot keeps no latents to resume the decoder from")
         stream.vae_state = self.vae.resume_decode_state(tail, before)
         if stream.writer is not None:
-            stream.writer.resume(frames)
+            stream.writer.resume(frames, first + 1)
 
     @rpc
     async def OpenStream(
@@ -138,8 +145,9 @@ class DecodeStage(SessionStage[DecodeStream]):
         kind = StreamKind.from_proto(request.kind)
         size = (request.width, request.height)
         stream = await self._start(
-            request.session_id, kind, request.object_id, size, request.fps, request.tenant
-        )
+            request.session_id, kind, request.object_id, size, request.fps, request.tenant,
+            endless=request.endless,
+        )  # fmt: skip
         return stages_pb2.OpenStreamResponse(
             session_id=request.session_id, init_segment=stream.init
         )
@@ -150,7 +158,7 @@ class DecodeStage(SessionStage[DecodeStream]):
         stream kept here since its suspend, exactly where the snapshot stands, goes on as is."""
         snapshot, started = request.snapshot, time.perf_counter()
         kept = self.sessions.take_up(request.session_id)
-        frames = sum(c.num_frames for c in snapshot.chunks[: snapshot.next_chunk])
+        frames = frames_done(snapshot)
         if kept is not None:
             async with kept.lock:  # a decode still running for the suspended driver ends first
                 adopt = (kept.segments, kept.frames) == (snapshot.next_chunk, frames)
@@ -177,6 +185,7 @@ class DecodeStage(SessionStage[DecodeStream]):
             snapshot.fps,
             spec.tenant,
             resume=snapshot,
+            endless=spec.endless,
         )
         log.info(
             "decode pool restored %s at chunk %d", request.session_id, snapshot.next_chunk,

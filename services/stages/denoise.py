@@ -25,6 +25,7 @@ from typing import TypeVar
 import torch
 
 from histream_model.components import dit_for, text_encoder_for
+from histream_model.conditioning import conditioning
 from histream_model.config import Resolution
 from histream_model.flops import cache_layout, kv_bytes, text_kv_bytes
 from histream_model.schedules import (
@@ -55,7 +56,7 @@ from services.logs import ids
 from services.protocol import StageName, from_proto, shape_of, to_proto
 from services.protocol.identity import replica_name
 from services.protocol.routing import own_request_id
-from services.protocol.snapshot import kept_latents, kept_writes, prompt_index
+from services.protocol.snapshot import kept_latents, kept_writes, prompt_changes
 from services.settings import ServeSettings
 from services.stages.base import SessionStage, rpc
 from services.stages.batcher import PhaseBatcher
@@ -274,7 +275,7 @@ class DenoiseStage(SessionStage[DenoiseSession]):
         shape = shape_of(snapshot.spec, self.preset)
         if len(request.contexts) != len(snapshot.prompts) or not snapshot.prompts:
             raise InvalidArgument("a restore needs the text context of every prompt", "contexts")
-        contexts = [from_proto(c) for c in request.contexts]
+        changes = prompt_changes(snapshot.prompts, [from_proto(c) for c in request.contexts])
         done = snapshot.next_chunk
         kept_chunks, writes = kept_latents(snapshot), kept_writes(snapshot)
         if shape.mode.sliding_window:
@@ -283,7 +284,7 @@ class DenoiseStage(SessionStage[DenoiseSession]):
             kept_chunks = {k: v for k, v in kept_chunks.items() if k in replayed}
 
         def prompt_of(chunk: int) -> torch.Tensor:
-            return contexts[prompt_index(snapshot, chunk)]
+            return conditioning(changes, chunk)  # a transition's chunks: their blend
 
         def plans(chunk: int) -> ChunkPlan:
             return plan_chunk(shape, chunk)

@@ -161,6 +161,7 @@ def tenants_service(service: Service, tmp_path_factory: pytest.TempPathFactory) 
     tenants_file = root / "tenants.json"
     document = {name: {"keys": [key]} for name, key in TENANT_KEYS.items()}
     document["bravo"]["quotas"] = {"max_frames": 33, "max_sessions": 0}  # test_tenancy
+    document["alpha"]["quotas"] = {"max_session_seconds": 2}  # test_live_sessions
     tenants_file.write_text(json.dumps({"tenants": document}))
     settings = service.settings.model_copy(
         update={

@@ -364,7 +364,7 @@ def fake_stages() -> Stages:
     return Stages(*(FakeStage(name, journal) for name in names), journal)
 
 
-def real_stages(store: Path, max_sessions: int = 4) -> Stages:
+def real_stages(store: Path, max_sessions: int = 4, window: int = 60) -> Stages:
     """The real structure, refine and decode stages in this process (tiny preset, no Ray), each
     behind `Hooked` so tests can gate them; the refine stage reaches the structure stage through
     the driver's recording handle, so its hand-offs are recorded too."""
@@ -376,6 +376,7 @@ def real_stages(store: Path, max_sessions: int = 4) -> Stages:
         preset="tiny",
         max_sessions_per_replica=max_sessions,
         storage=StorageSettings(local_dir=str(store)),
+        hls_window_segments=window,  # endless sessions' live playlist window
     )
     journal = Journal()
     structure = Hooked(StructureStage(settings), "structure", journal)

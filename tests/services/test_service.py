@@ -83,8 +83,15 @@ def wait_until(predicate, timeout: float = 30.0) -> bool:
 _COMPONENTS = {}
 
 
-def in_process(mode: str, frames: int, seed: int = 0, prompt_at: int | None = None):
-    """Latents per chunk from the in-process generator; optionally OTHER from chunk `prompt_at`."""
+def in_process(
+    mode: str,
+    frames: int,
+    seed: int = 0,
+    prompt_at: int | None = None,
+    transition: tuple[int, str] = (1, "linear"),
+):
+    """Latents per chunk from the in-process generator; optionally OTHER from chunk `prompt_at`
+    on, reached over `transition` (chunks, interpolation)."""
     if "c" not in _COMPONENTS:
         _COMPONENTS["c"] = load_components("tiny", device="cpu")
     c = _COMPONENTS["c"]
@@ -93,7 +100,7 @@ def in_process(mode: str, frames: int, seed: int = 0, prompt_at: int | None = No
     out = []
     while not state.done:
         if prompt_at is not None and state.next_chunk == prompt_at:
-            gen.set_prompt(state, c.text.encode([OTHER]))
+            gen.set_prompt(state, c.text.encode([OTHER]), *transition)
         out.append(gen.step(state).latents)
     return out
 
@@ -238,7 +245,9 @@ def ws_events(ws, until: str = "session.ended"):
             return
 
 
-def test_websocket_session_streams_chunks_and_applies_a_new_prompt(service, tmp_path):
+def test_websocket_session_streams_chunks_and_blends_in_a_new_prompt(service, tmp_path):
+    """A prompt change blended linearly over 2 chunks; the latents are the in-process
+    generator's under the same change."""
     start = {"type": "start", "prompt": PROMPT, "size": f"{W}x{H}", "num_frames": 117, "seed": 3,
              "mode": "histream+"}  # fmt: skip
     chunks, accepted, applied, ended = [], None, [], None
@@ -253,7 +262,9 @@ def test_websocket_session_streams_chunks_and_applies_a_new_prompt(service, tmp_
             if message["type"] == "chunk":
                 chunks.append((message, data))
                 if len(chunks) == 1:
-                    ws.send(json.dumps({"type": "prompt", "prompt": OTHER}))
+                    change = {"type": "prompt", "prompt": OTHER, "transition_chunks": 2,
+                              "interpolation": "linear"}  # fmt: skip
+                    ws.send(json.dumps(change))
             elif message["type"] == "prompt.accepted":
                 accepted = message
             elif message["type"] == "prompt.applied":
@@ -276,11 +287,13 @@ def test_websocket_session_streams_chunks_and_applies_a_new_prompt(service, tmp_
     mp4.write_bytes(init + b"".join(d for _, d in chunks))
     assert read_video(mp4) == (117, W, H)
 
-    # chunks before k were generated under the first prompt, from k on under the new one
-    expected = in_process("histream+", 117, seed=3, prompt_at=k)
+    # chunks before k were generated under the first prompt, k half-way, then the new one
+    expected = in_process("histream+", 117, seed=3, prompt_at=k, transition=(2, "linear"))
     assert [m["latents_sha256"] for m, _ in chunks] == [digest(to_proto(x)) for x in expected]
     unchanged = in_process("histream+", 117, seed=3)
-    assert digest(to_proto(unchanged[k])) != chunks[k][0]["latents_sha256"]
+    cut = in_process("histream+", 117, seed=3, prompt_at=k)
+    for other in (unchanged, cut):  # the blend is neither the old prompt nor a cut
+        assert digest(to_proto(other[k])) != chunks[k][0]["latents_sha256"]
 
     # the session's HLS playlist and segments are in storage, ended
     sid = started["session_id"]
@@ -388,7 +401,7 @@ def grpc_stub(service):
     return api_pb2_grpc.HiStreamStub(channel), (("application", "histream"),)
 
 
-def test_grpc_session_streams_chunks_and_updates_the_prompt(service, tmp_path):
+def test_grpc_session_streams_chunks_and_slerps_to_a_new_prompt(service, tmp_path):
     stub, md = grpc_stub(service)
     request = api_pb2.StreamSessionRequest(prompt=PROMPT, size=f"{W}x{H}", num_frames=117, seed=11)
     events: list = []
@@ -402,6 +415,8 @@ def test_grpc_session_streams_chunks_and_updates_the_prompt(service, tmp_path):
                     session_id=session_id,
                     prompt=OTHER,
                     session_token=events[0].started.session_token,
+                    transition_chunks=3,
+                    interpolation="slerp",
                 ),
                 metadata=md,
             )
@@ -412,7 +427,7 @@ def test_grpc_session_streams_chunks_and_updates_the_prompt(service, tmp_path):
     k = update.from_chunk
     applied = [e.prompt_updated for e in events if e.WhichOneof("event") == "prompt_updated"]
     assert [(p.prompt_version, p.from_chunk) for p in applied] == [(1, k)]
-    expected = in_process("histream+", 117, seed=11, prompt_at=k)
+    expected = in_process("histream+", 117, seed=11, prompt_at=k, transition=(3, "slerp"))
     assert [c.latents_sha256 for c in chunks] == [digest(to_proto(x)) for x in expected]
     mp4 = tmp_path / "grpc.mp4"
     mp4.write_bytes(events[1].init.data + b"".join(c.data for c in chunks))

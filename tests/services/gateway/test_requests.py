@@ -9,6 +9,8 @@ from services.errors import InvalidArgument
 from services.gateway.requests import (
     SessionStart,
     VideoCreate,
+    check_prompt_update,
+    endless_frames,
     model_ids,
     resolve_session,
     resolve_video,
@@ -58,3 +60,48 @@ def test_bad_models_are_named(model, mode, param, message):
     with pytest.raises(InvalidArgument, match=message) as err:
         resolve_video(VideoCreate(prompt="a fox", model=model, mode=mode), TINY, "tiny", 16, 2000)
     assert err.value.param == param
+
+
+def test_a_prompt_update_reads_its_transition():
+    update = check_prompt_update(
+        {"prompt": " a heron ", "transition_chunks": "4", "interpolation": "slerp"}, 100
+    )
+    assert (update.text, update.transition_chunks, update.interpolation) == ("a heron", 4, "slerp")
+    plain = check_prompt_update({"prompt": "a heron"}, 100)
+    assert (plain.transition_chunks, plain.interpolation) == (1, "linear")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [({"transition_chunks": 0}, "transition_chunks", r"transition_chunks=0 must be in \[1, 64\]"),
+     ({"transition_chunks": 65}, "transition_chunks", r"\[1, 64\]"),
+     ({"transition_chunks": 2.5}, "transition_chunks", "whole number"),
+     ({"interpolation": "cubic"}, "interpolation", r"'cubic' is unknown; choose one of"),
+     ({"interpolation": 3}, "interpolation", "must be a string")],
+)  # fmt: skip
+def test_a_bad_transition_is_named(fields, param, message):
+    with pytest.raises(InvalidArgument, match=message) as err:
+        check_prompt_update({"prompt": "a heron", **fields}, 100)
+    assert err.value.param == param
+
+
+def test_a_session_without_num_frames_is_endless_up_to_its_cap():
+    cap = endless_frames(TINY, 16, 3600)
+    assert cap == 1 + 4 * (3 * 4800 - 1)  # an hour at 16 fps, in whole 3-latent-frame chunks
+    assert endless_frames(TINY, 16, 3600, max_frames=100) == 93  # a tenant's max_frames
+    assert endless_frames(TINY, 16, 0) == 9  # at least one chunk
+    endless = resolve_session(SessionStart(prompt="a fox"), TINY, "tiny", 16, 2000, cap)
+    assert endless.endless and endless.shape.num_frames == cap
+    bounded = resolve_session(
+        SessionStart(prompt="a fox", num_frames=33), TINY, "tiny", 16, 2000, cap
+    )
+    assert not bounded.endless and bounded.shape.num_frames == 33
+    legacy = resolve_session(SessionStart(prompt="a fox"), TINY, "tiny", 16, 2000)
+    assert not legacy.endless and legacy.shape.num_frames == TINY.num_frames
+
+
+def test_an_endless_session_needs_a_sliding_window_mode():
+    body = SessionStart(prompt="a fox", mode="no-agsw")
+    with pytest.raises(InvalidArgument, match="'no-agsw' keeps every frame") as err:
+        resolve_session(body, TINY, "tiny", 16, 2000, endless_frames(TINY, 16, 60))
+    assert err.value.param == "num_frames"

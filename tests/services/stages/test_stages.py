@@ -97,14 +97,16 @@ def test_structure_and_refine_compute_the_generators_latents(settings):
     assert structure.calls["RunPhase"] == 4
 
 
-async def drive(stages: dict, sid: str, mode: str, chunks: range, record: dict) -> list:
+async def drive(
+    stages: dict, sid: str, mode: str, chunks: range, record: dict, frames: int = 33
+) -> list:
     """Each chunk's phases up to its output, each on the stage of its resolution (as the session
     driver runs them); the write inputs the stages report go into `record` by (chunk, phase)."""
     from histream_model.config import get_mode, get_preset
     from histream_model.schedules import plan_chunk
     from histream_model.shape import VideoShape
 
-    shape = VideoShape(get_preset("tiny"), get_mode(mode), H, W, 33)
+    shape = VideoShape(get_preset("tiny"), get_mode(mode), H, W, frames)
     out = []
     for i in chunks:
         plan, latents = plan_chunk(shape, i), None
@@ -516,3 +518,60 @@ def test_a_decode_stream_left_behind_answers_as_not_held(settings):
         assert (await decode.DecodeChunk(latents(1))).first_frame == 9  # in order: goes on
 
     asyncio.run(run())
+
+
+def test_a_restore_mid_transition_rebuilds_each_chunk_under_its_blend(settings):
+    """A session rebuilt elsewhere in the middle of a prompt transition (its snapshot's change
+    says 3 chunks, slerp) replays each chunk's cache writes under that chunk's blend and goes
+    on with the generator's latents, bit for bit."""
+    from histream_model.conditioning import PromptChange, conditioning
+
+    def pair():
+        structure = StructureStage(settings)
+        return {"low": structure, "high": RefineStage(settings, LocalHandle(structure))}
+
+    async def encode(stage, prompt: str) -> stages_pb2.Tensor:
+        request = stages_pb2.EncodePromptRequest(prompt=prompt)
+        return (await stage.EncodePrompt(request)).context
+
+    async def condition(stages, context: torch.Tensor) -> None:
+        for stage in stages.values():
+            await stage.SetPrompt(
+                stages_pb2.SetPromptRequest(session_id="s", context=to_proto(context))
+            )
+
+    async def run() -> list:
+        stages = pair()
+        a, b = await encode(stages["low"], "a fox"), await encode(stages["low"], "a heron")
+        changes = [PromptChange(0, from_proto(a)), PromptChange(2, from_proto(b), 3, "slerp")]
+        opened = stages_pb2.OpenSessionRequest(spec=spec("s", "histream+", 57), context=a)
+        for stage in stages.values():
+            await stage.OpenSession(opened)
+        out = await drive(stages, "s", "histream+", range(2), {}, 57)
+        await condition(stages, conditioning(changes, 2))
+        out += await drive(stages, "s", "histream+", range(2, 3), {}, 57)
+        snapshot = stages_pb2.SessionSnapshot(spec=spec("s", "histream+", 57), next_chunk=3)
+        snapshot.prompts.add(version=0, from_chunk=0, prompt="a fox")
+        snapshot.prompts.add(version=1, from_chunk=2, prompt="a heron", transition_chunks=3,
+                             interpolation="slerp")  # fmt: skip
+        for i, latents in enumerate(out):
+            snapshot.chunks.add(index=i, latents=latents)
+        elsewhere = pair()
+        restore = stages_pb2.RestoreRequest(session_id="s", snapshot=snapshot, contexts=[a, b])
+        for stage in elsewhere.values():
+            assert not (await stage.RestoreSession(restore)).adopted
+        for chunk in (3, 4):  # the blend goes on, then ends: the driver sets each
+            await condition(elsewhere, conditioning(changes, chunk))
+            out += await drive(elsewhere, "s", "histream+", range(chunk, chunk + 1), {}, 57)
+        return out
+
+    got = [from_proto(x) for x in asyncio.run(run())]
+    c = load_components("tiny", device="cpu")
+    gen = HiStreamGenerator(c.dit, c.preset, "histream+")
+    state = gen.start(c.text.encode(["a fox"]), H, W, 57, seed=4)
+    want = []
+    for i in range(5):
+        if i == 2:
+            gen.set_prompt(state, c.text.encode(["a heron"]), 3, "slerp")
+        want.append(gen.step(state).latents)
+    assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))

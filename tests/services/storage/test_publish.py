@@ -288,3 +288,29 @@ def test_session_ended_before_any_segment_has_an_empty_ended_playlist(storage: S
     writer.end()
     tags, segments, ended = parse_playlist(storage.get(writer.playlist_key).decode())
     assert ended and segments == [] and "#EXT-X-MAP" not in tags
+
+
+def test_an_endless_sessions_playlist_is_a_live_window_and_old_segments_go(
+    storage: Storage,
+) -> None:
+    layout = Layout("acme")
+    writer = SessionWriter(storage, layout, "sess-e", fps=16, window=3)
+    prefix = layout.session_prefix("sess-e")
+    writer.write_init(b"init")
+    for index in range(1, 9):
+        writer.write_segment(index, bytes([index]), 12)
+    tags, segments, ended = parse_playlist(storage.get(writer.playlist_key).decode())
+    assert "#EXT-X-PLAYLIST-TYPE" not in tags and not ended  # live, not EVENT
+    assert tags["#EXT-X-MEDIA-SEQUENCE"] == "5"  # segments 1..5 left the window
+    assert [u for _, u in segments] == ["seg-00006.m4s", "seg-00007.m4s", "seg-00008.m4s"]
+    # kept for twice the window (a resume re-sends from storage), then deleted
+    stored = [k.removeprefix(prefix) for k in storage.list(prefix) if k.endswith(".m4s")]
+    assert stored == [f"seg-{i:05d}.m4s" for i in range(3, 9)]
+    # taken up elsewhere from the kept segments' frame counts, it goes on numbering
+    again = SessionWriter(storage, layout, "sess-e", fps=16, window=3)
+    again.resume([12, 12, 12], first_index=6)
+    again.write_segment(9, b"9", 12)
+    tags, segments, _ = parse_playlist(storage.get(writer.playlist_key).decode())
+    assert tags["#EXT-X-MEDIA-SEQUENCE"] == "6"
+    assert [u for _, u in segments][-1] == "seg-00009.m4s"
+    assert not storage.exists(prefix + "seg-00003.m4s")
