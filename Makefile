@@ -51,7 +51,7 @@ browser:
 
 test: $(STAMP) protos browser
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -19,6 +19,7 @@ from bench import (
     decoders,
     diagonal,
     durability,
+    endless,
     gpu,
     health,
     load,
@@ -64,6 +65,7 @@ SECTIONS: dict[str, Section] = {
         a.frames, a.quality_seeds, a.quality_scenes, a.drift_seconds, a.quality_weights, _log
     ),
     # measured on a GPU machine by `python -m bench.gpu`; rendered here from its JSON files
+    "endless": lambda a: endless.section(a.endless_preset, a.endless_minutes, _log),
     "table2-gpu": lambda a: gpu.section(a.gpu_json),
     # drawn from the tables above once they are written: keep it last
     "charts": lambda a: charts.section(_log),
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quality-weights", help="quality: a trained toy folder (default: shipped)"
     )
+    parser.add_argument("--endless-preset", default="tiny", help="preset of the endless section")
+    parser.add_argument("--endless-minutes", type=float, default=30.0)
     parser.add_argument("--gpu-json", nargs="+", default=[], help="table2-gpu: bench.gpu outputs")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
     args = parser.parse_args(argv)

@@ -21,6 +21,7 @@ from services.protocol import (
 )
 from services.sessions import LiveSession, SessionDriver, SessionRegistry
 from services.sessions import driver as driver_module
+from services.sessions.restore import Durability
 from tests.services.fakes import fake_stages, real_stages
 from tests.services.harness import FakeClock, run, session_plan, watch_prompts
 
@@ -28,9 +29,9 @@ PLAYLIST = "tenants/default/sessions/sess_1/playlist.m3u8"
 NOTHING_HELD = {"structure": 0, "refine": 0, "decode": 0}
 
 
-def live_session(stages, frames: int = 33) -> LiveSession:
+def live_session(stages, frames: int = 33, settle_s: float = 30.0) -> LiveSession:
     plan = session_plan(kind=StreamKind.SESSION, frames=frames, object_id="sess_1")
-    driver = SessionDriver(stages.handles, plan)
+    driver = SessionDriver(stages.handles, plan, Durability(settle_s=settle_s))
     watch_prompts(driver, stages.journal)
     return LiveSession("sess_1", driver, playlist_key=PLAYLIST)
 
@@ -89,7 +90,9 @@ def test_a_stop_request_mid_stream(reason):
     stages = fake_stages()
     journal = stages.journal
     stages.structure.gate("RunPhase", when=lambda r: r.chunk_index == 2)
-    live = live_session(stages)
+    # the gated chunk never finishes: a disconnect's settle (finish the chunks started) gives
+    # up on it after settle_s, then cancels it
+    live = live_session(stages, settle_s=0.5)
     events: list = []
 
     async def go():
