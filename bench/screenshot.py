@@ -14,14 +14,35 @@ FIRST = "a large red circle moving slowly left on a dark blue background"
 SECOND = "a large yellow circle moving slowly left on a dark blue background"
 
 
+BROWSER, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's packages
+
+
+def chromium(width: int = 1280, height: int = 820):
+    """Headless Chromium through ChromeDriver (Selenium), autoplay allowed."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = BROWSER
+    flags = ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+             "--autoplay-policy=no-user-gesture-required",
+             f"--window-size={width},{height}")  # fmt: skip
+    for flag in flags:
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(DRIVER), options=options)
+
+
 def wait_for(driver, expression: str, timeout: float = 120.0):
+    """Waits until `expression` (JavaScript over the page's `histream` state) is truthy and
+    returns its value; on a timeout, says what the page's state was."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = driver.execute_script(f"return {expression};")
         if value:
             return value
         time.sleep(0.1)
-    raise TimeoutError(f"the page never showed {expression}")
+    state = driver.execute_script("return JSON.stringify(window.histream || null);")
+    raise TimeoutError(f"the page never showed {expression}; its state: {state[:2000]}")
 
 
 def main() -> None:
@@ -31,15 +52,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=5, help="chunks to play before the shot")
     args = parser.parse_args()
 
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--window-size=1280,820",
-                 "--autoplay-policy=no-user-gesture-required"):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver = chromium()
     try:
         driver.get(args.url)
         wait_for(driver, "window.histream && histream.status === 'idle'")

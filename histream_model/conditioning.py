@@ -7,6 +7,11 @@ before it to its own: chunk `from_chunk + j` (j < k) is conditioned on
 is a cut. A change arriving during another's transition starts from where that one stood. The
 realtime peers blend the same way (linear, or spherical per token vector); everything here is a
 function of the changes, so a stage rebuilding a session from its snapshot gets the same bits.
+
+A change with `recache` also rebuilds the caches of the chunks before it (their commit passes
+replayed over the kept window's latents) under its first chunk's conditioning, so the old prompt
+stops steering through the window (LongLive's re-cache). A cache entry's conditioning is then
+not its chunk's: `cache_conditioning` says which it is.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ class PromptChange:
     context: torch.Tensor
     transition_chunks: int = 1
     interpolation: str = "linear"
+    recache: bool = False  # rebuild the caches of the chunks before it under its conditioning
 
     def __post_init__(self) -> None:
         check_transition(self.transition_chunks, self.interpolation)
@@ -125,3 +131,11 @@ def text_changes_at(changes: Sequence[Scheduled], chunk: int) -> bool:
     starts there, or the chunk before was mid-blend (the blend goes on, or ends)."""
     starts = any(c.from_chunk == chunk for c in changes[1:])
     return starts or (chunk > 0 and in_transition(changes, chunk - 1))
+
+
+def cache_conditioning(changes: Sequence[PromptChange], chunk: int, done: int) -> torch.Tensor:
+    """The text context chunk `chunk`'s cache entries were committed under, once the chunks
+    before `done` ran: its own conditioning, unless a re-caching change applied after it (from
+    a chunk in (chunk, done]) rebuilt them, the latest such under its first chunk's."""
+    recached = [c.from_chunk for c in changes if c.recache and chunk < c.from_chunk <= done]
+    return conditioning(changes, max(recached) if recached else chunk)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from histream_model.conditioning import PromptChange, conditioning
+from histream_model.conditioning import PromptChange, cache_conditioning, conditioning
 from histream_model.config import Preset, Resolution, get_mode, get_preset
 from histream_model.dit import WanDiT
 from histream_model.schedules import (
@@ -22,6 +22,7 @@ from histream_model.schedules import (
     run_chunk,
     set_text,
 )
+from histream_model.schedules.restore import reprefill, snapshot_chunks
 from histream_model.shape import VideoShape
 
 
@@ -35,6 +36,10 @@ class SessionState:
     next_chunk: int = 0
     prompts: list[PromptChange] = field(default_factory=list)  # the first from chunk 0
     conditioned_on: torch.Tensor | None = None  # the context the states' text K/V are of
+    # sliding-window modes: the anchor and latest chunks' latents and write inputs, by chunk
+    # (what a re-caching prompt change replays)
+    history: dict[int, torch.Tensor] = field(default_factory=dict)
+    writes: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     @property
     def high(self) -> ResolutionState:
@@ -90,6 +95,8 @@ class ChunkResult:
 class HiStreamGenerator:
     """In-process driver of Algorithm 1: holds a model, runs sessions chunk by chunk."""
 
+    recache_window = 2  # chunks besides the anchor a re-cache replays (snapshot_window_chunks)
+
     def __init__(self, model: WanDiT, preset: Preset | str, mode: str = "histream+") -> None:
         self.model = model
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
@@ -119,10 +126,16 @@ class HiStreamGenerator:
         context: torch.Tensor,
         transition_chunks: int = 1,
         interpolation: str = "linear",
+        recache: bool = False,
     ) -> None:
         """Condition the following chunks on a new prompt, reached over `transition_chunks`
-        chunks (histream_model.conditioning); the caches are kept."""
-        change = PromptChange(state.next_chunk, context, transition_chunks, interpolation)
+        chunks (histream_model.conditioning); the caches are kept, or with `recache` rebuilt
+        under the new conditioning from the anchor and the last `recache_window` chunks."""
+        if recache and not state.shape.mode.sliding_window:
+            raise ValueError(
+                f"recache needs a sliding-window mode; {state.shape.mode.name!r} keeps every frame"
+            )
+        change = PromptChange(state.next_chunk, context, transition_chunks, interpolation, recache)
         state.prompts = [p for p in state.prompts if p.from_chunk < change.from_chunk] + [change]
 
     def step(self, state: SessionState) -> ChunkResult:
@@ -130,6 +143,8 @@ class HiStreamGenerator:
         if state.done:
             raise ValueError(f"all {state.shape.num_chunks} chunks are already generated")
         plan = plan_chunk(state.shape, state.next_chunk)
+        if any(c.recache and c.from_chunk == plan.index > 0 for c in state.prompts):
+            self._recache(state)
         before = state.passes()
         started = time.perf_counter()
         context = conditioning(state.prompts, state.next_chunk)
@@ -145,6 +160,8 @@ class HiStreamGenerator:
         ran = {key: after[key] - before[key] for key in after}
         low, high = Resolution.LOW, Resolution.HIGH
         state.next_chunk += 1
+        if state.shape.mode.sliding_window:
+            self._remember(state, plan.index, x0, writes)
         return ChunkResult(
             index=plan.index,
             latents=x0,
@@ -156,6 +173,34 @@ class HiStreamGenerator:
             kv_bytes=state.kv_bytes(),
             write_inputs=writes,
         )
+
+    @torch.no_grad()
+    def _recache(self, state: SessionState) -> None:
+        """Rebuild every cache for chunk `next_chunk`: the anchor and the last chunks' commit
+        passes replayed under the conditioning their entries now hold (cache_conditioning), as a
+        stage's restore does."""
+        done, shape = state.next_chunk, state.shape
+        context = conditioning(state.prompts, done)
+        batch = next(iter(state.states.values())).batch
+        states = new_session_states(self.model, shape, context, batch)
+        for fresh in states.values():
+            reprefill(
+                self.model, fresh, shape, lambda i: plan_chunk(shape, i), state.history,
+                lambda j: cache_conditioning(state.prompts, j, done), done, state.writes,
+            )  # fmt: skip
+        set_text(self.model, states, context)
+        state.states, state.conditioned_on = states, context
+
+    def _remember(
+        self, state: SessionState, index: int, x0: torch.Tensor, writes: dict[int, torch.Tensor]
+    ) -> None:
+        state.history[index] = x0
+        state.writes.update({(index, phase): x for phase, x in writes.items()})
+        keep = set(snapshot_chunks(index + 1, 1, self.recache_window))
+        for old in [k for k in state.history if k not in keep]:
+            del state.history[old]
+        for key in [k for k in state.writes if k[0] not in keep]:
+            del state.writes[key]
 
     def generate(
         self,

@@ -59,6 +59,7 @@ class SessionControl:
         version, start = await self._call(
             "update_prompt", session_id, token, tenant, prompt=update.text,
             transition_chunks=update.transition_chunks, interpolation=update.interpolation,
+            recache=update.recache,
         )  # fmt: skip
         return version, start
 
@@ -95,7 +96,8 @@ class SessionControl:
         live = self.sessions.get(session_id, token, tenant)
         if op == "update_prompt":
             chunks, interpolation = args.get("transition_chunks", 1), args.get("interpolation")
-            update = PromptUpdate(args["prompt"], chunks, interpolation or "linear")
+            recache = bool(args.get("recache", False))
+            update = PromptUpdate(args["prompt"], chunks, interpolation or "linear", recache)
             return list(await live.driver.update_prompt(update))
         if op == "close":
             live.request_stop(EndReason.CLOSED)

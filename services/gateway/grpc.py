@@ -167,6 +167,7 @@ class GrpcApi:
             "prompt": request.prompt,
             "transition_chunks": request.transition_chunks or None,  # 0: unset
             "interpolation": request.interpolation or None,
+            "recache": request.recache,
         }
         version, start = await self.core.streams.update_prompt_by_id(
             request.session_id, request.session_token, change, tenant

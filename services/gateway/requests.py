@@ -142,8 +142,14 @@ def check_prompt_field(prompt: object, max_chars: int) -> str:
 
 def check_prompt_update(data: Mapping[str, object], max_chars: int) -> PromptUpdate:
     """A prompt change's fields from any transport: `prompt`, and optionally
-    `transition_chunks` (1-64; default 1, a cut) and `interpolation` (linear | slerp)."""
+    `transition_chunks` (1-64; default 1, a cut), `interpolation` (linear | slerp) and
+    `recache` (true: rebuild the window's caches under the new prompt)."""
     prompt = check_prompt_field(data.get("prompt"), max_chars)
+    recache = data.get("recache", False)
+    if recache is None:
+        recache = False
+    if not isinstance(recache, bool):
+        raise InvalidArgument(f"recache must be true or false, got {_kind(recache)}", "recache")
     chunks = whole(data, "transition_chunks")
     interpolation = text(data, "interpolation")
     try:
@@ -151,7 +157,8 @@ def check_prompt_update(data: Mapping[str, object], max_chars: int) -> PromptUpd
     except ValueError as err:
         param = "interpolation" if "interpolation" in str(err) else "transition_chunks"
         raise InvalidArgument(str(err), param) from None
-    return PromptUpdate(prompt, 1 if chunks is None else chunks, interpolation or "linear")
+    chunks = 1 if chunks is None else chunks
+    return PromptUpdate(prompt, chunks, interpolation or "linear", recache)
 
 
 def model_ids(served: str) -> list[str]:

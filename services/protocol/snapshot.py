@@ -21,7 +21,9 @@ def prompt_changes(
     if len(contexts) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(contexts)} text contexts")
     return [
-        PromptChange(p.from_chunk, context, p.transition_chunks or 1, p.interpolation or "linear")
+        PromptChange(
+            p.from_chunk, context, p.transition_chunks or 1, p.interpolation or "linear", p.recache
+        )
         for p, context in zip(prompts, contexts, strict=True)
     ]
 

@@ -37,16 +37,21 @@ class ChunkWork:
         if pending is not None:
             self.record.prompt(
                 pending.version, chunk, pending.text, pending.context,
-                pending.transition_chunks, pending.interpolation,
+                pending.transition_chunks, pending.interpolation, pending.recache,
             )  # fmt: skip
         if not self.record.text_changes(chunk):
             return
         context = self.record.conditioning(chunk)
         try:
-            await self.restorer.retried(
-                lambda: self.stages.set_prompt(context),
-                lambda: self.restorer.denoisers(chunk),  # rebuilt under the new prompt
-            )
+            if pending is not None and pending.recache and chunk > 0:
+                # the window's caches rebuilt under the new conditioning: a restore that reads
+                # the re-cache from the record (cache_conditioning)
+                await self.restorer.denoisers(chunk)
+            else:
+                await self.restorer.retried(
+                    lambda: self.stages.set_prompt(context),
+                    lambda: self.restorer.denoisers(chunk),  # rebuilt under the new prompt
+                )
         except BaseException as err:
             if pending is not None:
                 prompts.failed(pending, err if isinstance(err, Exception) else too_late())

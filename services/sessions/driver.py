@@ -212,6 +212,12 @@ class SessionDriver:
         the chunk it applies from)."""
         if isinstance(update, str):
             update = PromptUpdate(update)
+        if update.recache and not self.plan.shape.mode.sliding_window:
+            raise InvalidArgument(
+                f"recache needs a sliding-window mode; this session's "
+                f"{self.plan.shape.mode.name!r} keeps every frame in its cache",
+                param="recache",
+            )
         if self.status not in (SessionStatus.OPENING, SessionStatus.RUNNING):
             raise InvalidArgument(f"the session is {self.status}; no prompt can apply", "prompt")
         if self.next_chunk >= self.plan.shape.num_chunks:

@@ -23,6 +23,7 @@ class PromptUpdate:
     text: str
     transition_chunks: int = 1
     interpolation: str = "linear"
+    recache: bool = False  # rebuild the window's caches under it (histream_model.conditioning)
 
 
 @dataclass
@@ -32,6 +33,7 @@ class PendingPrompt:
     text: str  # the prompt itself (a restore on another replica re-encodes nothing)
     transition_chunks: int = 1
     interpolation: str = "linear"
+    recache: bool = False
     # resolves to (version, first chunk generated under it) once the stages condition on it
     applied: asyncio.Future = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -56,8 +58,9 @@ class PromptVersions:
         previous = self._pending
         self.issued += 1
         self._pending = PendingPrompt(
-            context, self.issued, update.text, update.transition_chunks, update.interpolation
-        )
+            context, self.issued, update.text, update.transition_chunks, update.interpolation,
+            update.recache,
+        )  # fmt: skip
         if previous is not None and not previous.applied.done():
             self._pending.applied = previous.applied  # superseded: both resolve together
         return self._pending.applied
@@ -77,7 +80,7 @@ class PromptVersions:
             change = record.prompts[later[-1]]
             self._pending = PendingPrompt(
                 record.contexts[later[-1]], change.version, change.prompt,
-                change.transition_chunks or 1, change.interpolation or "linear",
+                change.transition_chunks or 1, change.interpolation or "linear", change.recache,
             )  # fmt: skip
         record.prompts = [record.prompts[i] for i in keep]
         record.contexts = [record.contexts[i] for i in keep]

@@ -85,10 +85,11 @@ class SessionRecord:
         context: stages_pb2.Tensor,
         transition_chunks: int = 1,
         interpolation: str = "linear",
+        recache: bool = False,
     ) -> None:
         change = stages_pb2.PromptChange(
             version=version, from_chunk=from_chunk, prompt=text,
-            transition_chunks=transition_chunks, interpolation=interpolation,
+            transition_chunks=transition_chunks, interpolation=interpolation, recache=recache,
         )  # fmt: skip
         self.prompts.append(change)
         self.contexts.append(context)

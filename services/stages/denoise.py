@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 
 from histream_model.components import dit_for, text_encoder_for
-from histream_model.conditioning import conditioning
+from histream_model.conditioning import cache_conditioning, conditioning
 from histream_model.config import Resolution
 from histream_model.flops import cache_layout, kv_bytes, text_kv_bytes
 from histream_model.schedules import (
@@ -286,6 +286,9 @@ class DenoiseStage(SessionStage[DenoiseSession]):
         def prompt_of(chunk: int) -> torch.Tensor:
             return conditioning(changes, chunk)  # a transition's chunks: their blend
 
+        def committed_under(chunk: int) -> torch.Tensor:  # a re-cache's chunks: its prompt
+            return cache_conditioning(changes, chunk, done)
+
         def plans(chunk: int) -> ChunkPlan:
             return plan_chunk(shape, chunk)
 
@@ -308,7 +311,7 @@ class DenoiseStage(SessionStage[DenoiseSession]):
                 states = new_session_states(self.model, shape, context, names=caches)
                 for state in states.values():
                     passes += reprefill(
-                        self.model, state, shape, plans, kept_chunks, prompt_of, done, writes
+                        self.model, state, shape, plans, kept_chunks, committed_under, done, writes
                     )
                 set_text(self.model, states, context)
             return states, passes

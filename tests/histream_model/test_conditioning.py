@@ -13,6 +13,7 @@ from histream_model.conditioning import (
     MAX_TRANSITION_CHUNKS,
     PromptChange,
     blend,
+    cache_conditioning,
     conditioning,
     in_transition,
     text_changes_at,
@@ -112,3 +113,35 @@ def test_the_generator_blends_the_text_over_the_transition():
         assert torch.equal(x, y)
     assert torch.equal(blended[0], hard[0])
     assert (blended[1] - hard[1]).abs().mean() > 1e-3
+
+
+def test_a_recache_moves_the_earlier_chunks_cache_entries_to_its_conditioning():
+    a, b = ctx(0), ctx(1)
+    changes = [PromptChange(0, a), PromptChange(3, b, 2, "slerp", recache=True)]
+    # before the change applied, entries are their chunk's own
+    assert cache_conditioning(changes, 1, 3 - 1) is a
+    # once it applied (chunk 3 on), entries of chunks before 3 hold chunk 3's conditioning
+    assert torch.equal(cache_conditioning(changes, 1, 3), blend(a, b, 1 / 2, "slerp"))
+    assert torch.equal(cache_conditioning(changes, 2, 9), conditioning(changes, 3))
+    assert cache_conditioning(changes, 4, 9) is b  # after it: their own
+
+
+def test_the_generator_recaches_the_window_under_the_new_prompt():
+    """With recache, the chunk after the change differs from a plain cut (the window's caches
+    were rebuilt under the new prompt); the chunks before it are the same."""
+    model = build_dit(TINY)
+    gen = HiStreamGenerator(model, TINY, "histream+")
+    a, b = ctx(0), ctx(1)
+
+    def session(recache: bool) -> list[torch.Tensor]:
+        state = gen.start(a, H, W, 57, seed=3)
+        out = [gen.step(state).latents for _ in range(3)]
+        gen.set_prompt(state, b, recache=recache)
+        return out + [gen.step(state).latents for _ in range(2)]
+
+    cut, recached = session(False), session(True)
+    assert all(torch.equal(x, y) for x, y in zip(cut[:3], recached[:3], strict=True))
+    assert (cut[3] - recached[3]).abs().mean() > 1e-4
+    full = HiStreamGenerator(model, TINY, "no-agsw")
+    with pytest.raises(ValueError, match="recache needs a sliding-window mode"):
+        full.set_prompt(full.start(a, H, W, 33), b, recache=True)

@@ -9,8 +9,9 @@ import json
 from websockets.sync.client import connect
 
 from protos.histream.v1 import api_pb2
+from services.protocol import digest, to_proto
 from services.storage import Layout
-from tests.services.test_service import PROMPT, H, W, grpc_stub, ws_events
+from tests.services.test_service import OTHER, PROMPT, H, W, grpc_stub, in_process, ws_events
 
 HOUR_CAP = 1 + 4 * (3 * 4800 - 1)  # max_session_seconds (3600) at 16 fps, whole chunks
 
@@ -59,3 +60,27 @@ def test_a_full_history_mode_cannot_run_endless(service):
         error = json.loads(ws.recv(timeout=30))
     assert error["type"] == "error" and error["param"] == "num_frames"
     assert "endless sessions (no num_frames) run in" in error["message"]
+
+
+def test_a_prompt_change_with_recache_streams_the_generators_latents(service):
+    """recache: true rebuilds the window's caches under the new prompt (a restore of both
+    denoisers from the record); the chunks are the in-process generator's under
+    set_prompt(recache=True)."""
+    start = {"type": "start", "prompt": PROMPT, "size": f"{W}x{H}", "num_frames": 69, "seed": 4}
+    chunks, accepted = [], None
+    with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
+        ws.send(json.dumps(start))
+        for message, _ in ws_events(ws):
+            if message["type"] == "chunk":
+                chunks.append(message)
+                if len(chunks) == 1:
+                    ws.send(json.dumps({"type": "prompt", "prompt": OTHER, "recache": True}))
+            elif message["type"] == "prompt.accepted":
+                accepted = message
+            elif message["type"] == "error":
+                raise AssertionError(message)
+    k = accepted["from_chunk"]
+    expected = in_process("histream+", 69, seed=4, prompt_at=k, transition=(1, "linear", True))
+    assert [m["latents_sha256"] for m in chunks] == [digest(to_proto(x)) for x in expected]
+    plain = in_process("histream+", 69, seed=4, prompt_at=k)
+    assert digest(to_proto(plain[k])) != chunks[k]["latents_sha256"]  # not a plain cut

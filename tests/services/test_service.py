@@ -88,10 +88,10 @@ def in_process(
     frames: int,
     seed: int = 0,
     prompt_at: int | None = None,
-    transition: tuple[int, str] = (1, "linear"),
+    transition: tuple = (1, "linear"),
 ):
     """Latents per chunk from the in-process generator; optionally OTHER from chunk `prompt_at`
-    on, reached over `transition` (chunks, interpolation)."""
+    on, reached over `transition` (chunks, interpolation[, recache])."""
     if "c" not in _COMPONENTS:
         _COMPONENTS["c"] = load_components("tiny", device="cpu")
     c = _COMPONENTS["c"]

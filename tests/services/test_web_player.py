@@ -10,19 +10,16 @@ import itertools
 import json
 import os
 import re
-import shutil
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from bench.screenshot import BROWSER, DRIVER, chromium, wait_for
 from tests.services.test_service import PROMPT, client, metric, wait_until, wait_video
 
 OTHER = "a small green square moving slowly up on a white background"
 ARTIFACTS = Path(os.environ.get("HISTREAM_TEST_ARTIFACTS", "outputs/test-artifacts"))
-BROWSER = shutil.which("chromium") or "/usr/bin/chromium"
-DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
 def page_config(html: str) -> dict:
@@ -56,16 +53,8 @@ def browser():
             f"no Chromium at {BROWSER} or ChromeDriver at {DRIVER}: the browser tests need the "
             "Debian packages chromium and chromium-driver (make test installs them)"
         )
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    from selenium.webdriver.chrome.service import Service as DriverService
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = BROWSER
-    flags = ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-             "--autoplay-policy=no-user-gesture-required", "--window-size=1280,900")  # fmt: skip
-    for flag in flags:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=DriverService(DRIVER), options=options)
+    pytest.importorskip("selenium", reason="selenium is not installed")
+    driver = chromium(1280, 900)
     driver.set_script_timeout(30)
     try:
         yield driver
@@ -74,15 +63,7 @@ def browser():
 
 
 def seen(browser, expression: str, timeout: float = 90.0):
-    """Waits until `expression` (JavaScript over the page's `histream` state) is truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = browser.execute_script(f"return {expression};")
-        if value:
-            return value
-        time.sleep(0.1)
-    state = browser.execute_script("return JSON.stringify(window.histream);")
-    raise AssertionError(f"the page never showed {expression}; its state: {state[:2000]}")
+    return wait_for(browser, expression, timeout)
 
 
 def fill(browser, field: str, value: str) -> None:

@@ -105,3 +105,11 @@ def test_an_endless_session_needs_a_sliding_window_mode():
     with pytest.raises(InvalidArgument, match="'no-agsw' keeps every frame") as err:
         resolve_session(body, TINY, "tiny", 16, 2000, endless_frames(TINY, 16, 60))
     assert err.value.param == "num_frames"
+
+
+def test_a_prompt_update_may_ask_for_a_recache():
+    assert check_prompt_update({"prompt": "a heron", "recache": True}, 100).recache is True
+    assert check_prompt_update({"prompt": "a heron"}, 100).recache is False
+    with pytest.raises(InvalidArgument, match="recache must be true or false") as err:
+        check_prompt_update({"prompt": "a heron", "recache": "yes"}, 100)
+    assert err.value.param == "recache"

@@ -575,3 +575,36 @@ def test_a_restore_mid_transition_rebuilds_each_chunk_under_its_blend(settings):
             gen.set_prompt(state, c.text.encode(["a heron"]), 3, "slerp")
         want.append(gen.step(state).latents)
     assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
+
+
+def test_a_recache_rebuilds_the_window_under_the_new_prompt_as_the_generator_does(settings):
+    """The driver's re-cache is a restore of both denoisers from the record with the change
+    marked `recache`: the chunks after it are the generator's under set_prompt(recache=True)."""
+
+    async def run() -> list:
+        structure = StructureStage(settings)
+        stages = {"low": structure, "high": RefineStage(settings, LocalHandle(structure))}
+        a = (await structure.EncodePrompt(stages_pb2.EncodePromptRequest(prompt="a fox"))).context
+        b = (await structure.EncodePrompt(stages_pb2.EncodePromptRequest(prompt="a heron"))).context
+        opened = stages_pb2.OpenSessionRequest(spec=spec("s", "histream+", 57), context=a)
+        for stage in stages.values():
+            await stage.OpenSession(opened)
+        out = await drive(stages, "s", "histream+", range(3), {}, 57)
+        snapshot = stages_pb2.SessionSnapshot(spec=spec("s", "histream+", 57), next_chunk=3)
+        snapshot.prompts.add(version=0, from_chunk=0, prompt="a fox")
+        snapshot.prompts.add(version=1, from_chunk=3, prompt="a heron", recache=True)
+        for i, latents in enumerate(out):
+            snapshot.chunks.add(index=i, latents=latents)
+        restore = stages_pb2.RestoreRequest(session_id="s", snapshot=snapshot, contexts=[a, b])
+        for stage in stages.values():  # in place, on the replicas holding the session
+            await stage.RestoreSession(restore)
+        return out + await drive(stages, "s", "histream+", range(3, 5), {}, 57)
+
+    got = [from_proto(x) for x in asyncio.run(run())]
+    c = load_components("tiny", device="cpu")
+    gen = HiStreamGenerator(c.dit, c.preset, "histream+")
+    state = gen.start(c.text.encode(["a fox"]), H, W, 57, seed=4)
+    want = [gen.step(state).latents for _ in range(3)]
+    gen.set_prompt(state, c.text.encode(["a heron"]), recache=True)
+    want += [gen.step(state).latents for _ in range(2)]
+    assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
