@@ -94,9 +94,13 @@ class QuotaKeeper:
         self._take_frames(tenant, quotas, generation.shape.num_frames)
 
     def endless_limits(self, tenant: str) -> tuple[int | None, int | None]:
-        """(max_session_seconds, max_frames) of `tenant`: what caps its endless sessions."""
+        """What caps `tenant`'s endless sessions: (its max_session_seconds, the frames it may
+        still ask for: max_frames, and what is left of its frames_per_hour)."""
         quotas = self.tenancy.quotas(tenant)
-        return quotas.max_session_seconds, quotas.max_frames
+        frames = [quotas.max_frames] if quotas.max_frames is not None else []
+        if quotas.frames_per_hour is not None:
+            frames.append(max(0, quotas.frames_per_hour - self.frames_last_hour(tenant)))
+        return quotas.max_session_seconds, min(frames) if frames else None
 
     def admit_session(self, tenant: str, generation: Generation) -> None:
         quotas = self.tenancy.quotas(tenant)

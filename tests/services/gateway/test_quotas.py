@@ -125,3 +125,11 @@ def test_requests_per_minute_allow_a_minutes_burst_then_one_every_share(tmp_path
     quotas.admit_request("capped")
     for _ in range(50):
         quotas.admit_request("plain")  # no such quota
+
+
+def test_an_endless_session_is_capped_by_what_the_tenant_may_still_ask_for(tmp_path):
+    quotas = keeper(tmp_path)
+    assert quotas.endless_limits("plain") == (None, 21)  # the file's default max_frames
+    assert quotas.endless_limits("capped") == (None, 45)  # max_frames below frames_per_hour
+    quotas.admit_session("capped", generation(frames=21))
+    assert quotas.endless_limits("capped") == (None, 39)  # 60 - 21 left in the hour
