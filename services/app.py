@@ -66,7 +66,11 @@ def build_app(settings: ServeSettings | None = None) -> Application:
     settings = settings or ServeSettings()
     structure = _stage(StructureStage, StageName.STRUCTURE, settings).bind(settings)
     refine = _stage(RefineStage, StageName.REFINE, settings).bind(settings, structure)
-    decode = _stage(DecodeStage, StageName.DECODE, settings).bind(settings)
+    decode = (  # a standalone decode server instead (decode_target): reached over gRPC
+        None
+        if settings.decode_target
+        else _stage(DecodeStage, StageName.DECODE, settings).bind(settings)
+    )
     steps = [
         _stage(StepStage, StageName.step(w), settings).bind(settings, w)
         for w in range(settings.pipeline_workers)

@@ -106,6 +106,10 @@ class ServeSettings(BaseSettings):
     # fails (error code job_interrupted)
     max_job_attempts: int = Field(3, ge=1)
     max_live_sessions: int = Field(256, ge=1)  # streaming sessions per gateway; past it: 429
+    # host:port of a standalone decode server (`histream decode-server`): the pipeline decodes
+    # there over gRPC instead of on the DecodePool deployment (which is then not deployed)
+    decode_target: str | None = None
+    decode_tls_ca: str | None = None  # PEM CA of the decode server's TLS cert; None: plaintext
     # a session started without num_frames streams until closed or for this long (a tenant's
     # max_session_seconds quota may cut it shorter); sliding-window modes only
     max_session_seconds: int = Field(3600, ge=1)

@@ -9,6 +9,7 @@ from services.gateway.grpc import GrpcApi
 from services.gateway.http import HttpApi, api
 from services.gateway.page import PageApi
 from services.gateway.websocket import WebSocketApi
+from services.link import GrpcStage, client_credentials
 from services.logs import through_serve
 from services.sessions import StageHandles
 from services.settings import ServeSettings
@@ -20,6 +21,8 @@ class Gateway(HttpApi, WebSocketApi, GrpcApi, PageApi):
         self, settings: ServeSettings, structure, refine, decode, mailbox=None, *steps
     ) -> None:
         through_serve()
+        if settings.decode_target:  # a standalone decode server (histream decode-server)
+            decode = decode_link(settings)
         handles = StageHandles(
             structure, refine, decode, settings.stage_call_timeout_s, steps=tuple(steps)
         )
@@ -44,3 +47,13 @@ class Gateway(HttpApi, WebSocketApi, GrpcApi, PageApi):
     def active_sessions(self) -> dict[str, int]:
         """Sessions this replica drives, by kind (for tests and benchmarks)."""
         return self.core.active_sessions()
+
+
+def decode_link(settings: ServeSettings) -> GrpcStage:
+    """The decode stage over gRPC at `decode_target`, each call within stage_call_timeout_s."""
+    assert settings.decode_target is not None
+    tls = client_credentials(settings.decode_tls_ca) if settings.decode_tls_ca else None
+    return GrpcStage(
+        settings.decode_target, "DecodeStage", settings.get_preset(),
+        settings.stage_call_timeout_s, tls,
+    )  # fmt: skip

@@ -56,6 +56,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _add_storage_args(parser: argparse.ArgumentParser) -> None:
+    store = parser.add_argument_group("storage (default: a local directory)")
+    store.add_argument("--storage", help="local directory (default: outputs/storage)")
+    store.add_argument("--s3-endpoint", help="S3-compatible endpoint host:port (uses S3)")
+    store.add_argument("--s3-bucket", default=None)
+    store.add_argument("--s3-access-key", default=None)
+    store.add_argument("--s3-secret-key", default=None)
+    store.add_argument("--s3-secure", action="store_true", help="HTTPS to the S3 endpoint")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="histream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,13 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--tenants", help="tenants file: API keys -> tenants (YAML/JSON; default: an open API)"
     )
-    store = srv.add_argument_group("storage (default: a local directory)")
-    store.add_argument("--storage", help="local directory (default: outputs/storage)")
-    store.add_argument("--s3-endpoint", help="S3-compatible endpoint host:port (uses S3)")
-    store.add_argument("--s3-bucket", default=None)
-    store.add_argument("--s3-access-key", default=None)
-    store.add_argument("--s3-secret-key", default=None)
-    store.add_argument("--s3-secure", action="store_true", help="HTTPS to the S3 endpoint")
+    srv.add_argument("--decode-target", help="host:port of a `histream decode-server` to decode "
+                     "on, over gRPC (default: the DecodePool deployment)")  # fmt: skip
+    _add_storage_args(srv)
+
+    dec = sub.add_parser(
+        "decode-server", help="serve the decode stage over gRPC, outside Ray (DecodeStage)"
+    )
+    _add_model_args(dec)
+    dec.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    dec.add_argument("--port", type=int, default=9100, help="gRPC port (0: a free one)")
+    dec.add_argument("--tls-cert", help="PEM certificate: serve TLS (with --tls-key)")
+    dec.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    dec.add_argument("--tls-client-ca", help="PEM CA: clients must present a cert it signed")
+    _add_storage_args(dec)
 
     cli = sub.add_parser("submit", help="generate one video through a running server's HTTP API")
     cli.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
@@ -201,10 +218,13 @@ def settings_from_args(args: argparse.Namespace):
         "device": args.device,
         "dtype": args.dtype,
         "http_host": args.host,
-        "http_port": args.http_port,
-        "grpc_port": args.grpc_port,
-        "tenants_file": str(Path(args.tenants).resolve()) if args.tenants else None,
+        "http_port": getattr(args, "http_port", None),
+        "grpc_port": getattr(args, "grpc_port", None),
+        "tenants_file": str(Path(args.tenants).resolve())
+        if getattr(args, "tenants", None)
+        else None,
         "diagonal_steps": parse_steps(args.diagonal_steps) if args.diagonal_steps else None,
+        "decode_target": getattr(args, "decode_target", None),
     }
     return ServeSettings(storage=storage, **{k: v for k, v in fields.items() if v is not None})
 
@@ -221,6 +241,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         parse_tenants(Path(settings.tenants_file).read_text(), settings.tenants_file)
     serve_forever(settings, ray_address=args.ray_address)
+    return 0
+
+
+def cmd_decode_server(args: argparse.Namespace) -> int:
+    """The decode stage on its own, over gRPC, until SIGINT or SIGTERM."""
+    import signal
+    import threading
+
+    from services.link import StageServer, tls_credentials
+    from services.stages import DecodeStage
+
+    settings = settings_from_args(args)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    credentials = (
+        tls_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    )
+    stage = DecodeStage(settings)  # loads the decoder before the port opens
+    address = f"{args.host}:{args.port}"
+    server = StageServer(stage, "DecodeStage", address, settings.get_preset(), credentials)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    port = server.start()
+    print(f"decode server: histream.v1.DecodeStage on {args.host}:{port}", flush=True)
+    stop.wait()
+    server.stop(grace_s=settings.drain_timeout_s)
     return 0
 
 
@@ -279,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": cmd_eval,
         "generate": cmd_generate,
         "serve": cmd_serve,
+        "decode-server": cmd_decode_server,
         "submit": cmd_submit,
         "batch": cmd_batch,
     }

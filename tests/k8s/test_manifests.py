@@ -220,7 +220,8 @@ def test_pods_outlive_the_drain_and_stages_scale_separately(overlay):
     cluster = rayservice(overlay)["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-    assert set(groups) == {"denoise", "decode"}
+    # the decode-server overlay decodes outside Ray (no decode group; its own test)
+    assert set(groups) == ({"denoise"} if overlay == "decode-server" else {"denoise", "decode"})
     config = yaml.safe_load(rayservice(overlay)["spec"]["serveConfigV2"])
     for deployment in config["applications"][0]["deployments"]:
         wanted = deployment["ray_actor_options"].get("resources", {})
@@ -255,3 +256,38 @@ def test_the_tenants_secret_template_is_a_tenants_file_the_service_accepts(tmp_p
     mount = ray_containers("gpu")[0]["volumeMounts"][0]["mountPath"]
     settings = objects("gpu", "ConfigMap")["histream-settings"]["data"]
     assert settings["HISTREAM_TENANTS_FILE"] == f"{mount}/tenants.yaml"
+
+
+def test_the_decode_server_overlay_decodes_outside_ray():
+    """cpu-demo, but the decode stage runs as `histream decode-server` pods behind a Service
+    and an HPA, reached by the pipeline over gRPC; Ray keeps only the denoisers' group."""
+    from services.local.cli import build_parser
+
+    demo = yaml.safe_load((K8S / "overlays" / "cpu-demo" / "serve-config.yaml").read_text())
+    own = yaml.safe_load((K8S / "overlays" / "decode-server" / "serve-config.yaml").read_text())
+    expected = copy.deepcopy(demo)
+    app = expected["applications"][0]
+    app["args"]["decode_target"] = "histream-decode:9100"
+    app["deployments"] = [d for d in app["deployments"] if d["name"] != "DecodePool"]
+    assert own == expected
+    groups = rayservice("decode-server")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert [g["groupName"] for g in groups] == ["denoise"]
+    deployment = objects("decode-server", "Deployment")["histream-decode"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    args = build_parser().parse_args(container["command"][1:])
+    assert args.command == "decode-server" and args.preset == "toy" and args.host == "0.0.0.0"
+    service = objects("decode-server", "Service")["histream-decode"]
+    [port] = service["spec"]["ports"]
+    assert port["targetPort"] == args.port == 9100 and port["appProtocol"] == "grpc"
+    assert container["readinessProbe"]["grpc"] == {
+        "port": 9100,
+        "service": "histream.v1.DecodeStage",
+    }
+    hpa = objects("decode-server", "HorizontalPodAutoscaler")["histream-decode"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "histream-decode"
+    namespaces = {
+        o["metadata"].get("namespace")
+        for o in rendered("decode-server")
+        if o["kind"] != "Namespace"
+    }
+    assert namespaces == {"histream-demo"}

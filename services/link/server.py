@@ -1,0 +1,143 @@
+"""A stage served over real gRPC, outside Ray: its `stages.proto` service (each RPC handed to the
+stage object's method of that name), standard health checking (`grpc.health.v1.Health`:
+SERVING once the model is loaded, NOT_SERVING while it stops), server reflection (grpcurl lists
+the services), message limits sized from the preset's largest tensor, optional TLS from files.
+
+`histream decode-server` runs the decode pool this way (README, *Stages over gRPC*).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+
+import grpc
+from google.protobuf.message_factory import GetMessageClass
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from histream_model.config import Preset
+from protos.histream.v1 import stages_pb2
+from services.errors import Internal, ServiceError
+from services.link.status import trailers
+
+log = logging.getLogger("histream.link")
+RESTORE_CHUNKS = 16  # latents a restore request may carry: the anchor, the decoder's tail, slack
+
+
+def message_limit(preset: Preset) -> int:
+    """Bytes of the largest message a stage link carries: a restore request with
+    RESTORE_CHUNKS chunks of float32 latents at the preset's largest size, plus 4 MiB."""
+    vae = preset.vae
+    h, w = preset.max_height // vae.spatial_stride, preset.max_width // vae.spatial_stride
+    chunk = vae.z_dim * preset.options.chunk_frames * h * w * 4
+    return RESTORE_CHUNKS * chunk + 4 * 2**20
+
+
+def channel_options(preset: Preset) -> list[tuple[str, int]]:
+    limit = message_limit(preset)
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+def tls_credentials(cert: str, key: str, client_ca: str | None = None):
+    """Server credentials from PEM files (with `client_ca`: clients must present a cert)."""
+    pair = [(Path(key).read_bytes(), Path(cert).read_bytes())]
+    ca = Path(client_ca).read_bytes() if client_ca else None
+    return grpc.ssl_server_credentials(pair, root_certificates=ca, require_client_auth=bool(ca))
+
+
+class StageServer:
+    """`stage`'s RPCs as the `service` of stages.proto (e.g. "DecodeStage") on `address`, on an
+    event loop of its own thread (start/stop from any thread)."""
+
+    def __init__(
+        self,
+        stage: object,
+        service: str,
+        address: str,
+        preset: Preset,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        self.stage = stage
+        self.descriptor = stages_pb2.DESCRIPTOR.services_by_name[service]
+        self.address = address
+        self.port = 0
+        self.options = channel_options(preset)
+        self.credentials = credentials
+        self.health = None  # made on the server's loop
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="stage-server")
+        self._server: grpc.aio.Server | None = None
+
+    def start(self) -> int:
+        """Serve; returns the port (an address ending in :0 takes a free one)."""
+        self._thread.start()
+        return asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=60)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Health NOT_SERVING, then calls in flight get `grace_s` to finish. Idempotent."""
+        if not self._thread.is_alive():
+            return
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._stop(grace_s), self._loop).result(grace_s + 10)
+            self._server = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def run(self, coro):
+        """Run a coroutine on the server's loop (the stage's own calls, e.g. from tests)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _start(self) -> int:
+        server = grpc.aio.server(options=self.options)
+        server.add_generic_rpc_handlers((self._handlers(),))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (self.descriptor.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        if self.credentials is None:
+            self.port = server.add_insecure_port(self.address)
+        else:
+            self.port = server.add_secure_port(self.address, self.credentials)
+        if self.port == 0:
+            raise OSError(f"cannot listen for gRPC on {self.address}")
+        await server.start()
+        self._server = server
+        for name in ("", self.descriptor.full_name):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s on port %d", self.descriptor.full_name, self.port)
+        return self.port
+
+    async def _stop(self, grace_s: float) -> None:
+        assert self._server is not None
+        for name in ("", self.descriptor.full_name):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.stop(grace_s)
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        handlers = {}
+        for method in self.descriptor.methods:
+            request, response = map(GetMessageClass, (method.input_type, method.output_type))
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                self._unary(method.name),
+                request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString,
+            )
+        return grpc.method_handlers_generic_handler(self.descriptor.full_name, handlers)
+
+    def _unary(self, name: str):
+        method = getattr(self.stage, name)
+
+        async def call(request, context: grpc.aio.ServicerContext):
+            try:
+                return await method(request)
+            except ServiceError as err:
+                error = err
+            except Exception as err:  # a bug: the caller gets an error id, the log the rest
+                error = Internal.logged(log, err, f"{self.descriptor.name}.{name}")
+            context.set_trailing_metadata(trailers(error))
+            await context.abort(error.grpc_status, error.message)
+
+        return call

@@ -1,0 +1,136 @@
+"""The gRPC link between stages, without Ray: the real decode stage served by `StageServer`
+(its own thread and event loop, as a separate process would have), a session driver calling it
+through `GrpcStage` over a real gRPC channel, health checking, reflection, and service errors
+mapped to status codes and back."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from histream_model.config import get_preset
+from protos.histream.v1 import stages_pb2
+from services.errors import SessionNotHeld
+from services.link import GrpcStage, StageServer, message_limit
+from services.protocol import EndReason, StreamKind
+from services.sessions import SessionDriver
+from services.settings import ServeSettings
+from services.stages import DecodeStage
+from services.storage import StorageSettings
+from tests.services.fakes import real_stages
+from tests.services.harness import run, session_plan
+
+TINY = get_preset("tiny")
+
+
+@pytest.fixture
+def decode_server(tmp_path):
+    settings = ServeSettings(preset="tiny", storage=StorageSettings(local_dir=str(tmp_path / "s")))
+    server = StageServer(DecodeStage(settings), "DecodeStage", "127.0.0.1:0", TINY)
+    port = server.start()
+    try:
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace_s=1)
+
+
+def session(stages, plan) -> list:
+    """Every chunk's (latents digest, media) of a 33-frame session through `stages`."""
+
+    async def go():
+        driver = SessionDriver(stages, plan)
+        await driver.open()
+        out = [(c.latents_sha256, c.media) async for c in driver.chunks()]
+        await driver.finish(EndReason.COMPLETED)
+        return out, driver.init_segment
+
+    return run(go(), 60)
+
+
+def test_a_session_decoded_over_grpc_streams_what_it_does_in_process(tmp_path, decode_server):
+    _, target = decode_server
+    plan = session_plan(StreamKind.SESSION, "histream+", 33, "sess_g", "a fox")
+    local = real_stages(tmp_path / "local")
+    linked = real_stages(tmp_path / "linked")
+    handles = dataclasses.replace(linked.handles, decode=GrpcStage(target, "DecodeStage", TINY, 30))
+    (here, init_here), (there, init_there) = session(local.handles, plan), session(handles, plan)
+    assert len(there) == 3 and init_there == init_here
+    assert there == here  # the same latents, and the same fMP4 bytes, over the link
+    assert not linked.journal.find("DecodeChunk")  # the in-process decoder was not used
+
+
+def test_health_reflection_and_errors_over_the_link(decode_server):
+    _, target = decode_server
+    channel = grpc.insecure_channel(target)
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "histream.v1.DecodeStage"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert {"histream.v1.DecodeStage", "grpc.health.v1.Health"} <= set(services)
+
+    # a session the server does not hold: FAILED_PRECONDITION, its code in the trailers...
+    decode = channel.unary_unary(
+        "/histream.v1.DecodeStage/DecodeChunk",
+        request_serializer=stages_pb2.ChunkLatents.SerializeToString,
+        response_deserializer=stages_pb2.DecodedSegment.FromString,
+    )
+    with pytest.raises(grpc.RpcError) as raw:
+        decode(stages_pb2.ChunkLatents(session_id="nobody"), timeout=10)
+    assert raw.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert ("histream-error-code", "session_not_held") in raw.value.trailing_metadata()
+    # ...raised as itself by the client handle, so a driver restores and retries
+    stage = GrpcStage(target, "DecodeStage", TINY, timeout_s=10)
+
+    async def ask():
+        try:
+            assert await stage.healthy()
+            assert await stage.stats.remote() == {"replica": target}
+            await stage.options(session_id="nobody").DecodeChunk.remote(
+                stages_pb2.ChunkLatents(session_id="nobody")
+            )
+        finally:
+            await stage.close()
+
+    with pytest.raises(SessionNotHeld, match="nobody"):
+        asyncio.run(ask())
+    channel.close()
+
+
+def test_a_link_whose_server_is_gone_is_a_lost_replica(decode_server):
+    from services.errors import ReplicaLost
+
+    server, target = decode_server
+    server.stop(grace_s=0)
+    stage = GrpcStage(target, "DecodeStage", TINY, timeout_s=5)
+
+    async def ask():
+        try:
+            assert not await stage.healthy(timeout_s=2)
+            await stage.Touch.remote(stages_pb2.ReleaseRequest(session_id="s"))
+        finally:
+            await stage.close()
+
+    with pytest.raises(ReplicaLost, match="no answer over gRPC"):
+        asyncio.run(ask())
+
+
+def test_messages_are_sized_for_the_presets_largest_restore():
+    # the 1.3B preset at 1920x1088: 16 x 3 x 136 x 240 float32 = 6.3 MB a chunk, 16 of them
+    big = get_preset("wan2.1-1.3b") if "wan2.1-1.3b" in _presets() else None
+    if big is not None:
+        assert message_limit(big) > 16 * 16 * 3 * 136 * 240 * 4
+    assert 4 * 2**20 < message_limit(TINY) < 64 * 2**20
+
+
+def _presets() -> list[str]:
+    from histream_model.config import PRESETS
+
+    return list(PRESETS)
