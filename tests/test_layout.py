@@ -19,9 +19,11 @@ ALLOWED = {
     "stages": set(),
     "sessions": set(),
     "control": set(),
+    "link": set(),  # a stage served over gRPC, and the client of one: either side of a link
     "jobs": {"services.sessions"},
-    "gateway": {"services.sessions", "services.jobs"},
-    "local": {"services.app"},  # starting the service is wiring
+    "gateway": {"services.sessions", "services.jobs", "services.link"},
+    # starting the service is wiring; so is serving a stage outside Ray (decode-server)
+    "local": {"services.app", "services.stages", "services.link"},
 }
 
 
