@@ -115,6 +115,10 @@ class StageServer:
         for name in ("", self.descriptor.full_name):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.stop(grace_s)
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:  # the stage's reaper and the like
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     def _handlers(self) -> grpc.GenericRpcHandler:
         handlers = {}

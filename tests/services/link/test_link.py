@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from histream_model.config import get_preset
 from protos.histream.v1 import stages_pb2
 from services.errors import SessionNotHeld
-from services.link import GrpcStage, StageServer, message_limit
+from services.link import GrpcStage, StageServer, client_credentials, message_limit, tls_credentials
 from services.protocol import EndReason, StreamKind
 from services.sessions import SessionDriver
 from services.settings import ServeSettings
@@ -134,3 +134,37 @@ def _presets() -> list[str]:
     from histream_model.config import PRESETS
 
     return list(PRESETS)
+
+
+def test_the_link_serves_tls_from_files(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    settings = ServeSettings(preset="tiny", storage=StorageSettings(local_dir=str(tmp_path / "s")))
+    server = StageServer(
+        DecodeStage(settings), "DecodeStage", "localhost:0", TINY, tls_credentials(cert, key)
+    )
+    port = server.start()
+    secure = GrpcStage(f"localhost:{port}", "DecodeStage", TINY, 10, client_credentials(str(cert)))
+    plain = GrpcStage(f"localhost:{port}", "DecodeStage", TINY, 10)
+
+    async def ask() -> tuple[bool, bool]:
+        try:
+            return await secure.healthy(), await plain.healthy(timeout_s=2)
+        finally:
+            await secure.close()
+            await plain.close()
+
+    try:
+        assert asyncio.run(ask()) == (True, False)  # TLS answers; plaintext gets nothing
+    finally:
+        server.stop(grace_s=0)
