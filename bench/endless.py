@@ -63,7 +63,9 @@ def snapshot(url: str, arrivals: list[float]) -> dict:
 
 
 def run(preset: str, minutes: float, log=print) -> dict:
-    settings = local_settings(preset).model_copy(update={"torch_threads": 1})
+    # a day's cap: the tiny preset makes an hour of video in under 30 minutes here
+    update = {"torch_threads": 1, "max_session_seconds": 86400}
+    settings = local_settings(preset).model_copy(update=update)
     server.start(settings, num_cpus=4, log_to_driver=False)
     url = f"http://127.0.0.1:{settings.http_port}"
     storage = Path(settings.storage.local_dir)
