@@ -50,16 +50,6 @@ async def _session(stage, name: str, preset, chunks: int, seed: int) -> tuple[li
     return seconds, wire // chunks
 
 
-class _Direct:
-    """The stage object's own methods, awaited in this loop (no transport)."""
-
-    def __init__(self, stage: DecodeStage) -> None:
-        self.stage = stage
-
-    def __getattr__(self, name: str):
-        return getattr(self.stage, name)
-
-
 class _Linked:
     """The same calls through GrpcStage (`Method.remote(request)`)."""
 
@@ -74,7 +64,7 @@ def measure(preset_name: str, chunks: int, repeats: int, log=print) -> dict:
     preset = get_preset(preset_name)
     server = StageServer(_stage(preset_name), "DecodeStage", "127.0.0.1:0", preset)
     port = server.start()
-    direct = _Direct(_stage(preset_name))
+    direct = _stage(preset_name)  # its own methods, awaited in this loop
     out = {"direct": [], "grpc": [], "wire": 0}
 
     async def run() -> None:

@@ -68,7 +68,7 @@ class GrpcStage:
         path = f"/{self.descriptor.full_name}/{name}"
         stage = self
 
-        class Remote:
+        class Remote:  # made once per method: kept on the instance (see the end)
             @staticmethod
             async def remote(request):
                 call = stage.channel().unary_unary(
@@ -81,6 +81,7 @@ class GrpcStage:
                 except grpc.RpcError as err:
                     raise from_rpc_error(err, f"{stage.descriptor.name}.{name}") from None
 
+        setattr(self, name, Remote)  # later calls find it without __getattr__
         return Remote
 
     @property
