@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from histream_model.components import DTYPES, WeightPaths, dtype_named, resolve_weights
@@ -110,6 +110,19 @@ class ServeSettings(BaseSettings):
     # there over gRPC instead of on the DecodePool deployment (which is then not deployed)
     decode_target: str | None = None
     decode_tls_ca: str | None = None  # PEM CA of the decode server's TLS cert; None: plaintext
+    # how the gateway and the refine stage call the stages (README, *Stage transports*):
+    # "handle", Serve deployment handles (one hop, Ray's object store); "grpc", each stage
+    # replica serves stages.proto on a gRPC port of its own and calls go there, with deadlines,
+    # health checking and status codes; which replica holds a session is Serve's choice either way
+    stage_transport: Literal["handle", "grpc"] = "handle"
+    stage_grpc_host: str = "0.0.0.0"  # where a stage replica's gRPC server listens (port: free)
+    # TLS on the grpc transport's stage servers (PEM files every stage node can read); callers
+    # check the servers' cert against stage_tls_ca, under stage_tls_server_name when the cert
+    # does not name the replicas' addresses
+    stage_tls_cert: str | None = None
+    stage_tls_key: str | None = None
+    stage_tls_ca: str | None = None
+    stage_tls_server_name: str | None = None
     # a session started without num_frames streams until closed or for this long (a tenant's
     # max_session_seconds quota may cut it shorter); sliding-window modes only
     max_session_seconds: int = Field(3600, ge=1)
@@ -189,6 +202,15 @@ class ServeSettings(BaseSettings):
         if value is not None and value not in DTYPES:
             raise ValueError(f"unknown dtype {value!r}; choose one of {sorted(DTYPES)}")
         return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServeSettings:
+        if bool(self.stage_tls_cert) != bool(self.stage_tls_key):
+            given = "stage_tls_cert" if self.stage_tls_cert else "stage_tls_key"
+            raise ValueError(
+                f"{given} is set without its pair: give both stage_tls_cert and stage_tls_key"
+            )
+        return self
 
     @property
     def served_model(self) -> str:

@@ -2,6 +2,8 @@
 WebSocket sessions, health, metrics) and gRPC (`histream.v1.HiStream`). It holds no model: it
 composes the three transports' APIs (routes and RPCs, inherited) over one `GatewayCore`."""
 
+import functools
+
 from ray import serve
 
 from services.gateway.core import GatewayCore
@@ -10,6 +12,7 @@ from services.gateway.http import HttpApi, api
 from services.gateway.page import PageApi
 from services.gateway.websocket import WebSocketApi
 from services.link import GrpcStage, client_credentials
+from services.link.replicas import stage_link
 from services.logs import through_serve
 from services.sessions import StageHandles
 from services.settings import ServeSettings
@@ -21,10 +24,15 @@ class Gateway(HttpApi, WebSocketApi, GrpcApi, PageApi):
         self, settings: ServeSettings, structure, refine, decode, mailbox=None, *steps
     ) -> None:
         through_serve()
-        if settings.decode_target:  # a standalone decode server (histream decode-server)
-            decode = decode_link(settings)
+        link = functools.partial(stage_link, settings)  # the handle, or a gRPC link to it
+        # a standalone decode server (histream decode-server), or the DecodePool deployment
+        decode = decode_link(settings) if settings.decode_target else link(decode, "DecodeStage")
         handles = StageHandles(
-            structure, refine, decode, settings.stage_call_timeout_s, steps=tuple(steps)
+            link(structure, "DenoiseStage", "TextEncoder"),
+            link(refine, "DenoiseStage"),
+            decode,
+            settings.stage_call_timeout_s,
+            steps=tuple(link(step, "DenoiseStage") for step in steps),
         )
         self.core = GatewayCore(settings, handles, mailbox)
         # Serve runs the constructor on the replica's event loop: jobs a dead replica left are

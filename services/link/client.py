@@ -1,12 +1,16 @@
-"""Calling a stage over real gRPC with the surface of a Serve deployment handle, so the session
+"""Calling stages over real gRPC with the surface of a Serve deployment handle, so the session
 driver needs no other code: `handle.options(session_id=...).DecodeChunk.remote(request)` is an
 awaitable of the reply. Every call has a deadline (stage_call_timeout_s); no call is retried here
 (the driver's restore-and-retry decides what is safe to repeat); service errors come back as
 themselves, a link that fails as ReplicaLost (services/link/status.py).
+
+`GrpcStage` is one server at a fixed target (a standalone decode server); `ReplicaLink`
+(replicas.py) finds a session's replica through Serve and calls it here.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,102 @@ def client_credentials(ca: str | None, cert: str | None = None, key: str | None 
     return grpc.ssl_channel_credentials(pem(ca), pem(key), pem(cert))
 
 
+@dataclass(frozen=True)
+class Method:
+    """One RPC of stages.proto: where it goes and how its reply reads."""
+
+    service: str  # e.g. "DecodeStage"
+    path: str  # "/histream.v1.DecodeStage/DecodeChunk"
+    response: type
+
+    @property
+    def label(self) -> str:
+        return f"{self.service}.{self.path.rsplit('/', 1)[1]}"
+
+
+def stage_methods(services: str | tuple[str, ...]) -> dict[str, Method]:
+    """The RPCs of these stages.proto services by name (the first service's wins a shared one,
+    e.g. Touch)."""
+    found: dict[str, Method] = {}
+    for service in (services,) if isinstance(services, str) else services:
+        descriptor = stages_pb2.DESCRIPTOR.services_by_name[service]
+        for m in descriptor.methods:
+            path = f"/{descriptor.full_name}/{m.name}"
+            found.setdefault(m.name, Method(service, path, GetMessageClass(m.output_type)))
+    return found
+
+
+class Channels:
+    """One channel per server ("host:port"), made on first use on the caller's event loop, with
+    message limits from the preset and optional TLS."""
+
+    def __init__(
+        self,
+        preset: Preset,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        self.options = channel_options(preset)
+        if server_name:  # the name the servers' TLS certs carry, when dialled by address
+            self.options.append(("grpc.ssl_target_name_override", server_name))
+        self.credentials = credentials
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def __call__(self, target: str) -> grpc.aio.Channel:
+        channel = self._channels.get(target)
+        if channel is None:
+            if self.credentials is None:
+                channel = grpc.aio.insecure_channel(target, options=self.options)
+            else:
+                channel = grpc.aio.secure_channel(target, self.credentials, options=self.options)
+            self._channels[target] = channel
+        return channel
+
+    def targets(self) -> list[str]:
+        """The servers it has a channel to."""
+        return list(self._channels)
+
+    async def call(self, target: str, method: Method, request: Any, timeout_s: float | None):
+        """One unary call; a failed one raises its service error (or ReplicaLost)."""
+        stub = self(target).unary_unary(
+            method.path,
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=method.response.FromString,
+        )
+        try:
+            return await stub(request, timeout=timeout_s)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, method.label) from None
+
+    async def healthy(self, target: str, service: str, timeout_s: float = 5.0) -> bool:
+        """Whether the server's health service says SERVING for `service` (a full name)."""
+        stub = health_pb2_grpc.HealthStub(self(target))
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            reply = await stub.Check(request, timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self, target: str | None = None) -> None:
+        """Close one server's channel, or every one."""
+        targets = [target] if target is not None else list(self._channels)
+        for t in targets:
+            channel = self._channels.pop(t, None)
+            if channel is not None:
+                await channel.close()
+
+
+class _Remote:
+    """`Method.remote(request)` of a handle: an awaitable of the reply."""
+
+    def __init__(self, send, name: str) -> None:
+        self._send, self._name = send, name
+
+    def remote(self, *request):
+        return self._send(self._name, *request)
+
+
 class GrpcStage:
     """A stages.proto `service` at `target` ("host:port"), one channel for every session."""
 
@@ -39,76 +139,38 @@ class GrpcStage:
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.target = target
-        self.descriptor = stages_pb2.DESCRIPTOR.services_by_name[service]
+        self.service = stages_pb2.DESCRIPTOR.services_by_name[service].full_name
+        self.methods = stage_methods(service)
         self.timeout_s = timeout_s
-        self._options = channel_options(preset)
-        self._credentials = credentials
-        self._channel: grpc.aio.Channel | None = None
-
-    def channel(self) -> grpc.aio.Channel:
-        """Made on first use, on the caller's event loop."""
-        if self._channel is None:
-            if self._credentials is None:
-                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
-            else:
-                self._channel = grpc.aio.secure_channel(
-                    self.target, self._credentials, options=self._options
-                )
-        return self._channel
+        self.channels = Channels(preset, credentials)
 
     def options(self, **_: object) -> GrpcStage:
         """Session affinity is the server's: there is one decode server per target."""
         return self
 
     def __getattr__(self, name: str) -> Any:
-        method = self.descriptor.methods_by_name.get(name)
-        if method is None:
+        if name not in self.__dict__.get("methods", {}):
             raise AttributeError(name)
-        response = GetMessageClass(method.output_type)
-        path = f"/{self.descriptor.full_name}/{name}"
-        stage = self
+        remote = _Remote(self._send, name)
+        setattr(self, name, remote)  # later calls find it without __getattr__
+        return remote
 
-        class Remote:  # made once per method: kept on the instance (see the end)
-            @staticmethod
-            async def remote(request):
-                call = stage.channel().unary_unary(
-                    path,
-                    request_serializer=type(request).SerializeToString,
-                    response_deserializer=response.FromString,
-                )
-                try:
-                    return await call(request, timeout=stage.timeout_s)
-                except grpc.RpcError as err:
-                    raise from_rpc_error(err, f"{stage.descriptor.name}.{name}") from None
-
-        setattr(self, name, Remote)  # later calls find it without __getattr__
-        return Remote
+    async def _send(self, name: str, request: Any) -> Any:
+        return await self.channels.call(self.target, self.methods[name], request, self.timeout_s)
 
     @property
     def stats(self) -> Any:
         """What /readyz and /metrics ask of a stage: here, its health check."""
-        stage = self
+        return _Remote(lambda _name: self._stats(), "stats")
 
-        class Remote:
-            @staticmethod
-            async def remote() -> dict:
-                if not await stage.healthy():
-                    raise Unavailable(f"the stage server at {stage.target} is not serving")
-                return {"replica": stage.target}
-
-        return Remote
+    async def _stats(self) -> dict:
+        if not await self.healthy():
+            raise Unavailable(f"the stage server at {self.target} is not serving")
+        return {"replica": self.target}
 
     async def healthy(self, timeout_s: float = 5.0) -> bool:
         """Whether the server's health service says SERVING for this stage."""
-        stub = health_pb2_grpc.HealthStub(self.channel())
-        request = health_pb2.HealthCheckRequest(service=self.descriptor.full_name)
-        try:
-            reply = await stub.Check(request, timeout=timeout_s)
-        except grpc.RpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return await self.channels.healthy(self.target, self.service, timeout_s)
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        await self.channels.close()

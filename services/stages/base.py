@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from protos.histream.v1 import stages_pb2
+from services.link.replicas import LinkedStage
 from services.logs import ids, through_serve
 from services.protocol.identity import replica_name
 from services.settings import ServeSettings
@@ -29,7 +30,7 @@ def rpc(method: Callable) -> Callable:
     return counted
 
 
-class SessionStage(Generic[T]):
+class SessionStage(LinkedStage, Generic[T]):
     """What every stage shares: its session table, call counts and the idle-session reaper.
 
     A session whose client and gateway both vanished (a crashed gateway, a lost network) is

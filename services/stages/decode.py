@@ -62,6 +62,7 @@ class DecodeStage(SessionStage[DecodeStream]):
 
     name = StageName.DECODE
     label = "decode pool"
+    grpc_services = ("DecodeStage",)
 
     def __init__(self, settings: ServeSettings) -> None:
         super().__init__(settings)

@@ -52,6 +52,7 @@ from histream_model.shape import VideoShape
 from histream_model.text import check_prompt
 from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument, SessionNotHeld, remote_result
+from services.link.replicas import stage_link
 from services.logs import ids
 from services.protocol import StageName, from_proto, shape_of, to_proto
 from services.protocol.identity import replica_name
@@ -88,11 +89,13 @@ class DenoiseStage(SessionStage[DenoiseSession]):
     """The DiT and, per session, one resolution's cache, text K/V and RoPE frequencies."""
 
     name = StageName.REFINE
+    grpc_services = ("DenoiseStage",)  # what its gRPC server serves (stage_transport=grpc)
 
     def __init__(self, settings: ServeSettings, peers: Mapping[Resolution, object] | None = None):
         super().__init__(settings)
         self.resolution = self.name.resolution  # None: a step worker (both resolutions)
-        self.peers = dict(peers or {})  # handles of the stages holding the other resolutions
+        # handles of the stages holding the other resolutions (links under the grpc transport)
+        self.peers = {r: stage_link(settings, h, "DenoiseStage") for r, h in (peers or {}).items()}
         preset = settings.get_preset()
         self.weights = settings.weight_paths()
         self.model = dit_for(preset, self.weights, settings.device, settings.torch_dtype())
@@ -389,6 +392,7 @@ class StructureStage(DenoiseStage):
 
     name = StageName.STRUCTURE
     label = "structure stage"
+    grpc_services = ("DenoiseStage", "TextEncoder")
 
     def __init__(self, settings: ServeSettings) -> None:
         super().__init__(settings)

@@ -56,7 +56,7 @@ class Service:
     """The running service: one local Ray, two applications of the tiny preset."""
 
     url: str  # app "histream": S3 storage (moto), content handed out as presigned URLs
-    local_url: str  # app "local" under /local: a local storage directory
+    local_url: str  # app "local" under /local: a local storage directory, stage_transport=grpc
     grpc_target: str
     s3: S3Storage  # the bucket the first app writes to
     local: LocalStorage
@@ -101,9 +101,12 @@ def service(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     # and a low message rate (test_hostile_input)
     limits = {"max_running_jobs": 1, "max_queued_jobs": 1, "max_live_sessions": 2,
               "session_snapshot_ttl_s": 3, "max_message_rate": 2}  # fmt: skip
+    # and the grpc stage transport: every call between its gateway and its stages, and the
+    # refine stage's to the structure stage, goes over the replicas' own gRPC servers
     local_settings = ServeSettings(
-        storage=StorageSettings(local_dir=str(local_dir)), **common, **limits
-    )
+        storage=StorageSettings(local_dir=str(local_dir)), stage_transport="grpc",
+        **common, **limits,
+    )  # fmt: skip
     server.start(s3_settings, num_cpus=4, log_to_driver=False)
     server.start(local_settings, app_name="local", route_prefix="/local")
     base = f"http://127.0.0.1:{common['http_port']}"

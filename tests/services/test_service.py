@@ -5,6 +5,7 @@ and bad input over HTTP and gRPC."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import warnings
@@ -24,6 +25,7 @@ from histream_model.schedules import plan_chunk
 from histream_model.schedules.pipeline import split_phases
 from histream_model.shape import VideoShape
 from protos.histream.v1 import api_pb2, api_pb2_grpc
+from services.link.replicas import stage_link
 from services.media import decode_frames, read_video
 from services.protocol import StreamKind, digest, from_proto, to_proto
 from services.sessions import SessionDriver, SessionPlan, StageHandles
@@ -64,10 +66,11 @@ def stage_calls() -> dict:
     }
 
 
-def held_sessions() -> int:
+def held_sessions(app: str = "histream") -> int:
+    steps = ("StepStage1", "StepStage2") if app == "histream" else ()
     return sum(
-        stage(name).stats.remote().result()["sessions"]
-        for name in ("StructureStage", "RefineStage", "DecodePool", "StepStage1", "StepStage2")
+        stage(name, app).stats.remote().result()["sessions"]
+        for name in ("StructureStage", "RefineStage", "DecodePool", *steps)
     )
 
 
@@ -207,11 +210,33 @@ def test_list_and_delete_videos(service):
 OTHER_SEEDS = ["diagonal", "histream-diagonal", "hiar", "histream-hiar"]
 
 
+def name_field(deployment: str) -> str:
+    return {"StructureStage": "structure", "RefineStage": "refine", "DecodePool": "decode"}[
+        deployment
+    ]
+
+
+def transport_handles(service, transport: str) -> StageHandles:
+    """The stages of app "histream" through Serve's handles, or of app "local" (whose refine
+    stage calls its structure stage over gRPC too) through the grpc transport's links."""
+    if transport == "handle":
+        return StageHandles(stage("StructureStage"), stage("RefineStage"), stage("DecodePool"))
+    settings = service.settings.model_copy(update={"stage_transport": "grpc"})
+    link = functools.partial(stage_link, settings)
+    return StageHandles(
+        link(stage("StructureStage", "local"), "DenoiseStage", "TextEncoder"),
+        link(stage("RefineStage", "local"), "DenoiseStage"),
+        link(stage("DecodePool", "local"), "DecodeStage"),
+    )
+
+
+@pytest.mark.parametrize("transport", ["handle", "grpc"])
 @pytest.mark.parametrize("mode", ["histream", "histream+", *OTHER_SEEDS])
-def test_distributed_latents_equal_in_process_bit_exact(service, mode):
+def test_distributed_latents_equal_in_process_bit_exact(service, mode, transport):
+    """Bit for bit the in-process generator's latents, over either stage transport."""
     preset = get_preset("tiny")
     shape = VideoShape(preset, get_mode(mode), H, W, 33)
-    handles = StageHandles(stage("StructureStage"), stage("RefineStage"), stage("DecodePool"))
+    handles = transport_handles(service, transport)
     plan = SessionPlan(
         f"test-{mode.replace('+', 'p')}", StreamKind.VIDEO, "default", shape, 5, PROMPT, 16
     )
@@ -229,7 +254,11 @@ def test_distributed_latents_equal_in_process_bit_exact(service, mode):
     assert len(distributed) == len(expected) == 3
     for got, want in zip(distributed, expected, strict=True):
         assert torch.equal(got, want)
-    assert wait_until(lambda: held_sessions() == 0)
+    if transport == "grpc":  # the calls went to the replicas' gRPC servers
+        for name in ("StructureStage", "RefineStage", "DecodePool"):
+            address = stage(name, "local").StageAddress.remote().result()
+            assert address in getattr(handles, name_field(name)).channels.targets()
+    assert wait_until(lambda: held_sessions("local" if transport == "grpc" else "histream") == 0)
 
 
 # -- streaming sessions ---------------------------------------------------------------------------
