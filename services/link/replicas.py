@@ -28,7 +28,7 @@ from services.protocol.routing import own_request_id
 from services.settings import ServeSettings
 
 PLACING = frozenset({"OpenSession", "OpenStream", "RestoreSession", "RestoreStream"})
-CLOSING = frozenset({"CloseSession", "CloseStream"})
+CLOSING = frozenset({"CloseSession", "CloseStream", "FinishStream"})  # the session is gone
 KEPT_SESSIONS = 4096  # addresses a link keeps (oldest dropped first); more sessions re-ask
 
 

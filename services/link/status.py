@@ -41,7 +41,8 @@ def from_rpc_error(err: grpc.RpcError, what: str) -> ServiceError:
     details = (err.details() if hasattr(err, "details") else None) or str(code)
     metadata = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
     cls = error_classes().get(metadata.get(CODE_KEY, ""))
-    if cls is not None and cls is not ServiceError:
+    if cls is not None:  # the server's own error (its error id kept, for an internal one)
+        cls = Internal if cls is ServiceError else cls
         return cls(details, metadata.get(PARAM_KEY) or None)
     if code in LOST:
         return ReplicaLost(f"{what}: no answer over gRPC ({code.name}: {details})")

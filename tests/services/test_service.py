@@ -274,13 +274,19 @@ def ws_events(ws, until: str = "session.ended"):
             return
 
 
-def test_websocket_session_streams_chunks_and_blends_in_a_new_prompt(service, tmp_path):
+# the two apps: "histream" calls its stages through Serve's handles, "local" over gRPC
+TRANSPORT_APPS = {"handle": "histream", "grpc": "local"}
+
+
+@pytest.mark.parametrize("transport", ["handle", "grpc"])
+def test_websocket_session_streams_chunks_and_blends_in_a_new_prompt(service, tmp_path, transport):
     """A prompt change blended linearly over 2 chunks; the latents are the in-process
-    generator's under the same change."""
+    generator's under the same change, over either stage transport."""
     start = {"type": "start", "prompt": PROMPT, "size": f"{W}x{H}", "num_frames": 117, "seed": 3,
              "mode": "histream+"}  # fmt: skip
     chunks, accepted, applied, ended = [], None, [], None
-    with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
+    base = service.url if transport == "handle" else service.local_url
+    with connect(base.replace("http://", "ws://") + "/v1/sessions") as ws:
         ws.send(json.dumps(start))
         events = ws_events(ws)
         started, _ = next(events)
@@ -326,9 +332,10 @@ def test_websocket_session_streams_chunks_and_blends_in_a_new_prompt(service, tm
 
     # the session's HLS playlist and segments are in storage, ended
     sid = started["session_id"]
-    playlist = service.s3.get(f"tenants/default/sessions/{sid}/playlist.m3u8").decode()
+    storage = service.s3 if transport == "handle" else service.local
+    playlist = storage.get(f"tenants/default/sessions/{sid}/playlist.m3u8").decode()
     assert playlist.count("#EXTINF") == 10 and "#EXT-X-ENDLIST" in playlist
-    assert service.s3.exists(f"tenants/default/sessions/{sid}/seg-00010.m4s")
+    assert storage.exists(f"tenants/default/sessions/{sid}/seg-00010.m4s")
 
 
 @pytest.mark.parametrize(
@@ -425,13 +432,14 @@ def test_websocket_disconnect_frees_the_session(service):
     assert wait_until(lambda: held_sessions() == 0)
 
 
-def grpc_stub(service):
+def grpc_stub(service, app: str = "histream"):
     channel = grpc.insecure_channel(service.grpc_target)
-    return api_pb2_grpc.HiStreamStub(channel), (("application", "histream"),)
+    return api_pb2_grpc.HiStreamStub(channel), (("application", app),)
 
 
-def test_grpc_session_streams_chunks_and_slerps_to_a_new_prompt(service, tmp_path):
-    stub, md = grpc_stub(service)
+@pytest.mark.parametrize("transport", ["handle", "grpc"])
+def test_grpc_session_streams_chunks_and_slerps_to_a_new_prompt(service, tmp_path, transport):
+    stub, md = grpc_stub(service, TRANSPORT_APPS[transport])
     request = api_pb2.StreamSessionRequest(prompt=PROMPT, size=f"{W}x{H}", num_frames=117, seed=11)
     events: list = []
     update = None

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from histream_model.config import get_preset
 from protos.histream.v1 import stages_pb2
-from services.errors import SessionNotHeld
+from services.errors import Internal, ReplicaLost, SessionNotHeld, Unavailable
 from services.link import GrpcStage, StageServer, client_credentials, message_limit, tls_credentials
 from services.protocol import EndReason, StreamKind
 from services.sessions import SessionDriver
@@ -168,3 +168,81 @@ def test_the_link_serves_tls_from_files(tmp_path):
         assert asyncio.run(ask()) == (True, False)  # TLS answers; plaintext gets nothing
     finally:
         server.stop(grace_s=0)
+
+
+class Failing:
+    """A stage whose every RPC raises the error it is given."""
+
+    error: Exception = RuntimeError("no error set")
+
+    def __getattr__(self, name: str):
+        async def rpc(request):
+            raise self.error
+
+        return rpc
+
+
+@pytest.fixture(scope="module")
+def failing_server():
+    stage = Failing()
+    server = StageServer(stage, "DecodeStage", "127.0.0.1:0", TINY)
+    port = server.start()
+    try:
+        yield stage, f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace_s=0)
+
+
+def _service_errors() -> list[type]:
+    from services.link.status import error_classes
+
+    classes = {cls for cls in error_classes().values()} | {ReplicaLost, Unavailable, Internal}
+    return sorted(classes, key=lambda cls: cls.__name__)
+
+
+@pytest.mark.parametrize("cls", _service_errors(), ids=lambda cls: cls.__name__)
+def test_every_service_error_crosses_the_link_with_its_status_code(failing_server, cls):
+    """Each error: its gRPC status on the wire (NOT_FOUND, RESOURCE_EXHAUSTED for AtCapacity,
+    FAILED_PRECONDITION for SessionNotHeld, INVALID_ARGUMENT, ...), raised as itself again on
+    the calling side with its message and param."""
+    stage, target = failing_server
+    stage.error = cls(f"a {cls.__name__} for the test", "some_param")
+    channel = grpc.insecure_channel(target)
+    touch = channel.unary_unary(
+        "/histream.v1.DecodeStage/Touch",
+        request_serializer=stages_pb2.ReleaseRequest.SerializeToString,
+        response_deserializer=stages_pb2.StageAck.FromString,
+    )
+    with pytest.raises(grpc.RpcError) as raw:
+        touch(stages_pb2.ReleaseRequest(session_id="s"), timeout=10)
+    channel.close()
+    assert raw.value.code() == cls.grpc_status
+    assert raw.value.details() == f"a {cls.__name__} for the test"
+    assert ("histream-error-code", cls.code) in raw.value.trailing_metadata()
+
+    async def ask():
+        link = GrpcStage(target, "DecodeStage", TINY, timeout_s=10)
+        try:
+            await link.Touch.remote(stages_pb2.ReleaseRequest(session_id="s"))
+        finally:
+            await link.close()
+
+    with pytest.raises(cls) as raised:
+        asyncio.run(ask())
+    assert type(raised.value).code == cls.code and raised.value.param == "some_param"
+
+
+def test_a_bug_in_a_stage_is_internal_with_an_error_id(failing_server):
+    stage, target = failing_server
+    stage.error = KeyError("a bug")
+
+    async def ask():
+        link = GrpcStage(target, "DecodeStage", TINY, timeout_s=10)
+        try:
+            await link.Touch.remote(stages_pb2.ReleaseRequest(session_id="s"))
+        finally:
+            await link.close()
+
+    with pytest.raises(Internal) as raised:
+        asyncio.run(ask())
+    assert "a bug" not in raised.value.message  # the log has it, the caller an id
