@@ -30,6 +30,7 @@ from bench import (
     real_flops,
     serving,
     table2,
+    transports,
 )
 from bench.report import stamp, write_section
 
@@ -68,6 +69,7 @@ SECTIONS: dict[str, Section] = {
     # measured on a GPU machine by `python -m bench.gpu`; rendered here from its JSON files
     "endless": lambda a: endless.section(a.endless_preset, a.endless_minutes, _log),
     "link": lambda a: link.section(a.preset, a.link_chunks, a.link_repeats, _log),
+    "transports": lambda a: transports.section(a.preset, a.transport_repeats, a.frames, _log),
     "table2-gpu": lambda a: gpu.section(a.gpu_json),
     # drawn from the tables above once they are written: keep it last
     "charts": lambda a: charts.section(_log),
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endless-minutes", type=float, default=30.0)
     parser.add_argument("--link-chunks", type=int, default=6, help="link: chunks per session")
     parser.add_argument("--link-repeats", type=int, default=3)
+    parser.add_argument("--transport-repeats", type=int, default=3)
     parser.add_argument("--gpu-json", nargs="+", default=[], help="table2-gpu: bench.gpu outputs")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ themselves, a link that fails as ReplicaLost (services/link/status.py).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,15 +72,18 @@ class Channels:
             self.options.append(("grpc.ssl_target_name_override", server_name))
         self.credentials = credentials
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._loops: dict[str, asyncio.AbstractEventLoop] = {}  # the loop each was made on
+        self.sent_bytes = self.received_bytes = 0  # message bytes of the calls answered
 
     def __call__(self, target: str) -> grpc.aio.Channel:
+        loop = asyncio.get_running_loop()
         channel = self._channels.get(target)
-        if channel is None:
+        if channel is None or self._loops.get(target) is not loop:  # (one of an ended loop)
             if self.credentials is None:
                 channel = grpc.aio.insecure_channel(target, options=self.options)
             else:
                 channel = grpc.aio.secure_channel(target, self.credentials, options=self.options)
-            self._channels[target] = channel
+            self._channels[target], self._loops[target] = channel, loop
         return channel
 
     def targets(self) -> list[str]:
@@ -94,9 +98,12 @@ class Channels:
             response_deserializer=method.response.FromString,
         )
         try:
-            return await stub(request, timeout=timeout_s)
+            reply = await stub(request, timeout=timeout_s)
         except grpc.RpcError as err:
             raise from_rpc_error(err, method.label) from None
+        self.sent_bytes += request.ByteSize()
+        self.received_bytes += reply.ByteSize()
+        return reply
 
     async def healthy(self, target: str, service: str, timeout_s: float = 5.0) -> bool:
         """Whether the server's health service says SERVING for `service` (a full name)."""
@@ -113,7 +120,7 @@ class Channels:
         targets = [target] if target is not None else list(self._channels)
         for t in targets:
             channel = self._channels.pop(t, None)
-            if channel is not None:
+            if self._loops.pop(t, None) is asyncio.get_running_loop() and channel is not None:
                 await channel.close()
 
 

@@ -384,7 +384,9 @@ class DenoiseStage(SessionStage[DenoiseSession]):
         """Sessions and cache bytes held, RPC calls served (this replica)."""
         kv_bytes = sum(s.kv_bytes for s in self.sessions.values())
         batches = self.batcher.stats.as_dict() if self.batcher is not None else {}
-        return {**super().stats(), "kv_bytes": kv_bytes, **batches}
+        links = [p.channels for p in self.peers.values() if hasattr(p, "channels")]
+        wire = {"link_bytes": sum(c.sent_bytes + c.received_bytes for c in links)} if links else {}
+        return {**super().stats(), "kv_bytes": kv_bytes, **batches, **wire}
 
 
 class StructureStage(DenoiseStage):

@@ -186,3 +186,19 @@ def test_the_handle_transport_leaves_handles_as_they_are():
 def test_stage_tls_needs_both_halves():
     with pytest.raises(ValueError, match="stage_tls_cert is set without its pair"):
         ServeSettings(stage_tls_cert="cert.pem")
+
+
+def test_a_link_works_from_one_event_loop_to_the_next(two_decoders):
+    """A channel belongs to the loop it was made on: a link used by successive asyncio.run
+    calls (a CLI, a benchmark) makes a new one for each loop."""
+    _, (a, _) = two_decoders
+    link = ReplicaLink(Directory(a), ("DecodeStage",), TINY, timeout_s=10)
+    touch = stages_pb2.ReleaseRequest(session_id="s3")
+
+    async def ask():
+        with pytest.raises(SessionNotHeld):
+            await link.options(session_id="s3").Touch.remote(touch)
+
+    for _ in range(2):
+        run(ask(), 30)
+    assert link.channels.targets() == [a]
