@@ -8,9 +8,11 @@
                                    -> StepStage1..N  (pipeline_workers > 0: HiAR's step caches,
                                                       a share each, chunks as a wavefront)
 
-Stages are called through deployment handles carrying the `stages.proto` messages, routed by
-session id with Serve's consistent-hash router without fallback replicas: a session's requests
-always reach the replica that holds its caches while the replica set is unchanged.
+Stages are called with the `stages.proto` messages, routed by session id with Serve's
+consistent-hash router without fallback replicas: a session's requests always reach the replica
+that holds its caches while the replica set is unchanged. `stage_transport` says how: through
+the deployment handles ("handle"), or ("grpc") to each replica's own gRPC server, found by a
+`StageAddress` call routed the same way (services/link/replicas.py).
 
 `app_builder` is the `import_path` of serve configs (`services.app:app_builder`), with the
 `ServeSettings` fields as `args`; `build_app` is what `histream serve` runs.

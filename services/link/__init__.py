@@ -1,6 +1,6 @@
-"""The gRPC link between stages: a stage served over real gRPC outside Ray (server.py), the
-handle that calls one as a Serve handle would (client.py), and service errors across it
-(status.py)."""
+"""The gRPC link between stages: a stage's services served over real gRPC (server.py), clients
+with the surface of a Serve handle (client.py: one server; replicas.py: the grpc stage transport,
+a session's replica found through Serve), and service errors across it (status.py)."""
 
 from services.link.client import GrpcStage, client_credentials
 from services.link.server import StageServer, message_limit, tls_credentials

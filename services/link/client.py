@@ -11,6 +11,7 @@ themselves, a link that fails as ReplicaLost (services/link/status.py).
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,21 @@ def client_credentials(ca: str | None, cert: str | None = None, key: str | None 
     """TLS to a stage server: its CA (PEM), and this side's cert and key if it asks for one."""
     pem = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
     return grpc.ssl_channel_credentials(pem(ca), pem(key), pem(cert))
+
+
+# Retried by gRPC itself (on UNAVAILABLE, 3 attempts in all, backoff 0.1-1 s): only the calls
+# that are idempotent, whose repeat cannot change a session's state. A phase, a decode, an
+# open or a restore is not retried here; the session driver's restore-and-retry decides.
+IDEMPOTENT = (("TextEncoder", "EncodePrompt"), ("DenoiseStage", "Touch"), ("DecodeStage", "Touch"))
+RETRY_POLICY = {
+    "maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}  # fmt: skip
+
+
+def service_config() -> str:
+    names = [{"service": f"histream.v1.{s}", "method": m} for s, m in IDEMPOTENT]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": RETRY_POLICY}]})
 
 
 @dataclass(frozen=True)
@@ -67,7 +83,8 @@ class Channels:
         credentials: grpc.ChannelCredentials | None = None,
         server_name: str | None = None,
     ) -> None:
-        self.options = channel_options(preset)
+        self.options: list[tuple[str, Any]] = channel_options(preset)
+        self.options += [("grpc.enable_retries", 1), ("grpc.service_config", service_config())]
         if server_name:  # the name the servers' TLS certs carry, when dialled by address
             self.options.append(("grpc.ssl_target_name_override", server_name))
         self.credentials = credentials
@@ -124,7 +141,7 @@ class Channels:
                 await channel.close()
 
 
-class _Remote:
+class Remote:
     """`Method.remote(request)` of a handle: an awaitable of the reply."""
 
     def __init__(self, send, name: str) -> None:
@@ -158,7 +175,7 @@ class GrpcStage:
     def __getattr__(self, name: str) -> Any:
         if name not in self.__dict__.get("methods", {}):
             raise AttributeError(name)
-        remote = _Remote(self._send, name)
+        remote = Remote(self._send, name)
         setattr(self, name, remote)  # later calls find it without __getattr__
         return remote
 
@@ -168,7 +185,7 @@ class GrpcStage:
     @property
     def stats(self) -> Any:
         """What /readyz and /metrics ask of a stage: here, its health check."""
-        return _Remote(lambda _name: self._stats(), "stats")
+        return Remote(lambda _name: self._stats(), "stats")
 
     async def _stats(self) -> dict:
         if not await self.healthy():

@@ -22,7 +22,7 @@ import ray
 
 from histream_model.config import Preset
 from services.errors import ReplicaLost, SessionNotHeld, remote_result
-from services.link.client import Channels, _Remote, client_credentials, stage_methods
+from services.link.client import Channels, Remote, client_credentials, stage_methods
 from services.link.server import StageServer, tls_credentials
 from services.protocol.routing import own_request_id
 from services.settings import ServeSettings
@@ -99,10 +99,10 @@ class _Pinned:
     def __init__(self, link: ReplicaLink, session_id: str | None) -> None:
         self._link, self._session_id = link, session_id
 
-    def __getattr__(self, name: str) -> _Remote:
+    def __getattr__(self, name: str) -> Remote:
         if name not in self._link.methods:
             raise AttributeError(name)
-        return _Remote(self._send, name)
+        return Remote(self._send, name)
 
     def _send(self, name: str, request: Any):
         return self._link.call(self._session_id, name, request)

@@ -3,7 +3,7 @@ stage object's method of that name), standard health checking (`grpc.health.v1.H
 SERVING once the model is loaded, NOT_SERVING while it stops), server reflection (grpcurl lists
 the services), message limits sized from the preset's largest tensor, optional TLS from files.
 
-`histream decode-server` runs the decode pool this way (README, *Stages over gRPC*).
+`histream decode-server` runs the decode pool this way (README, *Stage transports*).
 """
 
 from __future__ import annotations

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--decode-target", help="host:port of a `histream decode-server` to decode "
                      "on, over gRPC (default: the DecodePool deployment)")  # fmt: skip
+    srv.add_argument("--stage-transport", choices=["handle", "grpc"],
+                     help="how the stages are called: Serve handles (default) or each stage "
+                     "replica's own gRPC server (README, *Stage transports*)")  # fmt: skip
     _add_storage_args(srv)
 
     dec = sub.add_parser(
@@ -225,6 +228,7 @@ def settings_from_args(args: argparse.Namespace):
         else None,
         "diagonal_steps": parse_steps(args.diagonal_steps) if args.diagonal_steps else None,
         "decode_target": getattr(args, "decode_target", None),
+        "stage_transport": getattr(args, "stage_transport", None),
     }
     return ServeSettings(storage=storage, **{k: v for k, v in fields.items() if v is not None})
 

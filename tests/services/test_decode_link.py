@@ -1,5 +1,5 @@
 """The pipeline on a local Ray decoding on a standalone decode server over gRPC
-(`decode_target`; README, *Stages over gRPC*): no DecodePool deployment, the gateway's decode
+(`decode_target`; README, *Stage transports*): no DecodePool deployment, the gateway's decode
 calls over a real gRPC channel, the same latents as in process, health in /readyz."""
 
 from __future__ import annotations

@@ -63,11 +63,18 @@ def kill_replica(app: str, deployment: str) -> str:
     return server.kill_replica(app, deployment)
 
 
-@pytest.mark.parametrize("deployment", ["RefineStage", "StructureStage", "DecodePool"])
-def test_a_session_survives_the_loss_of_a_stage_replica(service, tmp_path, deployment):
+@pytest.mark.parametrize(
+    ("deployment", "transport"),
+    [("RefineStage", "handle"), ("StructureStage", "handle"), ("DecodePool", "handle"),
+     ("RefineStage", "grpc"), ("DecodePool", "grpc")],
+)  # fmt: skip
+def test_a_session_survives_the_loss_of_a_stage_replica(service, tmp_path, deployment, transport):
+    """Over either stage transport (app "local" runs the grpc one: there the gone replica's
+    gRPC server stops answering, and the restore asks Serve where the session lives now)."""
+    app, url = ("histream", service.url) if transport == "handle" else ("local", service.local_url)
     start = {"type": "start", "prompt": PROMPT, "size": "128x64", "num_frames": 117, "seed": 5}
     chunks, init, killed = [], b"", None
-    with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
+    with connect(url.replace("http://", "ws://") + "/v1/sessions") as ws:
         ws.send(json.dumps(start))
         while True:
             message = ws.recv(timeout=120)
@@ -81,7 +88,7 @@ def test_a_session_survives_the_loss_of_a_stage_replica(service, tmp_path, deplo
             if event["type"] == "chunk":
                 chunks.append((event, None))
                 if event["index"] == 2 and killed is None:
-                    killed = kill_replica("histream", deployment)
+                    killed = kill_replica(app, deployment)
             elif event["type"] in ("session.ended", "error"):
                 ended = event
                 break
@@ -91,9 +98,9 @@ def test_a_session_survives_the_loss_of_a_stage_replica(service, tmp_path, deplo
     video = tmp_path / "survived.mp4"
     video.write_bytes(init + b"".join(data for _, data in chunks))
     assert read_video(video) == (117, 128, 64)
-    assert wait_until(lambda: held_sessions() == 0, timeout=60)
-    assert metric(service.url, "histream_cache_bytes") == 0
-    restored = metric(service.url, "histream_restore_seconds_count", f'{{stage="{deployment}"}}')
+    assert wait_until(lambda: held_sessions(app) == 0, timeout=60)
+    assert metric(url, "histream_cache_bytes") == 0
+    restored = metric(url, "histream_restore_seconds_count", f'{{stage="{deployment}"}}')
     assert restored >= 1  # counted and timed in /metrics
 
 

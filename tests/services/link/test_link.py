@@ -246,3 +246,40 @@ def test_a_bug_in_a_stage_is_internal_with_an_error_id(failing_server):
     with pytest.raises(Internal) as raised:
         asyncio.run(ask())
     assert "a bug" not in raised.value.message  # the log has it, the caller an id
+
+
+class FlakyOnce:
+    """Touch and DecodeChunk fail once with UNAVAILABLE (a server restarting), then answer."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name: str):
+        async def rpc(request):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if self.calls[name] == 1:
+                raise Unavailable(f"{name} not yet")
+            return stages_pb2.StageAck(session_id=request.session_id)
+
+        return rpc
+
+
+def test_only_idempotent_calls_are_retried_by_grpc():
+    stage = FlakyOnce()
+    server = StageServer(stage, "DecodeStage", "127.0.0.1:0", TINY)
+    link = GrpcStage(f"127.0.0.1:{server.start()}", "DecodeStage", TINY, timeout_s=10)
+
+    async def ask():
+        try:
+            touched = await link.Touch.remote(stages_pb2.ReleaseRequest(session_id="s"))
+            assert touched.session_id == "s"  # the second attempt answered
+            with pytest.raises(Unavailable, match="DecodeChunk not yet"):
+                await link.DecodeChunk.remote(stages_pb2.ChunkLatents(session_id="s"))
+        finally:
+            await link.close()
+
+    try:
+        asyncio.run(ask())
+    finally:
+        server.stop(grace_s=0)
+    assert stage.calls == {"Touch": 2, "DecodeChunk": 1}

@@ -336,3 +336,14 @@ def test_decode_server_serves_health_until_sigterm(tmp_path):
 def test_decode_server_refuses_half_a_tls_pair(tmp_path, capsys):
     code = cli.main(["decode-server", "--preset", "tiny", "--tls-cert", "c.pem"])
     assert code == 2 and "--tls-cert and --tls-key go together" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("transport", ["handle", "grpc"])
+def test_serve_takes_the_stage_transport(tmp_path, transport):
+    parser = cli.build_parser()
+    args = parser.parse_args(["serve", "--stage-transport", transport, "--storage", str(tmp_path)])
+    assert cli.settings_from_args(args).stage_transport == transport
+    default = parser.parse_args(["serve", "--storage", str(tmp_path)])
+    assert cli.settings_from_args(default).stage_transport == "handle"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--stage-transport", "http"])
