@@ -49,9 +49,20 @@ browser:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver \
 		|| echo "warning: could not install chromium + chromium-driver; browser tests will skip"; }
 
+# Two pytest workers: the tests that start Ray in order on one, the rest beside them
+# (tests/conftest.py). Line + branch coverage of histream_model and services, each kept above
+# its floor (COVERAGE_FLOORS: package=percent; set at what the suite reaches, README *Tests*).
+COVERAGE_FLOORS ?= histream_model=85 services=80
 test: $(STAMP) protos browser
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q --durations=25 -n 2 --dist loadgroup --cov --cov-report=
+	@$(PY) -m coverage report --skip-covered --sort=cover | tail -25
+	@for floor in $(COVERAGE_FLOORS); do \
+		pkg=$${floor%%=*}; pct=$${floor##*=}; \
+		total=$$($(PY) -m coverage report --include="$$pkg/*" --format=total --fail-under=$$pct); \
+		rc=$$?; echo "coverage of $$pkg: $$total% (floor $$pct%)"; \
+		[ $$rc = 0 ] || { echo "coverage of $$pkg is under its floor"; exit 1; }; \
+	done
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

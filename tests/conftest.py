@@ -7,6 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tests that start a Ray instance (those on the service fixtures, and those marked `ray`, e.g.
+# `histream serve` as a process): one local Ray at a time, so under pytest-xdist (`make test`
+# runs two workers) they all go to one worker, in order, as the "ray" group; the rest (model,
+# Ray-free service, training and k8s tests) run beside them on the other worker.
+RAY_FIXTURES = {"service"}  # the tenants and scaling apps request it too
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if RAY_FIXTURES & fixtures or item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 WORDS = ["a", "cat", "dog", "runs", "on", "the", "grass", "red", "blue", "sky"]
 VOCAB = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
 TINY_TEXT_DIM = 32

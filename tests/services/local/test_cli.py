@@ -167,6 +167,7 @@ def _until(check, timeout_s: float, what: str):
     raise AssertionError(f"{what}: not within {timeout_s} s")
 
 
+@pytest.mark.ray
 def test_serve_then_submit_then_ctrl_c_shuts_down_cleanly(tmp_path):
     """What `make run` does: `histream serve`, one video through the HTTP API, Ctrl-C."""
     server, base = _serve(tmp_path / "store")
@@ -185,6 +186,7 @@ def test_serve_then_submit_then_ctrl_c_shuts_down_cleanly(tmp_path):
     assert "shutting down" in log
 
 
+@pytest.mark.ray
 def test_sigterm_while_starting_is_held_until_the_service_can_drain(tmp_path):
     """A SIGTERM sent the moment the HTTP proxy answers (Ray's own handler, which exits at once
     with 15, is still installed until start returns) still stops the service cleanly."""
@@ -210,6 +212,7 @@ def test_sigterm_while_starting_is_held_until_the_service_can_drain(tmp_path):
     assert "stopped: 0 sessions and 0 jobs suspended" in log
 
 
+@pytest.mark.ray
 def test_sigterm_suspends_a_running_job_and_session_and_a_restart_completes_them(tmp_path):
     """What Kubernetes and process managers send: the service drains, suspending what runs
     where it stands (snapshots kept, media left open), and exits 0 with one line. Started
