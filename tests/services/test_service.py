@@ -258,6 +258,8 @@ def test_distributed_latents_equal_in_process_bit_exact(service, mode, transport
         for name in ("StructureStage", "RefineStage", "DecodePool"):
             address = stage(name, "local").StageAddress.remote().result()
             assert address in getattr(handles, name_field(name)).channels.targets()
+        # and so did the refine stage's hand-offs to the structure stage
+        assert stage("RefineStage", "local").stats.remote().result()["link_bytes"] > 0
     assert wait_until(lambda: held_sessions("local" if transport == "grpc" else "histream") == 0)
 
 
