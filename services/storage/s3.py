@@ -25,7 +25,7 @@ DEFAULT_TIMEOUT_S = 30.0
 
 
 def http_client(timeout_s: float) -> urllib3.PoolManager:
-    """minio's own client settings (5 tries with backoff on 5xx, certifi's CAs or
+    """minio's own client settings (up to 5 retries with backoff on 5xx, certifi's CAs or
     SSL_CERT_FILE's) with connect and read timeouts of `timeout_s` instead of 5 minutes; a read
     that times out is retried like a 5xx."""
     return urllib3.PoolManager(
@@ -45,7 +45,7 @@ class S3Storage:
       (e.g. an in-cluster 'minio:9000' behind an ingress); presigned URLs are signed for that
       host, because SigV4 signs the Host header.
     region: the bucket's region; None asks the endpoint once per bucket (GetBucketLocation).
-    timeout_s: the longest a connect or a read may take before the request is retried (5
+    timeout_s: the longest a connect or a read may take before the request is retried (6
       tries in all): an endpoint that stops answering mid-request costs a session seconds,
       not the minio client's default 5 minutes.
     """

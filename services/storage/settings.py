@@ -28,7 +28,7 @@ class StorageSettings(BaseSettings):
     region: str | None = None  # None: asked of the endpoint once per bucket
     public_url: str | None = None  # 'https://host[:port]' clients reach S3 at, for presigned URLs
     presign_expiry_s: int = 3600  # lifetime of the presigned URLs the gateway hands out
-    # an S3 connect or read slower than this is retried (5 tries); minio's default is 300 s
+    # an S3 connect or read slower than this is retried (up to 5 times); minio's default is 300 s
     timeout_s: float = Field(30.0, gt=0, le=600)
 
     @field_validator("presign_expiry_s")

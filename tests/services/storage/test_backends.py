@@ -345,3 +345,31 @@ def test_the_s3_timeout_is_a_setting(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("HISTREAM_STORAGE_TIMEOUT_S", "0")
     with pytest.raises(ValidationError, match="timeout_s"):
         StorageSettings()
+
+
+def test_an_s3_endpoint_that_never_answers_is_tried_6_times_then_fails() -> None:
+    """Each request is retried up to 5 times (6 tries in all), each try at most `timeout_s`;
+    then the call fails instead of waiting on."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:  # take connections, never answer
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    endpoint = f"127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with pytest.raises(Exception) as failed:
+            S3Storage(endpoint, "silent", ACCESS_KEY, SECRET_KEY, region="us-east-1", timeout_s=0.1)
+    finally:
+        listener.close()
+        for sock in accepted:
+            sock.close()
+    assert len(accepted) == 6, repr(failed.value)
