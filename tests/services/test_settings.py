@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.settings import StageScaling
+from services.settings import ServeSettings, StageScaling
 
 
 def test_equal_min_and_max_replicas_deploy_a_fixed_count_that_can_be_changed_in_place():
@@ -80,3 +80,17 @@ def test_every_setting_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("HISTREAM_MAX_SESSIONS_PER_REPLICA", "0")
     with pytest.raises(ValueError, match="max_sessions_per_replica"):
         ServeSettings()
+
+
+def test_the_frame_rate_is_the_presets_unless_set(monkeypatch):
+    """README: HISTREAM_FPS is the output frame rate, by default the preset's (16 for Wan2.1)."""
+    monkeypatch.delenv("HISTREAM_FPS", raising=False)
+    assert ServeSettings(preset="wan2.1-1.3b").frame_rate == 16
+    monkeypatch.setenv("HISTREAM_FPS", "24")
+    assert ServeSettings(preset="wan2.1-1.3b").frame_rate == 24
+
+
+def test_the_grpc_host_moves_the_grpc_listener_alone():
+    settings = ServeSettings(http_host="127.0.0.1", grpc_host="0.0.0.0")
+    assert (settings.http_host, settings.grpc_bind_host) == ("127.0.0.1", "0.0.0.0")
+    assert ServeSettings(http_host="10.0.0.5").grpc_bind_host == "10.0.0.5"  # none: HTTP's

@@ -113,3 +113,20 @@ def test_a_prompt_update_may_ask_for_a_recache():
     with pytest.raises(InvalidArgument, match="recache must be true or false") as err:
         check_prompt_update({"prompt": "a heron", "recache": "yes"}, 100)
     assert err.value.param == "recache"
+
+
+def test_a_prompt_may_hold_tabs_and_newlines_but_no_other_control_character():
+    """README, *HTTP*: text is UTF-8 without control characters; a prompt may hold tabs and
+    newlines (other text fields may not)."""
+    from services.gateway.requests import prompt_text, text
+
+    prompt = "a fox\trunning\nthrough snow\r\n"
+    assert prompt_text({"prompt": prompt}, "prompt") == prompt
+    for char in ("\x00", "\x1b", "\x7f"):
+        with pytest.raises(InvalidArgument, match=f"U\\+{ord(char):04X}") as bad:
+            prompt_text({"prompt": f"a fox{char}"}, "prompt")
+        assert bad.value.param == "prompt"
+    with pytest.raises(InvalidArgument, match="U\\+0009"):
+        text({"size": "192x\t128"}, "size")
+    with pytest.raises(InvalidArgument, match="lone surrogate"):
+        prompt_text({"prompt": "a \ud800 fox"}, "prompt")
