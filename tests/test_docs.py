@@ -82,3 +82,20 @@ def test_the_prose_states_defaults_next_to_settings():
 )
 def test_each_default_the_prose_states_is_the_settings(setting, stated, line):
     assert getattr(ServeSettings(), setting) == stated, f"README line {line}"
+
+
+def test_the_throughput_options_are_off_by_default():
+    """README, *Throughput*: the tiny decoder and phase batching are opt-in."""
+    settings = ServeSettings()
+    assert (settings.decoder, settings.phase_batch_size, settings.phase_batch_wait_s) == (
+        "wan", 1, 0.0,
+    )  # fmt: skip
+
+
+def test_the_stage_transport_comes_from_the_environment(monkeypatch):
+    """README, *Deploy on Kubernetes*: HISTREAM_STAGE_TRANSPORT=grpc on the Ray pods."""
+    monkeypatch.setenv("HISTREAM_STAGE_TRANSPORT", "grpc")
+    assert ServeSettings().stage_transport == "grpc"
+    monkeypatch.setenv("HISTREAM_STAGE_TRANSPORT", "http")
+    with pytest.raises(ValueError, match="stage_transport"):
+        ServeSettings()

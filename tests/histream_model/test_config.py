@@ -68,3 +68,13 @@ def test_unknown_names_list_the_known_ones():
         get_mode("fast")
     with pytest.raises(ValueError, match=r"unknown preset 'huge'; choose one of \[.*'tiny'"):
         get_preset("huge")
+
+
+def test_the_hd_knobs_of_the_1080p_preset_are_the_papers():
+    """README, *Presets*: timestep shift 7 for wan2.1-1.3b, NTK RoPE factors 2 at the low
+    (tuned) resolution and 5 at 1080p (spatial axes only), CineScale factor 2 on chunk 1."""
+    options = get_preset("wan2.1-1.3b").options
+    assert options.shift == 7.0
+    assert options.low.ntk_factors == (1.0, 2.0, 2.0)
+    assert options.high.ntk_factors == (1.0, 5.0, 5.0)
+    assert options.first_chunk_attn_scale == 2.0
