@@ -4,8 +4,10 @@ window), resumable from its snapshot with the same latents as if never interrupt
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
+import pytest
 import torch
 
 from histream_model.components import load_components
@@ -93,3 +95,41 @@ def test_an_endless_session_holds_the_same_bytes_and_resumes_exactly(tmp_path):
             assert torch.equal(got, expected), index
         else:
             assert torch.allclose(got, expected, atol=1e-3), index
+
+
+@pytest.mark.parametrize(
+    ("first_chunk", "last_chunk", "error"),
+    [
+        (13, 12, None),  # the chunk before the oldest kept: resend from 13
+        (13, 25, None),  # every chunk delivered: nothing to resend
+        (13, 5, "last_chunk=5 must be in [12, 25]: the session has delivered chunks 0..25; "
+                "chunks before 13 are no longer kept"),
+        (0, 26, "last_chunk=26 must be in [-1, 25]: the session has delivered chunks 0..25"),
+    ],
+)  # fmt: skip
+def test_a_resume_names_the_chunks_it_can_still_resend(tmp_path, first_chunk, last_chunk, error):
+    """README, *Endless sessions*: a resume re-sends from the oldest chunk kept; an older
+    `last_chunk` answers invalid_argument naming the range."""
+    import hashlib
+    import time as clock
+
+    from services.errors import InvalidArgument
+    from services.sessions.resume import resumable
+
+    store = SnapshotStore(LocalStorage(tmp_path / "s"), Layout())
+    snapshot = stages_pb2.SessionSnapshot(
+        object_id="sess_e", next_chunk=26, first_chunk=first_chunk,
+        token_sha256=hashlib.sha256(b"tok").hexdigest(), resumable_until=int(clock.time()) + 60,
+    )  # fmt: skip
+    snapshot.spec.tenant = "default"
+
+    async def go():
+        await store.save(snapshot, "session")
+        return await resumable(store, "sess_e", "tok", last_chunk, "default")
+
+    if error is None:
+        assert asyncio.run(go()).first_chunk == first_chunk
+    else:
+        with pytest.raises(InvalidArgument) as raised:
+            asyncio.run(go())
+        assert raised.value.message == error and raised.value.param == "last_chunk"
