@@ -26,6 +26,7 @@ from services.stages import DecodeStage
 from services.storage import StorageSettings
 from tests.services.fakes import real_stages
 from tests.services.harness import run, session_plan
+from tests.services.link.certs import make_cert
 
 TINY = get_preset("tiny")
 
@@ -137,18 +138,7 @@ def _presets() -> list[str]:
 
 
 def test_the_link_serves_tls_from_files(tmp_path):
-    import shutil
-    import subprocess
-
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl to make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = make_cert(tmp_path, "localhost")
     settings = ServeSettings(preset="tiny", storage=StorageSettings(local_dir=str(tmp_path / "s")))
     server = StageServer(
         DecodeStage(settings), "DecodeStage", "localhost:0", TINY, tls_credentials(cert, key)
@@ -193,6 +183,19 @@ def failing_server():
         server.stop(grace_s=0)
 
 
+def touch_over_the_link(target: str) -> stages_pb2.StageAck:
+    """A Touch through GrpcStage, as the session driver would make it."""
+
+    async def ask():
+        link = GrpcStage(target, "DecodeStage", TINY, timeout_s=10)
+        try:
+            return await link.Touch.remote(stages_pb2.ReleaseRequest(session_id="s"))
+        finally:
+            await link.close()
+
+    return asyncio.run(ask())
+
+
 def _service_errors() -> list[type]:
     from services.link.status import error_classes
 
@@ -220,15 +223,8 @@ def test_every_service_error_crosses_the_link_with_its_status_code(failing_serve
     assert raw.value.details() == f"a {cls.__name__} for the test"
     assert ("histream-error-code", cls.code) in raw.value.trailing_metadata()
 
-    async def ask():
-        link = GrpcStage(target, "DecodeStage", TINY, timeout_s=10)
-        try:
-            await link.Touch.remote(stages_pb2.ReleaseRequest(session_id="s"))
-        finally:
-            await link.close()
-
     with pytest.raises(cls) as raised:
-        asyncio.run(ask())
+        touch_over_the_link(target)
     assert type(raised.value).code == cls.code and raised.value.param == "some_param"
 
 
@@ -236,15 +232,8 @@ def test_a_bug_in_a_stage_is_internal_with_an_error_id(failing_server):
     stage, target = failing_server
     stage.error = KeyError("a bug")
 
-    async def ask():
-        link = GrpcStage(target, "DecodeStage", TINY, timeout_s=10)
-        try:
-            await link.Touch.remote(stages_pb2.ReleaseRequest(session_id="s"))
-        finally:
-            await link.close()
-
     with pytest.raises(Internal) as raised:
-        asyncio.run(ask())
+        touch_over_the_link(target)
     assert "a bug" not in raised.value.message  # the log has it, the caller an id
 
 

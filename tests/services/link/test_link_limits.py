@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
 import threading
 
 import pytest
@@ -18,6 +16,7 @@ from services.errors import ReplicaLost
 from services.link import GrpcStage, StageServer, client_credentials, tls_credentials
 from services.link.client import Channels, service_config
 from services.settings import ServeSettings
+from tests.services.link.certs import make_cert
 
 TINY = get_preset("tiny")
 TOUCH = stages_pb2.ReleaseRequest(session_id="s")
@@ -99,20 +98,6 @@ def test_grpc_retries_only_the_idempotent_calls_three_times_on_unavailable():
     retry = policy["retryPolicy"]
     assert retry["maxAttempts"] == 3 and retry["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert (retry["initialBackoff"], retry["maxBackoff"]) == ("0.1s", "1s")
-
-
-def make_cert(tmp_path, name: str) -> tuple[str, str]:
-    """A self-signed certificate (its own CA) for DNS `name`; (cert, key) paths."""
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl to make a test certificate")
-    cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}",
-         "-addext", f"subjectAltName=DNS:{name}"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return str(cert), str(key)
 
 
 def test_a_client_ca_makes_the_server_require_client_certificates(tmp_path):
