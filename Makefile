@@ -49,13 +49,21 @@ browser:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver \
 		|| echo "warning: could not install chromium + chromium-driver; browser tests will skip"; }
 
-# Two pytest workers: the tests that start Ray in order on one, the rest beside them
-# (tests/conftest.py). Line + branch coverage of histream_model and services, each kept above
-# its floor (COVERAGE_FLOORS: package=percent; set at what the suite reaches, README *Tests*).
+# Two pytest processes side by side: the tests that start Ray (marked `ray`, tests/conftest.py)
+# one after another in one, every other test in the other (its output follows). Line + branch
+# coverage of histream_model and services, each kept above its floor (COVERAGE_FLOORS:
+# package=percent, set at what the suite reaches; code run inside Ray's replicas is not counted).
 COVERAGE_FLOORS ?= histream_model=85 services=80
 test: $(STAMP) protos browser
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q --durations=25 -n 2 --dist loadgroup --cov --cov-report=
+	@mkdir -p outputs; rm -f .coverage .coverage.*
+	@COVERAGE_FILE=.coverage.rest $(PY) -m pytest -q -m "not ray" -p no:cacheprovider \
+		--durations=10 --cov --cov-report= > outputs/test-without-ray.log 2>&1 & rest=$$!; \
+	COVERAGE_FILE=.coverage.ray $(PY) -m pytest -q -m ray --durations=25 --cov --cov-report=; \
+	ray=$$?; wait $$rest; without=$$?; \
+	echo "--- the tests without Ray (run beside those above) ---"; cat outputs/test-without-ray.log; \
+	[ $$ray = 0 ] && [ $$without = 0 ]
+	@$(PY) -m coverage combine -q .coverage.rest .coverage.ray
 	@$(PY) -m coverage report --skip-covered --sort=cover | tail -25
 	@for floor in $(COVERAGE_FLOORS); do \
 		pkg=$${floor%%=*}; pct=$${floor##*=}; \

@@ -7,18 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-# Tests that start a Ray instance (those on the service fixtures, and those marked `ray`, e.g.
-# `histream serve` as a process): one local Ray at a time, so under pytest-xdist (`make test`
-# runs two workers) they all go to one worker, in order, as the "ray" group; the rest (model,
-# Ray-free service, training and k8s tests) run beside them on the other worker.
+# Tests that start a Ray instance: those on the service fixtures, and those marked `ray` by hand
+# (e.g. `histream serve` as a process). One local Ray at a time, so `make test` runs them in one
+# pytest process (`-m ray`) and every other test beside them in a second (`-m "not ray"`).
 RAY_FIXTURES = {"service"}  # the tenants and scaling apps request it too
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if RAY_FIXTURES & fixtures or item.get_closest_marker("ray") is not None:
-            item.add_marker(pytest.mark.xdist_group("ray"))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Mark each test that needs the service fixtures `ray` as it is collected."""
+    if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        item.add_marker(pytest.mark.ray)
 
 
 WORDS = ["a", "cat", "dog", "runs", "on", "the", "grass", "red", "blue", "sky"]
