@@ -16,7 +16,7 @@ SHARED = {"services.errors", "services.settings", "services.media", "services.pr
 ALLOWED = {
     "protocol": set(),
     "storage": set(),
-    "stages": set(),
+    "stages": {"services.link"},  # a replica serves its RPCs over gRPC too (grpc transport)
     "sessions": set(),
     "control": set(),
     "link": set(),  # a stage served over gRPC, and the client of one: either side of a link

@@ -52,7 +52,7 @@ from histream_model.shape import VideoShape
 from histream_model.text import check_prompt
 from protos.histream.v1 import stages_pb2
 from services.errors import InvalidArgument, SessionNotHeld, remote_result
-from services.link.replicas import stage_link
+from services.link.replicas import ReplicaLink, stage_link
 from services.logs import ids
 from services.protocol import StageName, from_proto, shape_of, to_proto
 from services.protocol.identity import replica_name
@@ -384,7 +384,8 @@ class DenoiseStage(SessionStage[DenoiseSession]):
         """Sessions and cache bytes held, RPC calls served (this replica)."""
         kv_bytes = sum(s.kv_bytes for s in self.sessions.values())
         batches = self.batcher.stats.as_dict() if self.batcher is not None else {}
-        links = [p.channels for p in self.peers.values() if hasattr(p, "channels")]
+        # (not hasattr: a deployment handle answers every attribute with a method handle)
+        links = [p.channels for p in self.peers.values() if isinstance(p, ReplicaLink)]
         wire = {"link_bytes": sum(c.sent_bytes + c.received_bytes for c in links)} if links else {}
         return {**super().stats(), "kv_bytes": kv_bytes, **batches, **wire}
 

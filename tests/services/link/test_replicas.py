@@ -202,3 +202,20 @@ def test_a_link_works_from_one_event_loop_to_the_next(two_decoders):
     for _ in range(2):
         run(ask(), 30)
     assert link.channels.targets() == [a]
+
+
+def test_a_stage_counts_link_bytes_only_with_links_to_its_peers():
+    """The refine stage's stats add `link_bytes` for a gRPC link to the structure stage, and
+    nothing for a deployment handle (which answers every attribute, `channels` included)."""
+    from histream_model.config import Resolution
+    from services.stages import RefineStage
+
+    class AnyAttribute:  # like a Serve DeploymentHandle
+        def __getattr__(self, name):
+            return AnyAttribute()
+
+    handle = RefineStage(ServeSettings(preset="tiny"), AnyAttribute())
+    assert "link_bytes" not in handle.stats()
+    linked = RefineStage(ServeSettings(preset="tiny", stage_transport="grpc"), AnyAttribute())
+    assert isinstance(linked.peers[Resolution.LOW], ReplicaLink)
+    assert linked.stats()["link_bytes"] == 0
