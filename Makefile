@@ -50,14 +50,17 @@ browser:
 		|| echo "warning: could not install chromium + chromium-driver; browser tests will skip"; }
 
 # Two pytest processes side by side: the tests that start Ray (marked `ray`, tests/conftest.py)
-# one after another in one, every other test in the other (its output follows). Line + branch
-# coverage of histream_model and services, each kept above its floor (COVERAGE_FLOORS:
-# package=percent, set at what the suite reaches; code run inside Ray's replicas is not counted).
+# one after another in one, every other test in the other (its output follows) at a lower CPU
+# priority, since Ray's processes are timed (a Serve proxy must answer its health check within
+# 5 s) and the other tests only need throughput. Line + branch coverage of histream_model and
+# services, each kept above its floor (COVERAGE_FLOORS: package=percent, set at what the suite
+# reaches; code run inside Ray's replicas is not counted).
 COVERAGE_FLOORS ?= histream_model=93 services=85
 test: $(STAMP) protos browser
 	$(PY) -m ruff check .
 	@mkdir -p outputs; rm -f .coverage .coverage.*
-	@COVERAGE_FILE=.coverage.rest $(PY) -m pytest -q -m "not ray" -p no:cacheprovider \
+	@$(PY) -m compileall -q histream_model services protos training > /dev/null  # once, not per process
+	@COVERAGE_FILE=.coverage.rest nice -n 10 $(PY) -m pytest -q -m "not ray" -p no:cacheprovider \
 		--durations=10 --cov --cov-report= > outputs/test-without-ray.log 2>&1 & rest=$$!; \
 	COVERAGE_FILE=.coverage.ray $(PY) -m pytest -q -m ray --durations=25 --cov --cov-report=; \
 	ray=$$?; wait $$rest; without=$$?; \
