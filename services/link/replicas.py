@@ -8,7 +8,7 @@ consistent-hash router over the session id, asked through the deployment handle
 replica's "host:port", is kept for the session; its other calls (every phase and decode, with
 the latents) go straight to that server over gRPC with a deadline. A kept address is dropped on
 ReplicaLost or SessionNotHeld (the driver restores, which places the session afresh) and when
-the session is closed. Only session-less calls (a prompt's encoding) ask anew each time.
+the session is closed or finished. Only session-less calls (a prompt's encoding) ask anew each time.
 """
 
 from __future__ import annotations
