@@ -1,8 +1,9 @@
 """Calling stages over real gRPC with the surface of a Serve deployment handle, so the session
 driver needs no other code: `handle.options(session_id=...).DecodeChunk.remote(request)` is an
-awaitable of the reply. Every call has a deadline (stage_call_timeout_s); no call is retried here
-(the driver's restore-and-retry decides what is safe to repeat); service errors come back as
-themselves, a link that fails as ReplicaLost (services/link/status.py).
+awaitable of the reply. Every call has a deadline (stage_call_timeout_s); gRPC retries only the
+idempotent calls (IDEMPOTENT below; the driver's restore-and-retry decides what else is safe to
+repeat); service errors come back as themselves, a link that fails as ReplicaLost
+(services/link/status.py).
 
 `GrpcStage` is one server at a fixed target (a standalone decode server); `ReplicaLink`
 (replicas.py) finds a session's replica through Serve and calls it here.
@@ -90,6 +91,7 @@ class Channels:
         self.credentials = credentials
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._loops: dict[str, asyncio.AbstractEventLoop] = {}  # the loop each was made on
+        self._stubs: dict[tuple[str, str], Any] = {}  # (target, path) -> its channel's callable
         self.sent_bytes = self.received_bytes = 0  # message bytes of the calls answered
 
     def __call__(self, target: str) -> grpc.aio.Channel:
@@ -101,6 +103,7 @@ class Channels:
             else:
                 channel = grpc.aio.secure_channel(target, self.credentials, options=self.options)
             self._channels[target], self._loops[target] = channel, loop
+            self._stubs = {k: v for k, v in self._stubs.items() if k[0] != target}
         return channel
 
     def targets(self) -> list[str]:
@@ -109,11 +112,14 @@ class Channels:
 
     async def call(self, target: str, method: Method, request: Any, timeout_s: float | None):
         """One unary call; a failed one raises its service error (or ReplicaLost)."""
-        stub = self(target).unary_unary(
-            method.path,
-            request_serializer=type(request).SerializeToString,
-            response_deserializer=method.response.FromString,
-        )
+        channel = self(target)  # first: a new channel drops the target's callables
+        stub = self._stubs.get((target, method.path))
+        if stub is None:  # made once per channel and method, not per call
+            stub = self._stubs[target, method.path] = channel.unary_unary(
+                method.path,
+                request_serializer=type(request).SerializeToString,
+                response_deserializer=method.response.FromString,
+            )
         try:
             reply = await stub(request, timeout=timeout_s)
         except grpc.RpcError as err:
@@ -135,6 +141,7 @@ class Channels:
     async def close(self, target: str | None = None) -> None:
         """Close one server's channel, or every one."""
         targets = [target] if target is not None else list(self._channels)
+        self._stubs = {k: v for k, v in self._stubs.items() if k[0] not in targets}
         for t in targets:
             channel = self._channels.pop(t, None)
             if self._loops.pop(t, None) is asyncio.get_running_loop() and channel is not None:
