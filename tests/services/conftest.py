@@ -171,6 +171,7 @@ def tenants_service(service: Service, tmp_path_factory: pytest.TempPathFactory) 
             "storage": StorageSettings(local_dir=str(root / "store")),
             "tenants_file": str(tenants_file),
             "external_scaler": False,
+            "pipeline_workers": 0,  # no HiAR step workers: two replica processes fewer to start
             "stage_budget_bytes": ONE_SESSION_HIGH_RES,
         }
     )
@@ -203,6 +204,7 @@ def scaling_service(service: Service, tmp_path_factory: pytest.TempPathFactory) 
         update={
             "storage": StorageSettings(local_dir=str(tmp_path_factory.mktemp("scaling"))),
             "external_scaler": False,
+            "pipeline_workers": 0,  # no HiAR step workers: two replica processes fewer to start
             "decode": decode,
             "batch_concurrency": 4,
             "max_running_jobs": 4,

@@ -34,6 +34,7 @@ def linked(service, tmp_path_factory):
     port = decoder.start()
     settings = service.settings.model_copy(update={
         "storage": storage, "decode_target": f"127.0.0.1:{port}", "external_scaler": False,
+        "pipeline_workers": 0,  # no HiAR step workers: two replica processes fewer to start
     })  # fmt: skip
     server.start(settings, app_name="linked", route_prefix="/linked")
     try:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from tests.services.test_service import PROMPT, client, held_sessions, stage, wait_until
+from tests.services.test_service import PROMPT, client, held_sessions, wait_until
 
 LONG = {"type": "start", "prompt": PROMPT, "size": "128x64", "num_frames": 201}
 
@@ -54,16 +54,13 @@ def test_the_load_harness_counts_every_sessions_frames_and_chunks(service):
     """`python -m bench --sections load`'s client: N sessions at once, each read to the end."""
     from bench.load import percentile, sessions_at_once
 
-    def shared() -> int:  # phases that ran in a batch beside another session's
-        stats = stage("RefineStage").stats.remote().result()
-        return stats["batched_phases"] - stats["batches"]
-
-    before = shared()
+    # Whether these sessions' phases share a batch depends on their timing on a loaded machine
+    # (a CI run saw none): test_stages' test_phases_of_sessions_running_at_once_batch_... asserts
+    # batching where the phases are made to coincide.
     run = sessions_at_once(service.settings.http_port, 3, "histream", 33)
     assert run.errors == [] and run.frames == 3 * 33
     assert len(run.first) == 3 and len(run.gaps) == 3 * 2  # 3 chunks each: 2 gaps
     assert 0 < percentile(run.first, 0.5) <= percentile(run.first, 0.95) < run.wall
-    assert shared() > before  # the sessions' phases were batched on the refine stage
 
 
 def test_a_waiting_session_is_told_its_place_and_then_starts(service):
