@@ -46,7 +46,9 @@ class LocalHandle:
             def remote(*args: Any) -> Any:
                 handle.calls.append((name, handle.session_id, args))
                 result = method(*args)
-                if handle.detached and asyncio.iscoroutine(result):
+                if not asyncio.iscoroutine(result):  # a sync method (stats): awaitable too
+                    return Answered(result)
+                if handle.detached:
                     return asyncio.shield(asyncio.ensure_future(result))
                 return result
 
@@ -55,6 +57,17 @@ class LocalHandle:
     def called(self, name: str) -> list[tuple]:
         """The requests of every call of `name`, in order."""
         return [args for method, _, args in self.calls if method == name]
+
+
+class Answered:
+    """A sync method's result, awaitable like a `DeploymentResponse`."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self):
+        return self.value
+        yield  # a generator: `await` gets the value at once
 
 
 # -- scripted stages -------------------------------------------------------------------------------
