@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute, APIWebSocketRoute
 from fastapi.testclient import TestClient
 
 from services.gateway.core import GatewayCore
+from services.gateway.grpc import GrpcApi
 from services.gateway.http import HttpApi, api
 from services.gateway.page import PageApi
 from services.gateway.websocket import WebSocketApi
@@ -24,7 +25,7 @@ from services.settings import ServeSettings
 from services.storage import StorageSettings
 
 
-class LocalGateway(HttpApi, WebSocketApi, PageApi):
+class LocalGateway(HttpApi, WebSocketApi, GrpcApi, PageApi):
     """The gateway deployment's API classes over a core, with no Serve replica around them."""
 
     def __init__(self, core: GatewayCore) -> None:
