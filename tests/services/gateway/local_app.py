@@ -84,6 +84,33 @@ def settings_for(store: Path, **overrides: Any) -> ServeSettings:
 
 
 @contextlib.contextmanager
+def serving(settings: ServeSettings, handles: StageHandles) -> Iterator[str]:
+    """The app on a real HTTP server (uvicorn, on its own thread and a free port), for clients
+    that open their own connections (`histream submit`); yields its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from services.local.server import free_port
+
+    port = free_port()
+    app = app_of(GatewayCore(settings, handles))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@contextlib.contextmanager
 def gateway_client(
     settings: ServeSettings, handles: StageHandles
 ) -> Iterator[tuple[TestClient, GatewayCore]]:

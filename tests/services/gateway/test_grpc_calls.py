@@ -130,6 +130,7 @@ def test_a_session_streams_its_events_and_a_resume_goes_on_after_the_last_chunk(
     assert second[0].started.resumed and second[0].started.session_id == (
         first[0].started.session_id
     )
+    assert second[1].init.data == first[1].init.data  # again, for a player starting over
     chunks = [e.chunk.index for e in second if e.WhichOneof("event") == "chunk"]
     assert chunks == [2, 3, 4]
     assert second[-1].ended.reason == "completed"

@@ -17,6 +17,7 @@ from tests.services.gateway.test_http import error_of
 from tests.services.gateway.test_websocket_api import START, Player, receive
 
 KEY = "sk-alpha-0123456789"
+BRAVO = "sk-bravo-0123456789"
 
 
 @pytest.fixture
@@ -91,7 +92,13 @@ def test_a_batch_runs_every_line_and_writes_its_output_file(gateway):
         assert result["response"]["status_code"] == 200 and result["error"] is None
         video = gateway.get(f"/v1/videos/{result['response']['body']['id']}").json()
         assert (video["status"], video["size"]) == ("completed", "96x64")
-    assert [b["id"] for b in gateway.get("/v1/batches").json()["data"]] == [batch["id"]]
+    newer = gateway.post(
+        "/v1/batches",
+        json={"input_file_id": file["id"], "endpoint": "/v1/videos", "completion_window": "24h"},
+    ).json()
+    listed = gateway.get("/v1/batches").json()["data"]
+    assert [b["id"] for b in listed] == [newer["id"], batch["id"]]  # newest first
+    gateway.post(f"/v1/batches/{newer['id']}/cancel")
     missing = gateway.post(
         "/v1/batches", json={"endpoint": "/v1/videos", "completion_window": "24h"}
     )
@@ -109,7 +116,7 @@ def test_the_player_page_carries_this_servers_settings(gateway):
 @pytest.fixture
 def tenants(tmp_path):
     path = tmp_path / "tenants.json"
-    path.write_text(json.dumps({"tenants": {"alpha": {"keys": [KEY]}}}))
+    path.write_text(json.dumps({"tenants": {"alpha": {"keys": [KEY]}, "bravo": {"keys": [BRAVO]}}}))
     stages = real_stages(tmp_path)
     settings = settings_for(tmp_path, tenants_file=str(path))
     with gateway_client(settings, stages.handles) as (client, _):
@@ -129,7 +136,21 @@ def test_with_a_tenants_file_every_call_needs_a_valid_key(tenants):
         tenants.get("/v1/videos", headers={"Authorization": f"Bearer {KEY}"}).json()["data"] == []
     )  # nothing was made by the refused call
     assert '"tenancy": true' in tenants.get("/").text  # the page asks for a key
-    assert tenants.get("/healthz").status_code == 200  # probes need none
+    for probe in ("/healthz", "/readyz", "/metrics"):  # probes need none
+        assert tenants.get(probe).status_code == 200, probe
+
+
+def test_no_request_field_names_a_tenant_or_where_things_are_stored(tenants):
+    alpha, bravo = ({"Authorization": f"Bearer {key}"} for key in (KEY, BRAVO))
+    body = {"prompt": "a fox", "seconds": "1", "tenant": "bravo", "key": "tenants/bravo/x"}
+    video = tenants.post("/v1/videos", json=body, headers=alpha).json()
+    assert [v["id"] for v in tenants.get("/v1/videos", headers=alpha).json()["data"]] == [
+        video["id"]
+    ]
+    assert tenants.get("/v1/videos", headers=bravo).json()["data"] == []
+    other = tenants.get(f"/v1/videos/{video['id']}", headers=bravo)
+    unknown = tenants.get("/v1/videos/video_0123", headers=bravo)
+    assert error_of(other, 404)["code"] == error_of(unknown, 404)["code"] == "not_found"
 
 
 def test_a_browser_session_authenticates_with_the_key_in_its_first_message(tenants):

@@ -145,6 +145,7 @@ def test_a_dropped_client_resumes_by_id_and_gets_every_later_chunk_once(gateway,
     assert ended == {"type": "session.ended", "reason": "completed"}
     resumed = again.of("session.started")[0]
     assert resumed["resumed"] and resumed["session_id"] == started["session_id"]
+    assert again.init == player.init  # the init segment again, for a player starting over
     assert [c["index"] for c in again.of("chunk")] == list(range(2, CHUNKS))
     player.media.update(again.media)
     assert player.frames(tmp_path / "resumed.mp4") == (57, 128, 64)
