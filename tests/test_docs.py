@@ -99,3 +99,10 @@ def test_the_stage_transport_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("HISTREAM_STAGE_TRANSPORT", "http")
     with pytest.raises(ValueError, match="stage_transport"):
         ServeSettings()
+
+
+def test_make_runs_default_prompt_is_the_one_readme_names():
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    prompt = re.search(r"^PROMPT \?= (.+)$", makefile, re.MULTILINE)[1]
+    stated = re.search(r'\(`PROMPT`, by\s+default "([^"]+)"\)', README)[1]
+    assert prompt == " ".join(stated.split())

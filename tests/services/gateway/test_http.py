@@ -210,3 +210,57 @@ def test_health_answers_and_readiness_asks_storage_and_each_stage(gateway):
     ready = client.get("/readyz")
     checks = {"storage": "ok", "StructureStage": "ok", "RefineStage": "ok", "DecodePool": "ok"}
     assert ready.status_code == 200 and ready.json() == {"status": "ready", "checks": checks}
+
+
+def test_a_draining_gateway_admits_nothing_new(gateway):
+    """README, *Sessions that survive*: during a drain no new job or session is admitted (503,
+    or an error event); what was stored stays readable."""
+    client, core, _ = gateway
+    video = client.post("/v1/videos", json={"prompt": PROMPT, "seconds": "1"}).json()
+    finished(client, video["id"])
+    assert client.portal.call(core.drain, 5) == {"sessions": 0, "jobs": 0}
+    refused = error_of(client.post("/v1/videos", json={"prompt": PROMPT, "seconds": "1"}), 503)
+    assert refused["code"] == "service_unavailable" and "submit the job again" in refused["message"]
+    with client.websocket_connect("/v1/sessions") as ws:
+        ws.send_json({"type": "start", "prompt": PROMPT, "num_frames": 9})
+        event = ws.receive_json()
+    assert (event["type"], event["code"]) == ("error", "service_unavailable")
+    assert "start the session again" in event["message"]
+    assert client.get(f"/v1/videos/{video['id']}").json()["status"] == "completed"
+
+
+def test_serves_graceful_shutdown_of_a_gateway_replica_drains_it(tmp_path):
+    """What Serve calls when it removes a gateway replica (a scale-down, a rolling update): its
+    ingress wrapper awaits the deployment class's own `__del__`, which drains as SIGTERM does,
+    once."""
+    from services.gateway.core import GatewayCore
+    from services.gateway.deployment import Gateway
+    from tests.services.harness import run
+
+    deployment = Gateway.__mro__[1]  # the class under Serve's ingress wrapper
+    assert deployment.__module__ == "services.gateway.deployment" and "__del__" in vars(deployment)
+    settings = settings_for(tmp_path, drain_timeout_s=5)
+
+    async def go():
+        replica = deployment.__new__(deployment)
+        replica.core = GatewayCore(settings, real_stages(tmp_path).handles)
+        replica.core.start_background()
+        drained, real_drain = [], replica.core.drain
+
+        async def drain(timeout_s):
+            drained.append(timeout_s)
+            return await real_drain(timeout_s)
+
+        replica.core.drain = drain
+        await replica.__del__()
+        refused = None
+        try:
+            replica.core.streams.open(None, "default")
+        except Exception as err:
+            refused = err
+        await replica.__del__()  # already drained: not again
+        return drained, refused
+
+    drained, refused = run(go())
+    assert drained == [5]
+    assert type(refused).__name__ == "Unavailable"  # nothing new is admitted

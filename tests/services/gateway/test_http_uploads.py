@@ -165,3 +165,14 @@ def test_a_browser_session_authenticates_with_the_key_in_its_first_message(tenan
         ended = player.read(ws)
     assert ended == {"type": "session.ended", "reason": "completed"}
     assert len(player.of("chunk")) == 1
+
+
+def test_an_upload_over_max_file_bytes_is_refused(tmp_path):
+    assert settings_for(tmp_path).max_file_bytes == 64 * 2**20  # the default README states
+    settings = settings_for(tmp_path, max_file_bytes=2048)
+    with gateway_client(settings, real_stages(tmp_path).handles) as (client, _):
+        big = upload(client, [line(f"v{i}") for i in range(40)])
+        fits = upload(client, [line("v")])
+    error = error_of(big, 413)
+    assert error["code"] == "request_too_large" and "2048" in error["message"]
+    assert fits.status_code == 200

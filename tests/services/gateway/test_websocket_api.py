@@ -7,6 +7,7 @@ and gets every later chunk once; a first message that starts nothing is an error
 from __future__ import annotations
 
 import json
+import re
 
 import anyio
 import pytest
@@ -182,3 +183,27 @@ def test_a_first_message_that_starts_nothing_is_an_error_then_a_1008_close(
     assert (error["type"], error["code"]) == ("error", code), error
     assert message in error["message"] and (param is None or error["param"] == param), error
     assert closed == {"type": "websocket.close", "code": 1008, "reason": ""}
+
+
+def test_a_recache_rebuilds_the_denoisers_caches_and_counts_as_a_restore(gateway):
+    """README, *Streaming sessions*: `recache: true` rebuilds the denoisers' caches under the
+    new prompt by the restore path, so it counts in `histream_restore_seconds`."""
+    client, stages = gateway
+
+    def restores() -> dict[str, float]:
+        metrics = client.get("/metrics").text
+        found = re.findall(r'histream_restore_seconds_count\{stage="(\w+)"\} ([0-9.]+)', metrics)
+        return {stage: float(n) for stage, n in found}
+
+    assert restores() == {}
+    player = Player()
+    with client.websocket_connect("/v1/sessions") as ws:
+        ws.send_json(START)
+        player.read(ws, "chunk", index=0)
+        ws.send_json({"type": "prompt", "prompt": "a dog runs", "recache": True})
+        accepted = player.read(ws, "prompt.accepted")
+        player.read(ws)
+    assert accepted["from_chunk"] >= 1
+    assert restores() == {"StructureStage": 1.0, "RefineStage": 1.0}
+    rebuilt = stages.journal.find("RestoreSession")
+    assert {e.stage for e in rebuilt} == {"structure", "refine"}
