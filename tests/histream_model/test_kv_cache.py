@@ -144,3 +144,47 @@ def test_chunks_must_arrive_in_order():
     full.commit(full.slots(3, 3))
     with pytest.raises(ValueError, match="past the end"):
         full.slots(6, 3)
+
+
+def test_the_window_slides_in_place_and_the_attended_context_is_a_view():
+    """BENCHMARKS *Where the time goes*: the ring buffer is written in place (no reallocation
+    as the window slides) and what a chunk attends to is a view of it (no copy)."""
+    cache = KVCache(CacheLayout.sliding_window(HiStreamOptions(), 6), CONFIG)
+    k_storage, v_storage = cache.k.data_ptr(), cache.v.data_ptr()
+    shape = (1, 18, CONFIG.num_heads, CONFIG.head_dim)
+    for chunk in range(6):  # past the ring's capacity: the window wraps
+        slots = cache.slots(chunk * 3, 3)
+        for layer in range(CONFIG.num_layers):
+            cache.write(layer, torch.randn(shape), torch.randn(shape), slots)
+            k, v = cache.context(layer, slots)
+            assert k._base is cache.k and v._base is cache.v  # views of the buffers
+            assert k.data_ptr() == cache.k[layer].data_ptr()
+        cache.commit(slots)
+    assert (cache.k.data_ptr(), cache.v.data_ptr()) == (k_storage, v_storage)
+
+
+@pytest.mark.parametrize("mode", ["histream+", "self-forcing"])
+def test_text_kv_is_computed_once_per_session_and_resolution_never_per_chunk(mode, monkeypatch):
+    """BENCHMARKS *Where the time goes*: the cross-attention K/V of the prompt are computed when
+    a session starts and again only for a new prompt, never per chunk. In process the session's
+    resolutions share them (once per session); in the service each denoising stage holds one
+    resolution and computes them once for it."""
+    from histream_model.components import load_components
+    from histream_model.generator import HiStreamGenerator
+
+    c = load_components("tiny", device="cpu")
+    calls = []
+    real = c.dit.text_kv
+    monkeypatch.setattr(c.dit, "text_kv", lambda context: calls.append(1) or real(context))
+    gen = HiStreamGenerator(c.dit, c.preset, mode)
+    state = gen.start(c.text.encode(["a cat"]), 64, 96, 57)
+    assert len(state.states) == (2 if mode == "histream+" else 1)
+    assert len({id(s.text) for s in state.states.values()}) == 1  # shared
+    assert len(calls) == 1
+    gen.step(state)
+    gen.step(state)
+    assert len(calls) == 1  # none for the chunks
+    gen.set_prompt(state, c.text.encode(["a dog"]))
+    while not state.done:
+        gen.step(state)
+    assert len(calls) == 2  # once more for the new prompt, not per chunk
