@@ -294,6 +294,13 @@ class FakeStage(Scripted):
 
         return await self._call("SetPrompt", request, run)
 
+    async def Touch(self, request: Any) -> Any:
+        async def run(r: Any) -> Any:
+            self._held(r.session_id)
+            return stages_pb2.StageAck(session_id=r.session_id)
+
+        return await self._call("Touch", request, run)
+
     async def CloseSession(self, request: Any) -> Any:
         async def run(r: Any) -> Any:
             self.sessions.pop(r.session_id, None)

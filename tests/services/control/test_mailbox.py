@@ -114,3 +114,27 @@ def test_letters_to_an_owner_gone_silent_answer_unavailable(monkeypatch):
         return (await box.stats())["owners"]
 
     assert run(go()) == {"b": 1}
+
+
+def test_the_stated_timings_gone_after_3_s_without_a_poll_and_a_poll_every_5_s(monkeypatch):
+    """README, *Control from any gateway replica*: an owner that has not polled for 3 s is
+    taken for gone (2.9 s is not); a poll without letters returns after 5 s, so a restarted
+    mailbox has every live owner's sessions back within 5 s."""
+    import inspect
+
+    from services.gateway import control
+
+    clock = FakeClock().install(monkeypatch, mailbox_module)
+    assert inspect.signature(Mailbox.collect).parameters["wait_s"].default == 5.0
+    polls = inspect.signature(control.SessionControl).parameters["poll_s"].default
+    assert polls == 5.0  # what the gateway's replicas wait in each poll
+
+    async def silent_for(seconds: float) -> dict:
+        box = Mailbox()
+        await box.collect("a", 1, {"s1": "alpha"}, wait_s=0)
+        clock.now += seconds
+        await box.collect("b", 1, {}, wait_s=0)  # any poll forgets the silent
+        return (await box.stats())["owners"]
+
+    assert run(silent_for(2.9)) == {"a": 1, "b": 0}
+    assert run(silent_for(3.1)) == {"b": 0}

@@ -272,3 +272,38 @@ def test_only_idempotent_calls_are_retried_by_grpc():
     finally:
         server.stop(grace_s=0)
     assert stage.calls == {"Touch": 2, "DecodeChunk": 1}
+
+
+def test_a_gateway_keeps_one_connection_to_the_decode_server(tmp_path, decode_server):
+    """README, *Stage transports*: with `decode_target` set, a gateway replica reaches the
+    decode server over one gRPC channel, one TCP connection, whatever its sessions."""
+    import psutil
+
+    from services.gateway.deployment import decode_link
+
+    _, target = decode_server
+    port = int(target.rsplit(":", 1)[1])
+    settings = ServeSettings(preset="tiny", decode_target=target)
+    decode = decode_link(settings)
+    assert isinstance(decode, GrpcStage) and decode.timeout_s == settings.stage_call_timeout_s
+    local = real_stages(tmp_path / "local")
+    handles = dataclasses.replace(local.handles, decode=decode)
+
+    async def go():
+        async def one(sid: str) -> int:
+            driver = SessionDriver(handles, session_plan(StreamKind.SESSION, "histream+", 33, sid))
+            await driver.open()
+            chunks = [c async for c in driver.chunks()]
+            await driver.finish(EndReason.COMPLETED)
+            return len(chunks)
+
+        counts = await asyncio.gather(*(one(f"sess_{i}") for i in range(3)))
+        connections = [
+            c for c in psutil.Process().net_connections(kind="tcp")
+            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+        ]  # fmt: skip
+        return counts, len(connections)
+
+    counts, connections = run(go(), 60)
+    assert counts == [3, 3, 3]
+    assert decode.channels.targets() == [target] and connections == 1
