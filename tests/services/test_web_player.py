@@ -110,6 +110,16 @@ def test_the_page_streams_a_session_changes_its_prompt_and_stops_it(service, bro
     shown = {name: browser.find_element("id", name).text for name in ("chunks", "fps", "latency")}
     assert shown["chunks"] == str(len(chunks)) and float(shown["fps"]) > 0
     assert shown["latency"].endswith(" ms")
+    # the codec string the page gave MSE is the init segment's avcC profile, compatibility and
+    # level bytes (ISO/IEC 14496-15: after the box type, a version byte, then those three)
+    from services.storage import Layout
+
+    init = service.local.get(Layout().session_init_key(state["sessionId"]))
+    at = init.index(b"avcC") + 5
+    codec = browser.execute_script(
+        "return codecOf(new Uint8Array(arguments[0]).buffer);", list(init)
+    )
+    assert codec == "avc1." + init[at : at + 3].hex() and codec.startswith("avc1.64")  # High
     # stop freed the session
     assert wait_until(
         lambda: metric(service.local_url, "histream_active_sessions", '{kind="session"}') == 0
@@ -128,3 +138,32 @@ def test_the_gallery_plays_a_finished_video(service, browser):
     )
     duration = seen(browser, "document.getElementById('gallery-video').duration")
     assert 0.9 < duration < 2.0  # about a second, as asked
+    # Download saves the MP4 under the video's id
+    browser.execute_script(
+        "window.saved = []; HTMLAnchorElement.prototype.click = function () {"
+        " fetch(this.href).then((r) => r.arrayBuffer())"
+        " .then((b) => window.saved.push([this.download, b.byteLength])); };"
+        f"document.querySelector('#gallery li p[title^=\"{video.id}\"]')"
+        ".parentElement.querySelectorAll('button')[1].click();"
+    )
+    saved = seen(browser, "window.saved[0]")
+    size = len(httpx.get(f"{service.local_url}/v1/videos/{video.id}/content").content)
+    assert saved == [f"{video.id}.mp4", size]
+
+
+def test_the_page_keeps_the_api_key_in_local_storage(tenants_service, browser):
+    key = tenants_service.keys["alpha"]
+    browser.get(f"{tenants_service.url}/")
+    seen(browser, "window.histream && histream.status === 'idle'")
+    browser.execute_script("localStorage.clear();")
+    fill(browser, "api-key", key)
+    fill(browser, "prompt", PROMPT)
+    fill(browser, "frames", "9")
+    fill(browser, "size", "128x64")  # the tenants app's refine budget holds one such session
+    browser.find_element("id", "start").click()
+    ended = seen(browser, "['ended', 'failed'].includes(histream.status) && histream")
+    assert ended["endReason"] == "completed", ended["errors"]
+    assert browser.execute_script("return localStorage.getItem('histream-api-key');") == key
+    browser.get(f"{tenants_service.url}/")  # a later visit: the key is filled in
+    seen(browser, "window.histream && histream.status === 'idle'")
+    assert browser.find_element("id", "api-key").get_attribute("value") == key

@@ -249,3 +249,30 @@ def test_files_are_listed_fetched_and_deleted_and_other_tenants_see_none(tmp_pat
     assert got["purpose"] == "batch" and deleted == {"id": got["id"], "object": "file",
                                                       "deleted": True}  # fmt: skip
     assert BatchStatus.completed == "completed" and b["status"] == "processed"
+
+
+def test_a_batch_finds_its_videos_done_by_polling_their_records_every_second(tmp_path, monkeypatch):
+    """BENCHMARKS *Batch throughput*: a line's video is found finished by reading its record once a
+    second (the waits here are shortened, and recorded)."""
+    from services.jobs import batches as batches_module
+    from tests.services.harness import _Overlay
+
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float) -> None:
+        waits.append(delay)
+        await real_sleep(min(delay, 0.01))
+
+    monkeypatch.setattr(batches_module, "asyncio", _Overlay(asyncio, sleep=sleep))
+    gateway = core(tmp_path)
+    assert gateway.batch_runner.poll_s == 1.0
+
+    async def go():
+        done = await finished(gateway, (await start(gateway, [request("one")]))["id"])
+        await gateway.drain(timeout_s=5)
+        return done
+
+    assert run(go(), 120)["request_counts"]["completed"] == 1
+    assert waits.count(1.0) >= 1  # it polled, at 1 s
+    assert {w for w in waits if w != 1.0} <= {batches_module.CLAIM_SETTLE_S}
