@@ -1,7 +1,7 @@
-"""The gateway's HTTP and WebSocket app without Ray: the routes of `services.gateway.http.api`
-bound to one object over a `GatewayCore`, as Serve's ingress binds them to a replica, served by
-Starlette's TestClient (one event loop for the client's life; the core's background work runs
-on it from start to a drain at exit)."""
+"""The gateway without Ray: its API classes (HTTP, WebSocket, gRPC, page) over one `GatewayCore`.
+The routes of `services.gateway.http.api` are bound to that object, as Serve's ingress binds them
+to a replica, and served by Starlette's TestClient (one event loop for the client's life; the
+core's background work runs on it from start to a drain at exit) or by uvicorn (`serving`)."""
 
 from __future__ import annotations
 
