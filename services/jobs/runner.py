@@ -271,10 +271,13 @@ class JobRunner:
             record.advance(VideoStatus.in_progress)
         await self._update(record)
         total = plan.shape.num_chunks
-        async for chunk in driver.chunks():
-            self.observer.chunk(chunk)
-            record.progress = min(99, int(100 * (chunk.index + 1) / total))
-            await self._update(record)
+        # closed here, not whenever it is collected: a drain landing while a record is
+        # stored must still let the chunks started finish before the snapshot (see settle)
+        async with contextlib.aclosing(driver.chunks()) as chunks:
+            async for chunk in chunks:
+                self.observer.chunk(chunk)
+                record.progress = min(99, int(100 * (chunk.index + 1) / total))
+                await self._update(record)
         if not await self.records_of(record).exists(record.id):
             raise JobDeleted(record.id)
         described = record.model_dump(include={"id", "model", "mode", "seed", "size", "created_at"})

@@ -77,6 +77,38 @@ def test_a_job_drained_on_one_replica_goes_on_from_its_snapshot_on_another(tmp_p
     assert first.objects(done.id) == ["manifest.json", "record.json", "video.mp4"]
 
 
+def test_a_drain_landing_while_a_chunks_progress_is_stored_still_settles_the_chunk_started(
+    tmp_path,
+):
+    stages = real_stages(tmp_path / "store")
+    first = replica(tmp_path, stages, "a", snapshots=True)
+    gate = stages.structure.gate("RunPhase", when=lambda r: r.chunk_index == 1)
+    storing, update = asyncio.Event(), first.runner._update
+
+    async def stalled_update(record, lease=True):
+        if record.progress == 33 and lease:  # chunk 0's progress: the drain lands in it
+            storing.set()
+            await asyncio.Event().wait()
+        await update(record, lease)
+
+    first.runner._update = stalled_update
+
+    async def go():
+        record, _ = await first.submit(seed=9, frames=33)  # 3 chunks
+        await asyncio.gather(
+            storing.wait(), stages.journal.reached("RunPhase", stage="structure", chunk=1)
+        )
+        drain = asyncio.ensure_future(first.runner.drain())
+        gate.set()
+        assert await drain == 1
+        store = SnapshotStore(first.storage, Layout())
+        return await store.load("video", record.id), await first.records.get(record.id)
+
+    snapshot, left = run(go(), timeout_s=60)
+    assert snapshot.next_chunk == 2  # chunk 1, started, was finished before the snapshot
+    assert (left.status, left.lease_until) == (VideoStatus.in_progress, 0)
+
+
 def test_a_queued_job_whose_replica_died_is_run_from_the_start(tmp_path):
     stages = fake_stages()
     first = replica(tmp_path, stages, "a")
