@@ -5,7 +5,9 @@ softmax scale."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 
 import pytest
 import torch
@@ -89,6 +91,53 @@ def test_attention_is_softmax_attention_with_its_mask_and_scale():
         logits = logits.masked_fill(~mask, float("-inf"))
         want = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v)
         torch.testing.assert_close(attention(q, k, v, scale, mask), want, rtol=1e-5, atol=1e-5)
+
+
+class OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: only for which kernel `attention` picks."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+def test_flash_attn_is_picked_on_cuda_in_fp16_and_bf16_when_importable(monkeypatch):
+    """README, *Real weights*: flash-attn is used automatically on CUDA in fp16/bf16, torch
+    SDPA otherwise. What is checked here is the choice and the call (layout [B, L, H, D] as
+    flash_attn_func takes it, the softmax scale); the kernel itself runs only on a GPU."""
+    import types
+
+    from histream_model import attention as module
+
+    calls = []
+
+    def flash_attn_func(q, k, v, softmax_scale=None):
+        calls.append((tuple(q.shape), q.dtype, softmax_scale))
+        return torch.zeros_like(q.as_subclass(torch.Tensor))
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 5, 2, 8, generator=g)
+    mask = torch.ones(5, 5, dtype=torch.bool)
+    module._flash_attn.cache_clear()
+    if importlib.util.find_spec("flash_attn") is None:  # not installed (no `gpu` extra)
+        assert backend_for(q.bfloat16().as_subclass(OnCuda)) == "sdpa"
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_func = flash_attn_func
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    module._flash_attn.cache_clear()
+    try:
+        for dtype in (torch.float16, torch.bfloat16):
+            on_cuda = q.to(dtype).as_subclass(OnCuda)
+            assert backend_for(on_cuda) == "flash-attn"
+            out = attention(on_cuda, on_cuda, on_cuda, 0.2)
+            assert calls[-1] == ((1, 5, 2, 8), dtype, 0.2) and not out.any()
+        assert backend_for(q.as_subclass(OnCuda)) == "sdpa"  # fp32
+        assert backend_for(q.bfloat16().as_subclass(OnCuda), mask) == "sdpa"  # a mask
+        assert backend_for(q.bfloat16()) == "sdpa"  # on the CPU
+        assert len(calls) == 2
+    finally:
+        monkeypatch.undo()
+        module._flash_attn.cache_clear()
 
 
 def test_cinescales_scale_is_log_n_c_over_log_n():

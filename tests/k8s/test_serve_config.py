@@ -27,6 +27,22 @@ def test_config_validates_against_the_serve_schema():
     assert schema.grpc_options.grpc_servicer_functions == GRPC_SERVICERS
 
 
+def test_in_a_pod_http_listens_on_every_ipv4_address_and_grpc_on_every_interface():
+    """README, *Deploy on Kubernetes*: in a pod the HTTP proxy listens on 0.0.0.0 and Serve's
+    gRPC proxy on every interface: its address is not configurable (no host in its options),
+    Ray binds it to [::] (this pins the Ray version's behaviour the README states)."""
+    import inspect
+
+    from ray.serve._private.grpc_util import start_grpc_server
+    from ray.serve.config import gRPCOptions
+
+    schema = ServeDeploySchema.model_validate(load())
+    assert (schema.http_options.host, schema.http_options.port) == ("0.0.0.0", 8000)
+    assert schema.grpc_options.port == 9000
+    assert "host" not in gRPCOptions.model_fields
+    assert 'f"[::]:{grpc_options.port}"' in inspect.getsource(start_grpc_server)
+
+
 def test_import_path_builds_the_application_from_the_args():
     [app] = load()["applications"]
     module, name = app["import_path"].split(":")

@@ -256,6 +256,18 @@ def test_grpc_undecodable_bytes(service, raw, words):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details()
 
 
+def test_grpc_messages_over_4_mib_are_refused_before_the_gateway(service):
+    """README, *gRPC*: messages are limited to gRPC's default 4 MiB."""
+    stub, md = grpc_stub(service)
+    before = stage_calls()
+    request = api_pb2.CreateVideoRequest(prompt="x" * (4 * 1024 * 1024 + 1))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateVideo(request, metadata=md)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "4194304" in err.value.details()  # the limit, in bytes
+    assert stage_calls() == before
+
+
 def test_grpc_too_small_session_is_invalid_not_internal(service):
     stub, md = grpc_stub(service)
     request = api_pb2.StreamSessionRequest(prompt=PROMPT, size="32x32")

@@ -181,6 +181,14 @@ def test_local_storage_app_serves_content_itself(service, tmp_path):
     assert read_video(path) == (81, 128, 96)
     stored = service.local.list(f"tenants/default/videos/{video.id}/")
     assert [k.rsplit("/", 1)[1] for k in stored] == ["manifest.json", "record.json", "video.mp4"]
+    # README, *gRPC*: the `application` metadata picks the application; `histream` without it
+    stub, md = grpc_stub(service, "local")
+    request = api_pb2.GetVideoRequest(id=video.id)
+    assert stub.GetVideo(request, metadata=md).status == "completed"
+    for metadata in ((), (("application", "histream"),)):  # the other app: its own records
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetVideo(request, metadata=metadata)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_list_and_delete_videos(service):

@@ -61,3 +61,45 @@ def test_a_failed_batch_fails_each_of_its_jobs_and_the_next_batch_still_runs():
 def test_a_batch_size_below_one_is_refused():
     with pytest.raises(ValueError, match="max_size=0 must be >= 1"):
         PhaseBatcher(lambda jobs: jobs, max_size=0)
+
+
+def test_a_batched_phase_runs_under_its_sessions_lock(tmp_path):
+    """README, *Batching*: each batched phase still runs under its session's lock inside
+    RunPhase: while something else holds session "a" (a prompt being set, a restore), its phase
+    waits outside the batcher and "b"'s runs without it."""
+    from protos.histream.v1 import stages_pb2
+    from services.settings import ServeSettings
+    from services.stages import StructureStage
+    from services.storage import StorageSettings
+
+    settings = ServeSettings(
+        preset="tiny", phase_batch_size=4, max_sessions_per_replica=2,
+        storage=StorageSettings(local_dir=str(tmp_path)),
+    )  # fmt: skip
+    structure = StructureStage(settings)
+
+    def phase(sid: str) -> stages_pb2.PhaseRequest:
+        return stages_pb2.PhaseRequest(session_id=sid, chunk_index=0, phase=0)
+
+    async def main() -> tuple[dict, dict]:
+        request = stages_pb2.EncodePromptRequest(prompt="x")
+        context = (await structure.EncodePrompt(request)).context
+        for sid in ("a", "b"):
+            spec = stages_pb2.SessionSpec(
+                session_id=sid, tenant="default", preset="tiny", mode="histream",
+                height=64, width=96, num_frames=21, seed=4,
+            )  # fmt: skip
+            await structure.OpenSession(stages_pb2.OpenSessionRequest(spec=spec, context=context))
+        lock = structure.sessions.get("a").lock
+        await lock.acquire()
+        held = asyncio.create_task(structure.RunPhase(phase("a")))
+        await structure.RunPhase(phase("b"))
+        while_held = structure.stats()
+        assert not held.done()
+        lock.release()
+        await held
+        return while_held, structure.stats()
+
+    while_held, after = asyncio.run(main())
+    assert (while_held["batches"], while_held["batched_phases"]) == (1, 1)  # "b" alone
+    assert (after["batches"], after["batched_phases"]) == (2, 2)  # then "a", once let in
