@@ -40,14 +40,18 @@ run: $(STAMP) protos
 		--prompt "$(PROMPT)" --out outputs/video.mp4 \
 		|| { echo "--- outputs/serve.log ---"; tail -30 outputs/serve.log; exit 1; }
 
-# Headless Chromium + ChromeDriver for the web player's browser test (Debian packages); where
-# they cannot be installed (no root, no apt) the browser tests skip and say why.
+# Headless Chromium + ChromeDriver, and Firefox ESR with the FFmpeg library it decodes H.264
+# with, for the web player's browser tests (Debian packages); where they cannot be installed (no
+# root, no apt) the browser tests skip and say why.
 browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	@{ command -v chromium && command -v chromedriver && command -v firefox-esr \
+		&& ls /usr/lib/*/libavcodec.so.*; } >/dev/null 2>&1 || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
 		$$SUDO apt-get update -q && \
+		AVCODEC=$$(apt-cache pkgnames libavcodec | grep -xE 'libavcodec[0-9]+' | sort -V | tail -1); \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver \
-		|| echo "warning: could not install chromium + chromium-driver; browser tests will skip"; }
+			firefox-esr $$AVCODEC \
+		|| echo "warning: could not install the browsers; browser tests will skip"; }
 
 # Two pytest processes side by side: the tests that start Ray (marked `ray`, tests/conftest.py)
 # one after another in one, every other test in the other (its output follows) at a lower CPU
