@@ -34,13 +34,14 @@ class FakeClock:
     def install(self, monkeypatch: Any, module: Any) -> FakeClock:
         import time
 
-        monkeypatch.setattr(module, "time", _Overlay(time, monotonic=self.monotonic))
-        monkeypatch.setattr(module, "asyncio", _Overlay(asyncio, sleep=self.sleep))
+        monkeypatch.setattr(module, "time", Overlay(time, monotonic=self.monotonic))
+        monkeypatch.setattr(module, "asyncio", Overlay(asyncio, sleep=self.sleep))
         return self
 
 
-class _Overlay:
-    """A module with some attributes replaced."""
+class Overlay:
+    """A module with some attributes replaced (e.g. `asyncio` with a fake `sleep`), to
+    monkeypatch into a module under test."""
 
     def __init__(self, module: Any, **replaced: Any) -> None:
         self._module = module

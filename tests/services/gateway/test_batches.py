@@ -255,7 +255,7 @@ def test_a_batch_finds_its_videos_done_by_polling_their_records_every_second(tmp
     """BENCHMARKS *Batch throughput*: a line's video is found finished by reading its record once a
     second (the waits here are shortened, and recorded)."""
     from services.jobs import batches as batches_module
-    from tests.services.harness import _Overlay
+    from tests.services.harness import Overlay
 
     waits: list[float] = []
     real_sleep = asyncio.sleep
@@ -264,7 +264,7 @@ def test_a_batch_finds_its_videos_done_by_polling_their_records_every_second(tmp
         waits.append(delay)
         await real_sleep(min(delay, 0.01))
 
-    monkeypatch.setattr(batches_module, "asyncio", _Overlay(asyncio, sleep=sleep))
+    monkeypatch.setattr(batches_module, "asyncio", Overlay(asyncio, sleep=sleep))
     gateway = core(tmp_path)
     assert gateway.batch_runner.poll_s == 1.0
 

@@ -13,7 +13,7 @@ from services.sessions import Durability, SessionDriver
 from services.settings import ServeSettings
 from services.storage import StorageSettings
 from tests.services.fakes import fake_stages
-from tests.services.harness import FakeClock, _Overlay, run, session_plan, settle
+from tests.services.harness import FakeClock, Overlay, run, session_plan, settle
 
 
 def test_the_gateways_drivers_touch_every_third_of_the_stages_idle_timeout(tmp_path):
@@ -25,7 +25,7 @@ def test_the_gateways_drivers_touch_every_third_of_the_stages_idle_timeout(tmp_p
 
 def test_a_driver_touches_its_stages_at_its_heartbeat_and_a_dead_one_stops(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(remote_module, "asyncio", _Overlay(asyncio, sleep=clock.sleep))
+    monkeypatch.setattr(remote_module, "asyncio", Overlay(asyncio, sleep=clock.sleep))
     stages = fake_stages()
     plan = session_plan(StreamKind.SESSION, "histream+", 33, "sess_h")
     driver = SessionDriver(stages.handles, plan, Durability(heartbeat_s=5.0))
