@@ -10,7 +10,9 @@ queued or in_progress forever.
 
 Storage has no compare-and-swap: a replica claims a record by writing itself as owner, waits
 `CLAIM_SETTLE_S`, and reads the record back; of replicas that claimed at once, only the last
-writer finds itself there and runs the job.
+writer finds itself there and runs the job. A claim landing just after the job's delete finds
+the delete's tombstone (RecordStore.put_unless_deleted) and takes nothing up; the adopters also
+remove tombstones older than `TOMBSTONE_TTL_S`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from services.storage import VideoParts
 
 log = logging.getLogger("histream.jobs")
 CLAIM_SETTLE_S = 1.0
+TOMBSTONE_TTL_S = 3600.0  # how long a deleted video's tombstone is kept
+TOMBSTONE_SWEEP_S = 600.0  # how often a replica removes older ones
 UNFINISHED = (VideoStatus.queued, VideoStatus.in_progress)
 
 
@@ -71,10 +75,22 @@ class Adopter(Periodic):
         self.store = store
         self.max_attempts = max_attempts
         self.period_s = max(0.5, runner.lease_s / 3)
+        self.next_tombstone_sweep = 0.0  # monotonic time of the next tombstone sweep
 
     async def tick(self) -> None:
         await self.runner.renew()
         await self.sweep()
+        if time.monotonic() >= self.next_tombstone_sweep:
+            self.next_tombstone_sweep = time.monotonic() + TOMBSTONE_SWEEP_S
+            await self.sweep_tombstones()
+
+    async def sweep_tombstones(self) -> int:
+        """Remove deleted videos' tombstones older than TOMBSTONE_TTL_S (services.storage's
+        `delete_video`); returns how many."""
+        swept = 0
+        for tenant in self.tenants():
+            swept += await self.records.for_tenant(tenant).sweep_tombstones(TOMBSTONE_TTL_S)
+        return swept
 
     async def sweep(self) -> list[str]:
         """Take up every job whose lease ran out; returns their ids."""
@@ -112,7 +128,8 @@ class Adopter(Periodic):
         record.lease_until = int(time.time() + self.runner.lease_s)
         record.attempts += 1
         records = self.records.for_tenant(record.tenant)
-        await records.put(record)
+        if not await records.put_unless_deleted(record):  # deleted as it was claimed
+            return None
         await asyncio.sleep(CLAIM_SETTLE_S)
         with contextlib.suppress(Exception):
             again = await records.get(record.id)
@@ -128,7 +145,8 @@ class Adopter(Periodic):
             "gateway replica or the service stopped while it ran); submit it again",
         )
         records = self.records.for_tenant(record.tenant)
-        await records.put(record)
+        if not await records.put_unless_deleted(record):
+            return
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self.store.delete(str(StreamKind.VIDEO), record.id, record.tenant)

@@ -20,7 +20,14 @@ from pydantic import BaseModel
 
 from services.errors import NotFound, Unavailable
 from services.protocol import Lifecycle
-from services.storage import Layout, ObjectNotFound, Storage, delete_video
+from services.storage import (
+    Layout,
+    ObjectNotFound,
+    Storage,
+    delete_video,
+    is_deleted,
+    sweep_tombstones,
+)
 
 log = logging.getLogger("histream.jobs")
 T = TypeVar("T")
@@ -157,8 +164,21 @@ class RecordStore:
                     records.append(VideoRecord.model_validate_json(data))
         return records
 
+    async def put_unless_deleted(self, record: VideoRecord) -> bool:
+        """Store `record` unless its video was deleted: then False, and its objects (this write
+        included) are deleted again. Written first, checked after: a delete whose tombstone the
+        check misses deletes the record after this write (see `delete_video`)."""
+        await self.put(record)
+        if not await self.storage_call(is_deleted, self.storage, self.layout, record.id):
+            return True
+        await self.delete(record.id)
+        return False
+
     async def delete(self, video_id: str) -> int:
         return await self.storage_call(delete_video, self.storage, self.layout, video_id)
+
+    async def sweep_tombstones(self, older_than_s: float) -> int:
+        return await self.storage_call(sweep_tombstones, self.storage, self.layout, older_than_s)
 
     async def content(self, video_id: str) -> bytes:
         key = self.layout.video_key(video_id)

@@ -163,7 +163,8 @@ class JobRunner:
             if not await records.exists(record.id):
                 raise JobDeleted(record.id)
             record.lease_until = int(time.time() + self.lease_s) if lease else 0
-            await records.put(record)
+            if not await records.put_unless_deleted(record):  # a delete landed meanwhile
+                raise JobDeleted(record.id)
 
     def records_of(self, record: VideoRecord) -> RecordStore:
         """Where the record of a job lives: under its tenant's prefix."""

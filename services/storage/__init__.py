@@ -24,8 +24,10 @@ from services.storage.publish import (
     StoredObject,
     VideoManifest,
     delete_video,
+    is_deleted,
     publish_video,
     read_manifest,
+    sweep_tombstones,
 )
 from services.storage.s3 import S3Storage
 from services.storage.settings import StorageSettings, open_storage
@@ -47,7 +49,9 @@ __all__ = [
     "check_key",
     "check_prefix",
     "delete_video",
+    "is_deleted",
     "open_storage",
     "publish_video",
     "read_manifest",
+    "sweep_tombstones",
 ]

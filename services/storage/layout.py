@@ -51,6 +51,13 @@ class Layout:
         """The gateway's job record for the video."""
         return self.video_object_key(video_id, "record.json")
 
+    def tombstones_prefix(self) -> str:
+        """Marks of deleted videos (see `delete_video`), outside the videos' own prefixes."""
+        return f"{self.tenant_prefix()}deleted/"
+
+    def tombstone_key(self, video_id: str) -> str:
+        return check_key(self.tombstones_prefix() + _check_id("video_id", video_id))
+
     def video_parts_prefix(self, video_id: str) -> str:
         """Where a running video job's fMP4 init and segments wait to be joined into its MP4."""
         return self.video_prefix(video_id) + "parts/"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 from pydantic import BaseModel
 
@@ -92,11 +93,38 @@ def read_manifest(storage: Storage, layout: Layout, video_id: str) -> dict | Non
 
 
 def delete_video(storage: Storage, layout: Layout, video_id: str) -> int:
-    """Delete the manifest first, then the rest of the video's objects; return the count.
+    """Leave the video's tombstone, delete its manifest, then the rest of its objects; return
+    how many objects went (the tombstone not counted).
 
-    The mirror of `publish_video`: a reader never sees a manifest whose media is gone.
+    The mirror of `publish_video`: a reader never sees a manifest whose media is gone. The
+    tombstone, written first, is for a job writing the video's record at the same moment
+    (storage has no compare-and-swap): it checks for one after each write (`is_deleted`) and
+    deletes again, so a delete always wins. `sweep_tombstones` removes old ones.
     """
+    stone = json.dumps({"deleted_at": time.time()}).encode()
+    storage.put(layout.tombstone_key(video_id), stone, "application/json")
     manifest_key = layout.video_manifest_key(video_id)
     had_manifest = storage.exists(manifest_key)
     storage.delete(manifest_key)
     return int(had_manifest) + storage.delete_prefix(layout.video_prefix(video_id))
+
+
+def is_deleted(storage: Storage, layout: Layout, video_id: str) -> bool:
+    """Whether the video was deleted (its tombstone is there)."""
+    return storage.exists(layout.tombstone_key(video_id))
+
+
+def sweep_tombstones(storage: Storage, layout: Layout, older_than_s: float) -> int:
+    """Remove the tenant's tombstones older than `older_than_s`; returns how many. A job still
+    writing a record that long after its video's delete has long been stopped: each write
+    checks that the record still exists first, and leases are renewed only while it does."""
+    now, swept = time.time(), 0
+    for key in storage.list(layout.tombstones_prefix()):
+        try:
+            deleted_at = float(json.loads(storage.get(key))["deleted_at"])
+        except (ObjectNotFound, ValueError, KeyError, TypeError):
+            deleted_at = 0.0  # unreadable: old enough
+        if now - deleted_at > older_than_s:
+            storage.delete(key)
+            swept += 1
+    return swept

@@ -12,7 +12,7 @@ from services.jobs import VideoStatus, leases
 from services.media import decode_frames
 from services.protocol import StreamKind
 from services.sessions import SnapshotStore
-from services.storage import Layout
+from services.storage import Layout, delete_video, is_deleted
 from tests.services.fakes import fake_stages, real_stages
 from tests.services.harness import run
 from tests.services.jobs.helpers import NOTHING_HELD, Jobs
@@ -206,3 +206,53 @@ def test_a_running_job_renews_its_lease_and_is_not_taken(tmp_path):
     renewed = run(go())
     assert renewed.lease_until >= renewed.created_at + 29 and renewed.owner == "a"
     assert second.runner.tasks == {}
+
+
+def test_a_job_deleted_as_a_replica_claims_it_is_not_taken_up(tmp_path, monkeypatch):
+    """The claim's write lands after the delete (storage has no compare-and-swap) and brings
+    the record back; the delete's tombstone is found and the delete done again."""
+    stages = fake_stages()
+    first = replica(tmp_path, stages, "a")
+    second = replica(tmp_path, stages, "b", first)
+    opening = stages.structure.gate("EncodePrompt")
+    storage, put = first.storage, first.storage.put
+
+    async def go():
+        record, task = await first.submit()
+        await stages.journal.reached("EncodePrompt")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await expire(first, record.id)
+        opening.set()
+
+        def deleted_just_before(key, data, content_type=None):  # the claim's write of "b"
+            if key.endswith("/record.json") and b'"owner":"b"' in data:
+                monkeypatch.setattr(storage, "put", put)
+                delete_video(storage, Layout(), record.id)
+            put(key, data, content_type)
+
+        monkeypatch.setattr(storage, "put", deleted_just_before)
+        taken = await second.runner.adopter.sweep()
+        return record.id, taken, await first.records.exists(record.id)
+
+    video_id, taken, exists = run(go())
+    assert taken == [] and second.runner.tasks == {}
+    assert not exists and first.objects(video_id) == []
+
+
+def test_the_adopter_sweeps_old_tombstones_of_every_tenant_every_ten_minutes(tmp_path, monkeypatch):
+    jobs = replica(tmp_path, fake_stages(), "a")
+    adopter = jobs.runner.adopter
+    adopter.tenants = lambda: ["default", "acme"]
+    monkeypatch.setattr(leases, "TOMBSTONE_TTL_S", -1.0)  # any tombstone is old
+    stones = [(Layout(tenant), "video_1") for tenant in ("default", "acme", "other")]
+    for layout, video_id in stones:
+        delete_video(jobs.storage, layout, video_id)
+    run(adopter.tick())
+    assert [is_deleted(jobs.storage, *stone) for stone in stones] == [False, False, True]
+    delete_video(jobs.storage, Layout(), "video_2")
+    run(adopter.tick())  # within TOMBSTONE_SWEEP_S of the last sweep: kept
+    assert is_deleted(jobs.storage, Layout(), "video_2")
+    adopter.next_tombstone_sweep -= leases.TOMBSTONE_SWEEP_S
+    run(adopter.tick())
+    assert not is_deleted(jobs.storage, Layout(), "video_2")

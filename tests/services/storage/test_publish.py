@@ -14,8 +14,10 @@ from services.storage import (
     SessionWriter,
     Storage,
     delete_video,
+    is_deleted,
     publish_video,
     read_manifest,
+    sweep_tombstones,
 )
 from tests.services.conftest import VIDEO
 
@@ -148,6 +150,23 @@ def test_delete_video_removes_the_manifest_first(storage: Storage) -> None:
     assert deleted[0] == layout.video_manifest_key("v1")
     assert storage.list(layout.videos_prefix()) == storage.list(layout.video_prefix("v2"))
     assert delete_video(storage, layout, "v1") == 0
+
+
+def test_a_deleted_video_leaves_a_tombstone_the_sweep_removes_once_old(storage: Storage) -> None:
+    """The tombstone lets a job writing the record as the delete lands find the delete (see
+    services.jobs.records.RecordStore.put_unless_deleted); it lies outside the video's prefix,
+    so listings never see it, and goes once older than the sweep's age."""
+    layout = Layout("acme-1")
+    publish_video(storage, layout, "v1", {"video.mp4": (VIDEO, "video/mp4")}, {})
+    assert not is_deleted(storage, layout, "v1")
+    assert delete_video(storage, layout, "v1") == 2  # the video and its manifest
+    assert is_deleted(storage, layout, "v1") and not is_deleted(storage, Layout(), "v1")
+    assert storage.list(layout.tenant_prefix()) == ["tenants/acme-1/deleted/v1"]
+    storage.put(layout.tombstone_key("v2"), b"not json", "application/json")
+    assert sweep_tombstones(storage, layout, older_than_s=3600) == 1  # only the unreadable one
+    assert is_deleted(storage, layout, "v1") and not is_deleted(storage, layout, "v2")
+    assert sweep_tombstones(storage, layout, older_than_s=-1) == 1
+    assert storage.list(layout.tenant_prefix()) == []
 
 
 def test_publish_video_checks_inputs_before_writing(storage: Storage) -> None:
