@@ -29,6 +29,7 @@ from bench import (
     quality,
     real_flops,
     serving,
+    sweep,
     table2,
     transports,
 )
@@ -60,6 +61,7 @@ SECTIONS: dict[str, Section] = {
     ),
     "health": lambda a: health.section(log=_log),
     "durability": lambda a: durability.section(a.preset, a.frames, a.durability_repeats, _log),
+    "sweep": lambda a: sweep.section(log=_log),
     "batch": lambda a: batch.section(a.batch_presets, a.batch_videos, log=_log),
     "pipeline": lambda a: pipeline.section(a.preset, a.frames, a.pipeline_repeats, _log),
     "diagonal-context": lambda a: diagonal.section(a.preset, a.frames, a.repeats, _log),

@@ -20,12 +20,11 @@ import time
 from collections.abc import Callable
 
 from services.errors import QuotaExceeded
-from services.jobs import RecordStore, VideoStatus
+from services.jobs import RecordStore
 from services.protocol import Generation
 from services.tenants import Quotas, Tenancy
 
 HOUR_S = 3600.0
-ACTIVE = (VideoStatus.queued, VideoStatus.in_progress)
 
 
 class TokenBucket:
@@ -129,8 +128,7 @@ class QuotaKeeper:
         }
 
     async def active_videos(self, tenant: str) -> int:
-        records = await self.records.for_tenant(tenant).list()
-        return sum(1 for r in records if r.status in ACTIVE)
+        return len(await self.records.for_tenant(tenant).unfinished())
 
     def frames_last_hour(self, tenant: str) -> int:
         asked = self._asked[tenant]

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 
 from histream_model.config import Preset
 from protos.histream.v1 import stages_pb2
-from services.jobs.records import RecordStore, VideoError, VideoRecord, VideoStatus
+from services.jobs.records import UNFINISHED, RecordStore, VideoError, VideoRecord, VideoStatus
 from services.logs import ids
 from services.protocol import Generation, StreamKind, video_shape
 from services.sessions import SessionPlan, SnapshotStore
@@ -37,7 +37,6 @@ log = logging.getLogger("histream.jobs")
 CLAIM_SETTLE_S = 1.0
 TOMBSTONE_TTL_S = 3600.0  # how long a deleted video's tombstone is kept
 TOMBSTONE_SWEEP_S = 600.0  # how often a replica removes older ones
-UNFINISHED = (VideoStatus.queued, VideoStatus.in_progress)
 
 
 def plan_of_record(
@@ -99,7 +98,7 @@ class Adopter(Periodic):
         taken = []
         unfinished = []
         for tenant in self.tenants():
-            unfinished += await self.records.for_tenant(tenant).list()
+            unfinished += await self.records.for_tenant(tenant).unfinished()
         for record in unfinished:
             if record.id in self.runner.tasks or not expired(record, time.time()):
                 continue

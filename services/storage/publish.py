@@ -93,8 +93,8 @@ def read_manifest(storage: Storage, layout: Layout, video_id: str) -> dict | Non
 
 
 def delete_video(storage: Storage, layout: Layout, video_id: str) -> int:
-    """Leave the video's tombstone, delete its manifest, then the rest of its objects; return
-    how many objects went (the tombstone not counted).
+    """Leave the video's tombstone, delete its unfinished mark (if any) and its manifest, then
+    the rest of its objects; return how many of its objects went (the marks not counted).
 
     The mirror of `publish_video`: a reader never sees a manifest whose media is gone. The
     tombstone, written first, is for a job writing the video's record at the same moment
@@ -103,6 +103,7 @@ def delete_video(storage: Storage, layout: Layout, video_id: str) -> int:
     """
     stone = json.dumps({"deleted_at": time.time()}).encode()
     storage.put(layout.tombstone_key(video_id), stone, "application/json")
+    storage.delete(layout.unfinished_key(video_id))
     manifest_key = layout.video_manifest_key(video_id)
     had_manifest = storage.exists(manifest_key)
     storage.delete(manifest_key)
