@@ -125,9 +125,16 @@ class BatchStore:
         return BatchStore(self.records.for_tenant(tenant))
 
     async def put(self, batch: BatchRecord) -> None:
+        """Store the batch: marked unfinished before its first write, unmarked once its record
+        says it ended (services.jobs.marks)."""
         key = self.records.layout.batch_record_key(batch.id)
         data = batch.model_dump_json().encode()
+        marks = self.records.batch_marks
+        if batch.status == BatchStatus.validating:
+            await marks.mark(batch.id)
         await self.records.storage_call(self.records.storage.put, key, data, "application/json")
+        if batch.status not in UNFINISHED:
+            await marks.unmark(batch.id)
 
     async def get(self, batch_id: str) -> BatchRecord:
         try:
@@ -141,6 +148,20 @@ class BatchStore:
         prefix = self.records.layout.batches_prefix()
         keys = await self.records.storage_call(self.records.storage.list, prefix)
         return sorted(k.rsplit("/", 2)[-2] for k in keys if k.endswith("/record.json"))
+
+    async def unfinished(self) -> list[BatchRecord]:
+        """The tenant's unfinished batches, found by their marks (the first call in a process
+        reads every batch once)."""
+
+        async def every() -> list[BatchRecord]:
+            found = []
+            for batch_id in await self.ids():
+                with contextlib.suppress(NotFound):
+                    found.append(await self.get(batch_id))
+            return found
+
+        marks = self.records.batch_marks
+        return await marks.search(self.get, lambda b: b.status in UNFINISHED, every, lambda b: b.id)
 
 
 Submit = Callable[[dict, str, str], Awaitable[VideoRecord]]  # (body, tenant, video id)
@@ -228,17 +249,15 @@ class BatchRunner(Periodic):
         taken = []
         for tenant in self.tenants():
             store = self.batches.for_tenant(tenant)
-            for batch_id in await store.ids():
-                if batch_id in self.tasks:
+            for batch in await store.unfinished():
+                if batch.id in self.tasks or batch.lease_until >= time.time():
                     continue
                 with contextlib.suppress(NotFound):
-                    batch = await store.get(batch_id)
-                    if batch.status in UNFINISHED and batch.lease_until < time.time():
-                        claimed = await self._claim(store, batch)
-                        if claimed is not None:
-                            log.info("taking up batch %s", batch_id, extra=ids(tenant))
-                            self.start_batch(claimed)
-                            taken.append(batch_id)
+                    claimed = await self._claim(store, batch)
+                    if claimed is not None:
+                        log.info("taking up batch %s", batch.id, extra=ids(tenant))
+                        self.start_batch(claimed)
+                        taken.append(batch.id)
         return taken
 
     async def _claim(self, store: BatchStore, batch: BatchRecord) -> BatchRecord | None:

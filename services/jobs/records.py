@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
 import logging
 import time
 import uuid
@@ -20,6 +19,7 @@ from typing import TypeVar
 from pydantic import BaseModel
 
 from services.errors import NotFound, Unavailable
+from services.jobs.marks import Marks
 from services.protocol import Lifecycle
 from services.storage import (
     Layout,
@@ -50,8 +50,6 @@ VIDEO_TRANSITIONS: dict[VideoStatus, frozenset[VideoStatus]] = {
 
 
 UNFINISHED = (VideoStatus.queued, VideoStatus.in_progress)
-# a mark with no record this old belongs to a job that never stored one (or was deleted)
-ORPHAN_MARK_S = 300.0
 
 
 class VideoError(BaseModel):
@@ -110,7 +108,9 @@ class RecordStore:
         self.storage = storage
         self.layout = layout
         self._tenants: dict[str, RecordStore] = {layout.tenant: self}
-        self.all_marked = False  # every unfinished record has its mark (see mark_unfinished)
+        self.marks = Marks(storage, layout.unfinished_prefix("videos"), self.storage_call)
+        # the tenant's unfinished batches' (services.jobs.batches.BatchStore)
+        self.batch_marks = Marks(storage, layout.unfinished_prefix("batches"), self.storage_call)
 
     def for_tenant(self, tenant: str) -> RecordStore:
         """The records of `tenant`, in the same storage."""
@@ -132,63 +132,22 @@ class RecordStore:
             ) from None
 
     async def put(self, record: VideoRecord) -> None:
-        """Store the record. A queued job is marked unfinished first (`unfinished` finds it by
-        that mark), a finished one unmarked once its record says so."""
+        """Store the record: a queued job is marked unfinished first, a finished one unmarked
+        once its record says so (services.jobs.marks)."""
         data = record.model_dump_json().encode()
         key = self.layout.video_record_key(record.id)
-        mark = self.layout.unfinished_key(record.id)
         if record.status == VideoStatus.queued:
-            stamp = json.dumps({"marked_at": time.time()}).encode()
-            await self.storage_call(self.storage.put, mark, stamp, "application/json")
+            await self.marks.mark(record.id)
         await self.storage_call(self.storage.put, key, data, "application/json")
         if record.status not in UNFINISHED:
-            await self.storage_call(self.storage.delete, mark)
+            await self.marks.unmark(record.id)
 
     async def unfinished(self) -> list[VideoRecord]:
         """The tenant's queued and running jobs, found by their marks: no finished video's
-        record is read (but the first call here reads them all: see `mark_unfinished`). Marks
-        left behind (a replica that stopped between a job's last record and its unmark; a mark
-        whose record never came) are removed."""
-        if not self.all_marked:  # once per process and tenant
-            await self.mark_unfinished()
-            self.all_marked = True
-        keys = await self.storage_call(self.storage.list, self.layout.unfinished_prefix())
-        records = []
-        for key in keys:
-            video_id = key.rsplit("/", 1)[1]
-            try:
-                record = await self.get(video_id)
-            except NotFound:
-                if await self._orphaned(key):
-                    await self.storage_call(self.storage.delete, key)
-                continue
-            if record.status in UNFINISHED:
-                records.append(record)
-            else:
-                await self.storage_call(self.storage.delete, key)
-        return records
-
-    async def _orphaned(self, mark: str) -> bool:
-        try:
-            marked_at = float(
-                json.loads(await self.storage_call(self.storage.get, mark))["marked_at"]
-            )
-        except (ObjectNotFound, ValueError, KeyError, TypeError):
-            return True
-        return time.time() - marked_at > ORPHAN_MARK_S
-
-    async def mark_unfinished(self) -> int:
-        """Mark every unfinished record that has no mark (records stored before marks were
-        kept); reads every record of the tenant. Returns how many it marked."""
-        marked = set(await self.storage_call(self.storage.list, self.layout.unfinished_prefix()))
-        added = 0
-        for record in await self.list():
-            mark = self.layout.unfinished_key(record.id)
-            if record.status in UNFINISHED and mark not in marked:
-                stamp = json.dumps({"marked_at": time.time()}).encode()
-                await self.storage_call(self.storage.put, mark, stamp, "application/json")
-                added += 1
-        return added
+        record is read (but the first call in a process reads them all once)."""
+        return await self.marks.search(
+            self.get, lambda r: r.status in UNFINISHED, self.list, lambda r: r.id
+        )
 
     async def get(self, video_id: str) -> VideoRecord:
         try:

@@ -51,10 +51,10 @@ class Layout:
         """The gateway's job record for the video."""
         return self.video_object_key(video_id, "record.json")
 
-    def unfinished_prefix(self) -> str:
-        """One empty object per queued or running video job (services.jobs.records), so that
-        finding them reads no finished video's record."""
-        return f"{self.tenant_prefix()}unfinished/"
+    def unfinished_prefix(self, kind: str = "videos") -> str:
+        """A mark per queued or running video job (`kind` "videos") or unfinished batch
+        ("batches"): see services.jobs.marks."""
+        return f"{self.tenant_prefix()}unfinished/{_check_id('kind', kind)}/"
 
     def unfinished_key(self, video_id: str) -> str:
         return check_key(self.unfinished_prefix() + _check_id("video_id", video_id))

@@ -1,5 +1,6 @@
-"""Job records' unfinished marks (services.jobs.records): the job sweep and the max_videos quota
-find queued and running jobs without reading a finished video's record."""
+"""Unfinished marks (services.jobs.marks): the job sweep and the max_videos quota find queued
+and running video jobs, and the batch sweep unfinished batches, without reading a finished
+one's record."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 from collections import Counter
 
 from services.jobs import RecordStore, VideoRecord, VideoStatus
-from services.jobs import records as records_module
+from services.jobs import marks as marks_module
 from services.storage import Layout, LocalStorage, delete_video
 from tests.services.harness import run
 
@@ -79,7 +80,7 @@ def test_records_kept_before_marks_are_marked_by_the_first_search(tmp_path):
 def test_marks_left_behind_are_removed_and_a_fresh_one_without_its_record_is_kept(tmp_path):
     storage = Counting(tmp_path)
     records = RecordStore(storage, Layout())
-    records.all_marked = True
+    records.marks.complete = True
     layout = Layout()
 
     def mark(video_id: str, age_s: float) -> None:
@@ -90,7 +91,7 @@ def test_marks_left_behind_are_removed_and_a_fresh_one_without_its_record_is_kep
         await records.put(record("finished", VideoStatus.completed))
         mark("finished", 0)  # its replica stopped before unmarking it
         mark("being-created", 1)  # its record is being written right now
-        mark("never-stored", records_module.ORPHAN_MARK_S + 1)
+        mark("never-stored", marks_module.ORPHAN_MARK_S + 1)
         storage.put(layout.unfinished_key("garbled"), b"?")
         return await records.unfinished()
 
@@ -105,3 +106,32 @@ def test_a_delete_removes_the_mark(tmp_path):
     assert marks(storage) == ["gone"]
     delete_video(storage, Layout(), "gone")
     assert marks(storage) == [] and run(records.unfinished()) == []
+
+
+def test_batches_are_marked_until_they_end_and_found_by_their_marks(tmp_path):
+    from services.jobs.batches import BatchRecord, BatchStatus, BatchStore
+
+    storage = Counting(tmp_path)
+    store = BatchStore(RecordStore(storage, Layout()))
+    prefix = Layout().unfinished_prefix("batches")
+
+    def batch(batch_id: str, status: BatchStatus = BatchStatus.validating) -> BatchRecord:
+        return BatchRecord(
+            id=batch_id, endpoint="/v1/videos", input_file_id="file-1", completion_window="24h",
+            created_at=1, tenant="default", status=status,
+        )  # fmt: skip
+
+    async def go():
+        for name in ("done", "cancelled", "running"):
+            await store.put(batch(name))
+        for name, status in [("done", BatchStatus.completed),
+                             ("cancelled", BatchStatus.cancelled),
+                             ("running", BatchStatus.in_progress)]:  # fmt: skip
+            await store.put(batch(name, status))
+        assert [k.rsplit("/", 1)[1] for k in storage.list(prefix)] == ["running"]
+        await store.unfinished()
+        storage.reads.clear()
+        return await store.unfinished()
+
+    assert [b.id for b in run(go())] == ["running"]
+    assert set(storage.reads) == {"running"}  # no ended batch was read
