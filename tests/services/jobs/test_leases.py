@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from services.jobs import VideoStatus, leases
+from services.jobs import VideoRecord, VideoStatus, leases
 from services.media import decode_frames
 from services.protocol import StreamKind
 from services.sessions import SnapshotStore
@@ -35,6 +35,18 @@ async def expire(jobs: Jobs, video_id: str, **changes) -> None:
     for field, value in {"lease_until": 0, **changes}.items():
         setattr(record, field, value)
     await jobs.records.put(record)
+
+
+async def left_opening(jobs: Jobs, stages, opening) -> VideoRecord:
+    """A job whose replica died while opening it (its record queued, its lease run out long
+    ago); the stages let the next opening through."""
+    record, task = await jobs.submit()
+    await stages.journal.reached("EncodePrompt")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await expire(jobs, record.id)
+    opening.set()
+    return record
 
 
 def test_a_job_drained_on_one_replica_goes_on_from_its_snapshot_on_another(tmp_path):
@@ -167,12 +179,7 @@ def test_of_two_replicas_claiming_one_job_at_once_one_runs_it(tmp_path):
     opening = stages.structure.gate("EncodePrompt")
 
     async def go():
-        record, task = await first.submit()
-        await stages.journal.reached("EncodePrompt")
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await expire(first, record.id)
-        opening.set()
+        record = await left_opening(first, stages, opening)
         taken = await asyncio.gather(second.runner.adopter.sweep(), third.runner.adopter.sweep())
         running = [j for j in (second, third) if record.id in j.runner.tasks]
         await asyncio.gather(*(j.runner.tasks[record.id] for j in running))
@@ -218,12 +225,7 @@ def test_a_job_deleted_as_a_replica_claims_it_is_not_taken_up(tmp_path, monkeypa
     storage, put = first.storage, first.storage.put
 
     async def go():
-        record, task = await first.submit()
-        await stages.journal.reached("EncodePrompt")
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await expire(first, record.id)
-        opening.set()
+        record = await left_opening(first, stages, opening)
 
         def deleted_just_before(key, data, content_type=None):  # the claim's write of "b"
             if key.endswith("/record.json") and b'"owner":"b"' in data:
