@@ -17,7 +17,7 @@ import httpx
 from ray import serve
 from websockets.sync.client import connect
 
-from tests.services.test_service import PROMPT, stage, wait_until
+from tests.services.service_calls import PROMPT, stage, wait_until
 from tests.services.test_survival import Stream
 
 APP = "scaling"

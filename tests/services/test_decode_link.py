@@ -17,7 +17,7 @@ from services.protocol import digest, to_proto
 from services.settings import ServeSettings
 from services.stages import DecodeStage
 from services.storage import LocalStorage, StorageSettings
-from tests.services.test_service import PROMPT, H, W, in_process, ws_events
+from tests.services.service_calls import PROMPT, H, W, in_process, ws_events
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from websockets.sync.client import connect
 
 from protos.histream.v1 import api_pb2
-from tests.services.test_service import PROMPT, grpc_stub, held_sessions, metric, stage_calls
+from tests.services.service_calls import PROMPT, grpc_stub, held_sessions, metric, stage_calls
 
 # (fields, param, words of the message): invalid on every transport that carries the field
 BAD_FIELDS = [

@@ -11,7 +11,7 @@ from websockets.sync.client import connect
 from protos.histream.v1 import api_pb2
 from services.protocol import digest, to_proto
 from services.storage import Layout
-from tests.services.test_service import OTHER, PROMPT, H, W, grpc_stub, in_process, ws_events
+from tests.services.service_calls import OTHER, PROMPT, H, W, grpc_stub, in_process, ws_events
 
 HOUR_CAP = 1 + 4 * (3 * 4800 - 1)  # max_session_seconds (3600) at 16 fps, whole chunks
 

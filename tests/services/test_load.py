@@ -13,7 +13,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from tests.services.test_service import PROMPT, client, held_sessions, wait_until
+from tests.services.service_calls import PROMPT, client, held_sessions, wait_until
 
 LONG = {"type": "start", "prompt": PROMPT, "size": "128x64", "num_frames": 201}
 

@@ -14,7 +14,7 @@ import pytest
 from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
 from protos.histream.v1 import api_pb2
-from tests.services.test_service import PROMPT, grpc_stub
+from tests.services.service_calls import PROMPT, grpc_stub
 
 
 def listeners(port: int) -> set[str]:

@@ -12,7 +12,7 @@ import pytest
 from websockets.sync.client import connect
 
 from services.media import iter_boxes
-from tests.services.test_service import PROMPT, client, wait_until, wait_video
+from tests.services.service_calls import PROMPT, client, wait_until, wait_video
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # openai's Sora notice
 

@@ -14,7 +14,7 @@ from websockets.sync.client import connect
 from protos.histream.v1 import api_pb2
 from services.media import read_video
 from services.protocol import digest, to_proto
-from tests.services.test_service import (
+from tests.services.service_calls import (
     PROMPT,
     H,
     W,

@@ -1,122 +1,47 @@
 """The distributed service on a local Ray (tiny preset): the OpenAI Videos API, the pipeline's
-latents against the in-process generator, streaming sessions over WebSocket and gRPC, storage,
-and bad input over HTTP and gRPC."""
+latents against the in-process generator over both stage transports, storage, gRPC video calls,
+health and metrics, bad input over HTTP and gRPC, and batches. Sessions:
+test_service_sessions.py."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import time
-import warnings
 
 import grpc
 import httpx
 import openai
 import pytest
 import torch
-from ray import serve
 from websockets.sync.client import connect
 
-from histream_model.components import load_components
 from histream_model.config import MODES, get_mode, get_preset
-from histream_model.generator import HiStreamGenerator
-from histream_model.schedules import plan_chunk
-from histream_model.schedules.pipeline import split_phases
 from histream_model.shape import VideoShape
-from protos.histream.v1 import api_pb2, api_pb2_grpc
-from services.link.replicas import stage_link
-from services.media import decode_frames, read_video
-from services.protocol import StreamKind, digest, from_proto, to_proto
-from services.sessions import SessionDriver, SessionPlan, StageHandles
-
-PROMPT = "a red fox running through fresh snow"
-OTHER = "a blue whale under the northern lights"
-W, H = 192, 128
+from protos.histream.v1 import api_pb2
+from services.media import read_video
+from services.protocol import StreamKind, from_proto
+from services.sessions import SessionDriver, SessionPlan
+from tests.services.service_calls import (
+    OTHER,
+    OTHER_SEEDS,
+    PROMPT,
+    H,
+    W,
+    client,
+    grpc_stub,
+    held_sessions,
+    in_process,
+    metric,
+    name_field,
+    stage,
+    stage_calls,
+    transport_handles,
+    wait_until,
+    wait_video,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-# -- helpers ------------------------------------------------------------------------------------
-
-
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-
-
-def wait_video(api: openai.OpenAI, video_id: str, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        while True:
-            video = api.videos.retrieve(video_id)
-            if video.status in ("completed", "failed") or time.monotonic() > deadline:
-                return video
-            time.sleep(0.2)
-
-
-def stage(name: str, app: str = "histream"):
-    return serve.get_deployment_handle(name, app_name=app)
-
-
-def stage_calls() -> dict:
-    return {
-        name: stage(name).stats.remote().result()["calls"]
-        for name in ("StructureStage", "RefineStage", "DecodePool")
-    }
-
-
-def held_sessions(app: str = "histream") -> int:
-    steps = ("StepStage1", "StepStage2") if app == "histream" else ()
-    return sum(
-        stage(name, app).stats.remote().result()["sessions"]
-        for name in ("StructureStage", "RefineStage", "DecodePool", *steps)
-    )
-
-
-def wait_until(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
-
-
-_COMPONENTS = {}
-
-
-def in_process(
-    mode: str,
-    frames: int,
-    seed: int = 0,
-    prompt_at: int | None = None,
-    transition: tuple = (1, "linear"),
-):
-    """Latents per chunk from the in-process generator; optionally OTHER from chunk `prompt_at`
-    on, reached over `transition` (chunks, interpolation[, recache])."""
-    if "c" not in _COMPONENTS:
-        _COMPONENTS["c"] = load_components("tiny", device="cpu")
-    c = _COMPONENTS["c"]
-    gen = HiStreamGenerator(c.dit, c.preset, mode)
-    state = gen.start(c.text.encode([PROMPT]), H, W, frames, seed)
-    out = []
-    while not state.done:
-        if prompt_at is not None and state.next_chunk == prompt_at:
-            gen.set_prompt(state, c.text.encode([OTHER]), *transition)
-        out.append(gen.step(state).latents)
-    return out
-
-
-def metric(url: str, name: str, labels: str = "") -> float:
-    text = httpx.get(f"{url}/metrics").text
-    for line in text.splitlines():
-        if line.startswith(name + labels + " ") or line.startswith(f"{name}{labels} "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name}{labels} not in /metrics")
-
-
-# -- the video API ------------------------------------------------------------------------------
 
 
 def test_openai_client_end_to_end_with_presigned_s3_content(service, tmp_path):
@@ -212,32 +137,6 @@ def test_list_and_delete_videos(service):
     assert service.s3.list(f"tenants/default/videos/{second.id}/") == []
 
 
-# -- the pipeline against the in-process generator ----------------------------------------------
-
-
-OTHER_SEEDS = ["diagonal", "histream-diagonal", "hiar", "histream-hiar"]
-
-
-def name_field(deployment: str) -> str:
-    return {"StructureStage": "structure", "RefineStage": "refine", "DecodePool": "decode"}[
-        deployment
-    ]
-
-
-def transport_handles(service, transport: str) -> StageHandles:
-    """The stages of app "histream" through Serve's handles, or of app "local" (whose refine
-    stage calls its structure stage over gRPC too) through the grpc transport's links."""
-    if transport == "handle":
-        return StageHandles(stage("StructureStage"), stage("RefineStage"), stage("DecodePool"))
-    settings = service.settings.model_copy(update={"stage_transport": "grpc"})
-    link = functools.partial(stage_link, settings)
-    return StageHandles(
-        link(stage("StructureStage", "local"), "DenoiseStage", "TextEncoder"),
-        link(stage("RefineStage", "local"), "DenoiseStage"),
-        link(stage("DecodePool", "local"), "DecodeStage"),
-    )
-
-
 @pytest.mark.parametrize("transport", ["handle", "grpc"])
 @pytest.mark.parametrize("mode", ["histream", "histream+", *OTHER_SEEDS])
 def test_distributed_latents_equal_in_process_bit_exact(service, mode, transport):
@@ -271,124 +170,6 @@ def test_distributed_latents_equal_in_process_bit_exact(service, mode, transport
     assert wait_until(lambda: held_sessions("local" if transport == "grpc" else "histream") == 0)
 
 
-# -- streaming sessions ---------------------------------------------------------------------------
-
-
-def ws_events(ws, until: str = "session.ended"):
-    """Yield (json message, bytes or None) pairs until a message of type `until`."""
-    while True:
-        message = json.loads(ws.recv(timeout=60))
-        data = ws.recv(timeout=60) if message["type"] in ("init", "chunk") else None
-        yield message, data
-        if message["type"] == until or message["type"] == "error":
-            return
-
-
-# the two apps: "histream" calls its stages through Serve's handles, "local" over gRPC
-TRANSPORT_APPS = {"handle": "histream", "grpc": "local"}
-
-
-@pytest.mark.parametrize("transport", ["handle", "grpc"])
-def test_websocket_session_streams_chunks_and_blends_in_a_new_prompt(service, tmp_path, transport):
-    """A prompt change blended linearly over 2 chunks; the latents are the in-process
-    generator's under the same change, over either stage transport."""
-    start = {"type": "start", "prompt": PROMPT, "size": f"{W}x{H}", "num_frames": 117, "seed": 3,
-             "mode": "histream+"}  # fmt: skip
-    chunks, accepted, applied, ended = [], None, [], None
-    base = service.url if transport == "handle" else service.local_url
-    with connect(base.replace("http://", "ws://") + "/v1/sessions") as ws:
-        ws.send(json.dumps(start))
-        events = ws_events(ws)
-        started, _ = next(events)
-        assert started["type"] == "session.started" and started["num_chunks"] == 10
-        init_msg, init = next(events)
-        assert init_msg["type"] == "init" and len(init) == init_msg["bytes"]
-        for message, data in events:
-            if message["type"] == "chunk":
-                chunks.append((message, data))
-                if len(chunks) == 1:
-                    change = {"type": "prompt", "prompt": OTHER, "transition_chunks": 2,
-                              "interpolation": "linear"}  # fmt: skip
-                    ws.send(json.dumps(change))
-            elif message["type"] == "prompt.accepted":
-                accepted = message
-            elif message["type"] == "prompt.applied":
-                applied.append((message, len(chunks)))
-            elif message["type"] == "session.ended":
-                ended = message
-            elif message["type"] == "error":
-                pytest.fail(message["message"])
-    assert [m["index"] for m, _ in chunks] == list(range(10))
-    assert [m["first_frame"] for m, _ in chunks] == [0] + [9 + 12 * i for i in range(9)]
-    assert accepted is not None and 1 <= accepted["from_chunk"] < 10
-    k = accepted["from_chunk"]
-    assert [m["prompt_version"] for m, _ in chunks] == [0] * k + [1] * (10 - k)
-    # the prompt is announced applied once, right before the first chunk made under it
-    assert [(m["prompt_version"], m["from_chunk"], before) for m, before in applied] == [(1, k, k)]
-    assert ended is not None and ended["reason"] == "completed"
-
-    # the stream decodes to the whole video
-    mp4 = tmp_path / "stream.mp4"
-    mp4.write_bytes(init + b"".join(d for _, d in chunks))
-    assert read_video(mp4) == (117, W, H)
-
-    # chunks before k were generated under the first prompt, k half-way, then the new one
-    expected = in_process("histream+", 117, seed=3, prompt_at=k, transition=(2, "linear"))
-    assert [m["latents_sha256"] for m, _ in chunks] == [digest(to_proto(x)) for x in expected]
-    unchanged = in_process("histream+", 117, seed=3)
-    cut = in_process("histream+", 117, seed=3, prompt_at=k)
-    for other in (unchanged, cut):  # the blend is neither the old prompt nor a cut
-        assert digest(to_proto(other[k])) != chunks[k][0]["latents_sha256"]
-
-    # the session's HLS playlist and segments are in storage, ended
-    sid = started["session_id"]
-    storage = service.s3 if transport == "handle" else service.local
-    playlist = storage.get(f"tenants/default/sessions/{sid}/playlist.m3u8").decode()
-    assert playlist.count("#EXTINF") == 10 and "#EXT-X-ENDLIST" in playlist
-    assert storage.exists(f"tenants/default/sessions/{sid}/seg-00010.m4s")
-
-
-@pytest.mark.parametrize(
-    ("mode", "door"),
-    [("diagonal", "websocket"), ("histream-hiar", "websocket"),
-     ("hiar", "grpc"), ("histream-diagonal", "grpc")],
-)  # fmt: skip
-def test_other_seeds_stream_the_in_process_latents(service, mode, door):
-    """Diagonal's and HiAR's modes through the streaming front doors: every chunk's latents are
-    the in-process generator's (45 frames: 4 chunks, Diagonal's 5, 4, 3 and 2 steps). This app
-    runs HiAR's modes as a wavefront on its two step workers."""
-    hiar_before = step_runs()
-    if door == "websocket":
-        start = {"type": "start", "prompt": PROMPT, "size": f"{W}x{H}", "num_frames": 45,
-                 "seed": 2, "mode": mode}  # fmt: skip
-        with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
-            ws.send(json.dumps(start))
-            messages = [m for m, _ in ws_events(ws)]
-        assert messages[0]["mode"] == mode, messages[0]
-        sha = [m["latents_sha256"] for m in messages if m["type"] == "chunk"]
-    else:
-        stub, md = grpc_stub(service)
-        request = api_pb2.StreamSessionRequest(
-            prompt=PROMPT, size=f"{W}x{H}", num_frames=45, seed=2, mode=mode
-        )
-        events = list(stub.StreamSession(request, metadata=md, timeout=120))
-        assert events[-1].WhichOneof("event") == "ended", events[-1]
-        sha = [e.chunk.latents_sha256 for e in events if e.WhichOneof("event") == "chunk"]
-    assert sha == [digest(to_proto(x)) for x in in_process(mode, 45, seed=2)]
-    if "hiar" in mode:  # on the step workers, each its share of the 4 phases of 4 chunks
-        shape = VideoShape(get_preset("tiny"), get_mode(mode), H, W, 45)
-        shares = [4 * len(g) for g in split_phases(plan_chunk(shape, 0), 2, shape)]
-        assert shares == ([8, 8] if mode == "hiar" else [12, 4])  # steps 1-3 | 4 by work
-        assert [b - a for a, b in zip(hiar_before, step_runs(), strict=True)] == shares
-    assert wait_until(lambda: held_sessions() == 0)
-
-
-def step_runs() -> list[int]:
-    """RunPhase calls each step worker has served."""
-    calls = [stage(f"StepStage{w}").stats.remote().result()["calls"] for w in (1, 2)]
-    return [c.get("RunPhase", 0) for c in calls]
-
-
 def test_other_seeds_through_the_video_api(service, tmp_path):
     api = client(service.url)
     video = api.videos.create(
@@ -405,96 +186,6 @@ def test_other_seeds_through_the_video_api(service, tmp_path):
     assert api.models.retrieve("histream-diagonal").id == "histream-diagonal"
     described = httpx.get(f"{service.url}/v1/models/hiar").json()
     assert described["mode"] == "hiar" and described["description"].startswith("HiAR: 4 high")
-
-
-def test_websocket_close_message_ends_the_session_as_closed(service):
-    """`{"type": "close"}` stops the session after the chunks already started: it ends with
-    reason `closed` before its last chunk, and the stages free its caches."""
-    start = {"type": "start", "prompt": PROMPT, "size": f"{W}x{H}", "num_frames": 117, "seed": 1}
-    got, ended = [], None
-    with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
-        ws.send(json.dumps(start))
-        for message, _ in ws_events(ws):
-            if message["type"] == "chunk":
-                got.append(message["index"])
-                if len(got) == 1:
-                    ws.send(json.dumps({"type": "close"}))
-            elif message["type"] == "session.ended":
-                ended = message
-    assert ended is not None and ended["reason"] == "closed"
-    assert got[0] == 0 and got == list(range(len(got))) and len(got) < 10
-    assert wait_until(lambda: held_sessions() == 0)
-
-
-def test_websocket_disconnect_frees_the_session(service):
-    start = {"type": "start", "prompt": PROMPT, "size": f"{W}x{H}", "num_frames": 201}
-    with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
-        ws.send(json.dumps(start))
-        for message, _ in ws_events(ws, until="chunk"):
-            if message["type"] == "session.started":
-                assert metric(service.url, "histream_active_sessions", '{kind="session"}') == 1
-                assert metric(service.url, "histream_cache_bytes") > 0
-    # the client went away mid-stream: caches freed everywhere, no active session left
-    assert wait_until(
-        lambda: metric(service.url, "histream_active_sessions", '{kind="session"}') == 0
-    )
-    assert metric(service.url, "histream_cache_bytes") == 0
-    assert wait_until(lambda: held_sessions() == 0)
-
-
-def grpc_stub(service, app: str = "histream"):
-    channel = grpc.insecure_channel(service.grpc_target)
-    return api_pb2_grpc.HiStreamStub(channel), (("application", app),)
-
-
-@pytest.mark.parametrize("transport", ["handle", "grpc"])
-def test_grpc_session_streams_chunks_and_slerps_to_a_new_prompt(service, tmp_path, transport):
-    stub, md = grpc_stub(service, TRANSPORT_APPS[transport])
-    request = api_pb2.StreamSessionRequest(prompt=PROMPT, size=f"{W}x{H}", num_frames=117, seed=11)
-    events: list = []
-    update = None
-    for event in stub.StreamSession(request, metadata=md, timeout=120):
-        events.append(event)
-        if event.WhichOneof("event") == "chunk" and update is None:
-            session_id = events[0].started.session_id
-            update = stub.UpdateSessionPrompt(
-                api_pb2.UpdateSessionPromptRequest(
-                    session_id=session_id,
-                    prompt=OTHER,
-                    session_token=events[0].started.session_token,
-                    transition_chunks=3,
-                    interpolation="slerp",
-                ),
-                metadata=md,
-            )
-    kinds = [e.WhichOneof("event") for e in events]
-    assert kinds[:2] == ["started", "init"] and kinds[-1] == "ended"
-    chunks = [e.chunk for e in events if e.WhichOneof("event") == "chunk"]
-    assert [c.index for c in chunks] == list(range(10))
-    k = update.from_chunk
-    applied = [e.prompt_updated for e in events if e.WhichOneof("event") == "prompt_updated"]
-    assert [(p.prompt_version, p.from_chunk) for p in applied] == [(1, k)]
-    expected = in_process("histream+", 117, seed=11, prompt_at=k, transition=(3, "slerp"))
-    assert [c.latents_sha256 for c in chunks] == [digest(to_proto(x)) for x in expected]
-    mp4 = tmp_path / "grpc.mp4"
-    mp4.write_bytes(events[1].init.data + b"".join(c.data for c in chunks))
-    frames = decode_frames(mp4)
-    assert frames.shape == (117, H, W, 3)
-
-
-def test_grpc_cancel_frees_the_session(service):
-    stub, md = grpc_stub(service)
-    call = stub.StreamSession(
-        api_pb2.StreamSessionRequest(prompt=PROMPT, num_frames=201), metadata=md, timeout=120
-    )
-    for event in call:
-        if event.WhichOneof("event") == "chunk":
-            break
-    call.cancel()
-    assert wait_until(lambda: held_sessions() == 0)
-    assert wait_until(
-        lambda: metric(service.url, "histream_active_sessions", '{kind="session"}') == 0
-    )
 
 
 def test_grpc_video_lifecycle(service):
@@ -522,9 +213,6 @@ def test_grpc_video_lifecycle(service):
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     after = stub.ListVideos(api_pb2.ListVideosRequest(limit=100, order="asc"), metadata=md)
     assert video.id not in [v.id for v in after.data]
-
-
-# -- health, metrics, bad input -----------------------------------------------------------------
 
 
 def test_health_and_metrics(service):
@@ -688,32 +376,3 @@ def test_histream_batch_submits_follows_and_downloads(service, tmp_path, capsys)
     assert read_video(out / "a_1.mp4") == (21, 96, 64)
     [error] = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
     assert error["custom_id"] == "b" and error["error"]["line"] == 2
-
-
-def test_two_prompt_updates_sent_at_once_are_both_answered(service):
-    """Both updates' prompt encodings are in flight at once from one WebSocket request: each
-    call must be routed on its own (they once shared Serve's internal request id, and the
-    second was never answered)."""
-    start = {"type": "start", "prompt": PROMPT, "size": "128x64", "num_frames": 477, "seed": 2}
-    accepted, kinds = [], []
-    with connect(f"ws://127.0.0.1:{service.settings.http_port}/v1/sessions") as ws:
-        ws.send(json.dumps(start))
-        sent = False
-        while True:
-            message = ws.recv(timeout=60)
-            if isinstance(message, bytes):
-                continue
-            event = json.loads(message)
-            kinds.append(event["type"])
-            if event["type"] == "chunk" and not sent:
-                ws.send(json.dumps({"type": "prompt", "prompt": "a heron in the reeds"}))
-                ws.send(json.dumps({"type": "prompt", "prompt": "an owl at dusk"}))
-                sent = True
-            elif event["type"] == "prompt.accepted":
-                accepted.append(event["prompt_version"])
-            elif event["type"] in ("session.ended", "error"):
-                break
-    # both answered; the second is version 2 (the first is 1, or 2 if the second superseded it
-    # before a chunk boundary: superseded updates are answered with the one that applied)
-    assert len(accepted) == 2 and sorted(accepted)[1] == 2, (accepted, kinds[-5:])
-    assert kinds[-1] == "session.ended"

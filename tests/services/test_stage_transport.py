@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from protos.histream.v1 import stages_pb2
-from tests.services.test_service import stage
+from tests.services.service_calls import stage
 
 SERVICES = {
     "StructureStage": {"histream.v1.DenoiseStage", "histream.v1.TextEncoder"},

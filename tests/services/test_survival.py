@@ -14,7 +14,7 @@ from websockets.sync.client import connect
 
 from services.local import server
 from services.media import read_video
-from tests.services.test_service import PROMPT, held_sessions, metric, wait_until
+from tests.services.service_calls import PROMPT, held_sessions, metric, wait_until
 
 
 class Stream:
@@ -154,7 +154,7 @@ def test_prompt_updates_and_a_close_reach_a_session_from_either_gateway_replica(
     sent meanwhile land on either (Serve picks; the busy one less often) and all reach the
     session, through the session mailbox for those that land on the other."""
     from protos.histream.v1 import api_pb2
-    from tests.services.test_service import grpc_stub
+    from tests.services.service_calls import grpc_stub
 
     stub, md = grpc_stub(service)
     request = api_pb2.StreamSessionRequest(prompt=PROMPT, size="128x64", num_frames=477, seed=3)

@@ -16,7 +16,7 @@ from websockets.sync.client import connect
 
 from protos.histream.v1 import api_pb2, api_pb2_grpc
 from services.media import read_video
-from tests.services.test_service import PROMPT, wait_video
+from tests.services.service_calls import PROMPT, wait_video
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from bench.screenshot import BROWSER, DRIVER, chromium, wait_for
-from tests.services.test_service import PROMPT, client, metric, wait_until, wait_video
+from tests.services.service_calls import PROMPT, client, metric, wait_until, wait_video
 
 OTHER = "a small green square moving slowly up on a white background"
 ARTIFACTS = Path(os.environ.get("HISTREAM_TEST_ARTIFACTS", "outputs/test-artifacts"))

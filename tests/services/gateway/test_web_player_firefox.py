@@ -15,7 +15,7 @@ import pytest
 from tests.services import firefox
 from tests.services.fakes import real_stages
 from tests.services.gateway.local_app import serving, settings_for
-from tests.services.test_service import OTHER, PROMPT, wait_until
+from tests.services.service_calls import OTHER, PROMPT, wait_until
 
 
 @pytest.fixture(scope="module")
