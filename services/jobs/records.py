@@ -113,10 +113,12 @@ class RecordStore:
         self.batch_marks = Marks(storage, layout.unfinished_prefix("batches"), self.storage_call)
 
     def for_tenant(self, tenant: str) -> RecordStore:
-        """The records of `tenant`, in the same storage."""
+        """The records of `tenant`, in the same storage: one store per tenant, whichever
+        tenant's store is asked (each keeps what it learned, e.g. that its marks are complete)."""
         store = self._tenants.get(tenant)
         if store is None:
             store = self._tenants[tenant] = RecordStore(self.storage, Layout(tenant))
+            store._tenants = self._tenants
         return store
 
     async def storage_call(self, fn: Callable[..., T], *args: object) -> T:

@@ -135,3 +135,13 @@ def test_batches_are_marked_until_they_end_and_found_by_their_marks(tmp_path):
 
     assert [b.id for b in run(go())] == ["running"]
     assert set(storage.reads) == {"running"}  # no ended batch was read
+
+
+def test_every_tenant_has_one_store_so_its_first_search_is_done_once(tmp_path):
+    storage = Counting(tmp_path)
+    root = RecordStore(storage, Layout())
+    acme = root.for_tenant("acme")
+    assert acme.for_tenant("default") is root and acme.for_tenant("acme") is acme
+    assert root.for_tenant("beta") is acme.for_tenant("beta")
+    run(root.for_tenant("beta").unfinished())
+    assert acme.for_tenant("beta").marks.complete  # the store that searched is the one kept
