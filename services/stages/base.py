@@ -61,8 +61,15 @@ class SessionStage(LinkedStage, Generic[T]):
 
     def reap(self) -> list[str]:
         """Free every session idle for longer than the timeout, or kept (suspended) past its
-        time; returns their ids."""
-        expired = self.sessions.idle(self.settings.session_idle_timeout_s)
+        time; returns their ids. A session with a call in flight (its lock held: a phase or a
+        decode longer than the timeout, or one waiting for it) is in use, not idle: it is
+        marked used now and never freed under the call."""
+        expired = []
+        for session_id in self.sessions.idle(self.settings.session_idle_timeout_s):
+            if self._busy(session_id):
+                self.sessions.touch(session_id)
+            else:
+                expired.append(session_id)
         for session_id in expired:
             log.warning(
                 "%s freed idle session %s", self.label, session_id,
@@ -70,6 +77,10 @@ class SessionStage(LinkedStage, Generic[T]):
             )  # fmt: skip
             self._free(session_id)
         return expired
+
+    def _busy(self, session_id: str) -> bool:
+        lock = getattr(self.sessions.peek(session_id), "lock", None)
+        return lock is not None and lock.locked()
 
     def _free(self, session_id: str) -> None:
         """Free a session whose driver will not close it (idle, or kept past its time)."""

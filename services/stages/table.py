@@ -110,6 +110,15 @@ class SessionTable(Generic[T]):
         self._used[session_id] = self.clock()
         return item
 
+    def peek(self, session_id: str) -> T | None:
+        """The session if held, without marking it used."""
+        return self._items.get(session_id)
+
+    def touch(self, session_id: str) -> None:
+        """Mark a held session used now (a call on it is still in flight)."""
+        if session_id in self._items:
+            self._used[session_id] = self.clock()
+
     def pop(self, session_id: str) -> T | None:
         """Remove and return the session; closing one not held here keeps it from opening."""
         self._used.pop(session_id, None)

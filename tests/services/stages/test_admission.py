@@ -87,6 +87,7 @@ def test_decode_stage_reaps_an_abandoned_stream(settings):
 
     async def run() -> None:
         await decode.OpenStream(video_stream("s", "s"))
+        decode._reaper.cancel()  # only the reap() below acts (the loop's is tested elsewhere)
         assert decode.stats()["sessions"] == 1
         await asyncio.sleep(0.05)
         assert decode.reap() == ["s"]
