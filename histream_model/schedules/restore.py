@@ -118,5 +118,6 @@ def reprefill(
                 x = x0 if i == plan.output else handoff(shape, phase, x0)
             _commit(_Pass.of(model, state, plan, phase), x, phase.write_timestep)
             passes += 1
-    state.cache.skip_to(plans(next_chunk).frame_start if next_chunk < shape.num_chunks else 0)
+    if next_chunk < shape.num_chunks:  # else every chunk is in: the cache stays as replayed
+        state.cache.skip_to(plans(next_chunk).frame_start)
     return passes

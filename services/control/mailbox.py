@@ -22,6 +22,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from services.control.claims import Claims
 from services.errors import NotFound, ServiceError, Unavailable
 
 POLL_S = 5.0  # an owner's collect returns after this long without letters
@@ -64,6 +65,7 @@ class Mailbox:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self._answered = 0
+        self._claims = Claims()
 
     def _owner(self, owner: str) -> _Owner:
         if owner not in self._owners:
@@ -81,6 +83,14 @@ class Mailbox:
         entry = self._owner(owner)
         entry.seq = max(entry.seq, seq)
         entry.sessions.pop(session_id, None)
+
+    async def claim(self, session_id: str, claimant: str, ttl_s: float) -> bool:
+        """The lease on resuming `session_id` for `claimant` (one resume attempt), unless
+        another resume holds it (see services/control/claims.py)."""
+        return self._claims.take(session_id, claimant, ttl_s)
+
+    async def unclaim(self, session_id: str, claimant: str) -> None:
+        self._claims.give_back(session_id, claimant)
 
     async def collect(
         self, owner: str, seq: int, sessions: dict[str, str], wait_s: float = POLL_S
@@ -153,7 +163,7 @@ class Mailbox:
         """Each known owner's number of registered sessions, and the letters answered so far
         (for tests and operators)."""
         owners = {name: len(entry.sessions) for name, entry in self._owners.items()}
-        return {"owners": owners, "answered": self._answered}
+        return {"owners": owners, "answered": self._answered, "resuming": len(self._claims)}
 
     def _owner_of(self, session_id: str, tenant: str) -> _Owner | None:
         for entry in self._owners.values():

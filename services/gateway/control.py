@@ -13,10 +13,14 @@ Without a mailbox (tests of one replica in-process), only this replica's session
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import time
 import uuid
+from collections.abc import AsyncIterator
 
+from services.control.claims import Claims
 from services.errors import (
     Internal,
     InvalidArgument,
@@ -36,6 +40,11 @@ log = logging.getLogger("histream.gateway")
 
 POLL_S = 5.0  # a collect returns after this long without letters (then registers afresh)
 HAND_OVER_S = 10.0  # a resume waits this long for the session's old connection to let go
+# A resume holds the lease on its session while it takes it up (its hand-over, the snapshot
+# read, its registration); another resume of the session waits this long for it, then goes on
+# and takes the session over from it, as a resume after the first one ended would.
+RESUME_LEASE_S = HAND_OVER_S + 20.0
+RESUME_WAIT_S = RESUME_LEASE_S + 5.0
 OPS = ("update_prompt", "close", "hand_over")
 
 
@@ -48,6 +57,7 @@ class SessionControl:
         self._seq = itertools.count()
         self._collector: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._claims = Claims()  # resume leases, where no mailbox holds them for every replica
 
     # -- the calls, wherever the session runs -----------------------------------------------------
 
@@ -79,6 +89,44 @@ class SessionControl:
                 "resume of %s goes on without a hand-over: %s", session_id, err.message,
                 extra=ids(tenant, session_id),
             )  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def resuming(self, session_id: str) -> AsyncIterator[None]:
+        """Hold the lease on resuming `session_id` (on every replica, through the mailbox)
+        while a resume takes the session up, waiting up to RESUME_WAIT_S for another resume of
+        it to finish doing so. So resumes racing go one after another, the later one handing
+        the session over from the earlier: one driver per session, whatever the client does."""
+        claimant = uuid.uuid4().hex
+        deadline = time.monotonic() + RESUME_WAIT_S
+        while not await self._claim(session_id, claimant):
+            if time.monotonic() >= deadline:
+                raise QueueTimeout(
+                    f"another resume of session {session_id!r} has been taking it up for "
+                    f"{RESUME_WAIT_S:.0f} s; retry the resume"
+                )
+            await asyncio.sleep(0.05)
+        try:
+            yield
+        finally:
+            await self._unclaim(session_id, claimant)
+
+    async def _claim(self, session_id: str, claimant: str) -> bool:
+        if self.mailbox is not None:
+            own_request_id()
+            try:
+                return await remote_result(
+                    self.mailbox.claim.remote(session_id, claimant, RESUME_LEASE_S)
+                )
+            except Exception as err:  # a mailbox restarting: leases of this replica only
+                log.warning("session mailbox unreachable for a resume lease (%r)", err)
+        return self._claims.take(session_id, claimant, RESUME_LEASE_S)
+
+    async def _unclaim(self, session_id: str, claimant: str) -> None:
+        self._claims.give_back(session_id, claimant)
+        if self.mailbox is not None:
+            own_request_id()
+            with contextlib.suppress(Exception):  # the lease then expires on its own
+                await remote_result(self.mailbox.unclaim.remote(session_id, claimant))
 
     async def _call(self, op: str, session_id: str, token: str | None, tenant: str, **args):
         if not token:
@@ -119,11 +167,17 @@ class SessionControl:
     def opened(self, session_id: str, tenant: str) -> None:
         """A session now driven here: tell the mailbox (at once; each poll tells it again)."""
         if self.mailbox is not None:
+            self._spawn(self.registered(session_id, tenant))
+
+    async def registered(self, session_id: str, tenant: str) -> None:
+        """A session now driven here, returning once the mailbox knows it (a resume's lease
+        ends only then, so the next resume's hand-over finds this replica)."""
+        if self.mailbox is not None:
             self.start()
             own_request_id()
-            self._spawn(remote_result(
+            await remote_result(
                 self.mailbox.register.remote(self.owner, next(self._seq), session_id, tenant)
-            ))  # fmt: skip
+            )
 
     def ended(self, session_id: str) -> None:
         if self.mailbox is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
@@ -31,6 +32,8 @@ from services.sessions import (
 from services.sessions.resume import Sweeper, plan_of, resumable
 from services.settings import ServeSettings
 from services.storage import Layout, Storage
+
+log = logging.getLogger("histream.gateway")
 
 
 def new_session_id() -> str:
@@ -118,8 +121,21 @@ class Streams:
         its events re-send the chunks after `last_chunk`, then go on."""
         self._admit_session()
         tenant = tenant or self.layout.tenant
-        if token:  # the old connection (on any replica) may not be gone yet
+        if not token:
+            await resumable(self.durability.store, session_id, token, last_chunk, tenant)
+        async with self.control.resuming(session_id):  # one resume of a session at a time
+            # the old connection (on any replica) may not be gone yet
             await self.control.hand_over(session_id, token, tenant)
+            live = await self._take_up(session_id, token, last_chunk, tenant)
+            try:
+                await self.control.registered(session_id, tenant)
+            except Exception as err:  # the mailbox restarting: the next poll registers it
+                log.warning("resumed session %s not yet registered (%r)", session_id, err)
+            return live
+
+    async def _take_up(
+        self, session_id: str, token: str, last_chunk: int, tenant: str
+    ) -> LiveSession:
         store = self.durability.store
         snapshot = await resumable(store, session_id, token, last_chunk, tenant)
         plan = plan_of(snapshot, self.preset)
@@ -137,7 +153,6 @@ class Streams:
             resume_after=last_chunk, replay=replay,
         )  # fmt: skip
         self.sessions.add(live)
-        self.control.opened(session_id, tenant)
         return live
 
     def open_count(self, tenant: str) -> int:

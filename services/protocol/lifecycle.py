@@ -23,8 +23,8 @@ class SessionStatus(enum.StrEnum):
 
 
 SESSION_TRANSITIONS: dict[SessionStatus, frozenset[SessionStatus]] = {
-    SessionStatus.OPENING: frozenset(
-        {SessionStatus.RUNNING, SessionStatus.CLOSED, SessionStatus.FAILED}
+    SessionStatus.OPENING: frozenset(  # suspended: a resume stopped before it took up
+        {SessionStatus.RUNNING, SessionStatus.CLOSED, SessionStatus.SUSPENDED, SessionStatus.FAILED}
     ),
     SessionStatus.RUNNING: frozenset(
         {

@@ -353,14 +353,18 @@ class SessionDriver:
         """Stop here to go on later from the snapshot (a drain, a client gone away): the
         media stays open, the snapshot is kept, resumable for `resumable_s`; the stages keep
         the session's state `keep_s` seconds (a resume within it takes it up as is), then free
-        it. A session still opening has nothing to go on from: closed instead."""
-        if self.status != SessionStatus.RUNNING or self.store is None:
+        it. A new session still opening has nothing to go on from: closed instead. A resume
+        still opening (its client gone again, or another resume taking over) stands where its
+        snapshot does: suspended, that snapshot kept, never the session lost."""
+        resuming = self.status == SessionStatus.OPENING and bool(self.resumed_from)
+        if (self.status != SessionStatus.RUNNING and not resuming) or self.store is None:
             await self.close(reason)
             return
         self.lifecycle.to(SessionStatus.SUSPENDED)
         self.end_reason = reason
         await self.stages.release(suspend=True, keep_s=keep_s)
-        snapshot = self.record.snapshot(self.record.decoded, self.session_id)
+        routing = self.session_id or self.resumed_from  # stopped before a stage was asked
+        snapshot = self.record.snapshot(self.record.decoded, routing)
         snapshot.resumable_until = int(time.time() + resumable_s)
         await self.store.save(snapshot, str(self.plan.kind))
 

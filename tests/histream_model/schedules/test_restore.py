@@ -84,6 +84,14 @@ def test_replaying_every_chunk_is_bit_exact(model, mode):
     assert deviation(resumed(model, mode, full, 4, [0, 1, 2, 3]), full[4:]) == 0
 
 
+def test_a_session_with_every_chunk_in_restores_with_nothing_left_to_run(model):
+    """A client that went away after the last chunk was decoded but before the session ended
+    resumes it: its caches rebuild from every chunk (nothing is left to generate; the resume
+    only replays what the client missed), never refused for a cache 'skipping back'."""
+    full = uninterrupted(model, "histream+")
+    assert resumed(model, "histream+", full, 7, list(range(7))) == []
+
+
 @pytest.mark.parametrize("mode", NEW_MODES)
 def test_a_restore_needs_the_reported_write_inputs(model, mode):
     """HiAR's and Diagonal's caches hold latents other than the chunks' outputs: a restore

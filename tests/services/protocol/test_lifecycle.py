@@ -12,9 +12,11 @@ from services.protocol import SESSION_TRANSITIONS, IllegalTransition, Lifecycle,
 S = SessionStatus
 # The session lifecycle, written out: opening -> running -> finishing -> ended, and from any
 # status that is not final, closed (stopped unsealed) or failed; a running session may be
-# suspended (drained, to go on later from its snapshot).
+# suspended (drained, to go on later from its snapshot), and so may a resume still opening
+# (its client went away again before it took the session up: its snapshot still stands).
 ALLOWED = {
     (S.OPENING, S.RUNNING), (S.OPENING, S.CLOSED), (S.OPENING, S.FAILED),
+    (S.OPENING, S.SUSPENDED),
     (S.RUNNING, S.FINISHING), (S.RUNNING, S.CLOSED), (S.RUNNING, S.FAILED),
     (S.RUNNING, S.SUSPENDED),
     (S.FINISHING, S.ENDED), (S.FINISHING, S.CLOSED), (S.FINISHING, S.FAILED),

@@ -1,0 +1,125 @@
+"""Resumes of one session racing (a client retrying while its first resume is still taking the
+session up), on one gateway replica or on two that share the session mailbox, without Ray:
+they go one after the other, the later taking the session over from the earlier, as if they
+had come in turn. Never two drivers under one id: exactly one connection delivers the rest of
+the session, every chunk once, and the stages hold nothing afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from protos.histream.v1 import api_pb2
+from services.control import Mailbox
+from services.gateway.core import GatewayCore
+from services.storage import Layout, LocalStorage
+from tests.services.fakes import LocalHandle, real_stages
+from tests.services.gateway.local_app import LocalGateway, settings_for
+from tests.services.gateway.test_grpc_calls import Context
+
+
+async def interrupted_session(gateway: LocalGateway) -> api_pb2.SessionStarted:
+    """A 5-chunk session whose client goes away after chunk 1."""
+    request = api_pb2.StreamSessionRequest(prompt="a cat", size="128x64", num_frames=57)
+    started = None
+    async for event in gateway.StreamSession(request, Context()):
+        if event.WhichOneof("event") == "started":
+            started = event.started
+        if event.WhichOneof("event") == "chunk" and event.chunk.index == 1:
+            break
+    assert started is not None
+    return started
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_two_resumes_racing_take_the_session_up_one_after_the_other(tmp_path, replicas):
+    stages = real_stages(tmp_path)
+    mailbox = LocalHandle(Mailbox(), detached=True) if replicas == 2 else None
+    settings = settings_for(tmp_path)
+
+    async def go():
+        cores = [GatewayCore(settings, stages.handles, mailbox) for _ in range(replicas)]
+        for core in cores:
+            core.start_background()
+        gateways = [LocalGateway(core) for core in cores]
+        try:
+            started = await interrupted_session(gateways[0])
+            resume = api_pb2.ResumeSessionRequest(
+                session_id=started.session_id, session_token=started.session_token, last_chunk=1
+            )
+
+            async def take_up(gateway: LocalGateway) -> list:
+                return [e async for e in gateway.ResumeSession(resume, Context())]
+
+            both = await asyncio.wait_for(
+                asyncio.gather(take_up(gateways[0]), take_up(gateways[-1])), 120
+            )
+            held = stages.held()
+            return started, both, held
+        finally:
+            for core in cores:
+                await core.drain(timeout_s=5)
+
+    started, both, held = asyncio.run(go())
+    ended = [
+        [e.ended.reason for e in events if e.WhichOneof("event") == "ended"] for events in both
+    ]
+    assert sorted(ended) == [[], ["completed"]], ended  # the earlier stops as a dropped one does
+    done, taken = (both[0], both[1]) if ended[0] else (both[1], both[0])
+    for events in both:  # a resume of the same session, if it started before it was taken over
+        assert all(e.started.resumed for e in events if e.WhichOneof("event") == "started")
+        assert all(
+            e.started.session_id == started.session_id
+            for e in events
+            if e.WhichOneof("event") == "started"
+        )
+    # the later resume goes on from its own last_chunk (1): chunks 2..4, each once, whatever
+    # the earlier delivered before it was taken over
+    assert [e.chunk.index for e in done if e.WhichOneof("event") == "chunk"] == [2, 3, 4]
+    assert all(e.chunk.index in (2, 3, 4) for e in taken if e.WhichOneof("event") == "chunk")
+    assert held == {"structure": 0, "refine": 0, "decode": 0}
+
+
+def test_a_resume_whose_client_goes_away_while_it_still_opens_leaves_the_session_resumable(
+    tmp_path,
+):
+    """A client that drops again while its resume is still taking the session up (here: a
+    stage's restore held) leaves the session as its snapshot stood: resumable, its playlist
+    open, not ended and lost."""
+    stages = real_stages(tmp_path)
+    storage, layout = LocalStorage(tmp_path), Layout()
+
+    async def go():
+        core = GatewayCore(settings_for(tmp_path), stages.handles)
+        core.start_background()
+        gateway = LocalGateway(core)
+        try:
+            started = await interrupted_session(gateway)
+            resume = api_pb2.ResumeSessionRequest(
+                session_id=started.session_id, session_token=started.session_token, last_chunk=1
+            )
+            gate = stages.structure.gate("RestoreSession")
+
+            async def take_up() -> list:
+                return [e async for e in gateway.ResumeSession(resume, Context())]
+
+            first = asyncio.create_task(take_up())
+            await stages.journal.reached("RestoreSession", stage="structure")
+            first.cancel()  # the client is gone again while its resume still opens
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            gate.set()
+            await asyncio.sleep(0.1)  # what the first resume left behind is settled
+            playlist = storage.get(layout.session_playlist_key(started.session_id)).decode()
+            again = await asyncio.wait_for(take_up(), 60)
+            return playlist, again, stages.held()
+        finally:
+            await core.drain(timeout_s=5)
+
+    playlist, again, held = asyncio.run(go())
+    assert "#EXT-X-ENDLIST" not in playlist
+    assert again[0].started.resumed and again[-1].ended.reason == "completed"
+    assert [e.chunk.index for e in again if e.WhichOneof("event") == "chunk"] == [2, 3, 4]
+    assert held == {"structure": 0, "refine": 0, "decode": 0}
