@@ -22,8 +22,8 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from services.control.claims import Claims
 from services.errors import NotFound, ServiceError, Unavailable
+from services.protocol.claims import Claims
 
 POLL_S = 5.0  # an owner's collect returns after this long without letters
 ANSWER_S = 60.0  # a sender waits this long for the owner's answer
@@ -86,7 +86,7 @@ class Mailbox:
 
     async def claim(self, session_id: str, claimant: str, ttl_s: float) -> bool:
         """The lease on resuming `session_id` for `claimant` (one resume attempt), unless
-        another resume holds it (see services/control/claims.py)."""
+        another resume holds it (see services/protocol/claims.py)."""
         return self._claims.take(session_id, claimant, ttl_s)
 
     async def unclaim(self, session_id: str, claimant: str) -> None:

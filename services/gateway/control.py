@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from services.control.claims import Claims
 from services.errors import (
     Internal,
     InvalidArgument,
@@ -32,6 +31,7 @@ from services.errors import (
 )
 from services.logs import ids
 from services.protocol import EndReason
+from services.protocol.claims import Claims
 from services.protocol.routing import own_request_id
 from services.sessions import SessionRegistry
 from services.sessions.prompts import PromptUpdate

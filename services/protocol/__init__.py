@@ -7,6 +7,7 @@
 - `codec.py`      torch tensors to and from the protocol's `Tensor` message;
 - `snapshot.py`   reading a session snapshot (kept latents, prompts, a decoder's tail);
 - `identity.py`   which replica is speaking;
+- `claims.py`     leases on resuming a session (held by the mailbox, or by a lone gateway);
 - `servicer.py`   the gRPC servicer Serve's proxy registers (tolerant of malformed requests).
 """
 

@@ -107,7 +107,9 @@ class LiveSession:
             async for position in self._open(deadline_s):
                 yield SessionQueued(position)
             if self._stop.is_set():  # stopped while it waited: nothing was generated
-                if self.stop_reason not in (EndReason.DISCONNECTED, EndReason.DRAINING):
+                if self.stop_reason == EndReason.DRAINING:  # a resume's snapshot stays
+                    await driver.suspend(EndReason.DRAINING, ttl_s, grace_s)
+                elif self.stop_reason != EndReason.DISCONNECTED:
                     yield SessionEnded(self.stop_reason or EndReason.CLOSED)
                 return
             yield SessionStarted.of(

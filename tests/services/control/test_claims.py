@@ -1,4 +1,4 @@
-"""Resume leases (services/control/claims.py): one claimant per session at a time, its own
+"""Resume leases (services/protocol/claims.py): one claimant per session at a time, its own
 to renew and give back, gone on their own after their time; the mailbox holds them for every
 gateway replica."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 
 from services.control import Mailbox
-from services.control.claims import Claims
 from services.errors import QueueTimeout
 from services.gateway import control as module
 from services.gateway.control import SessionControl
+from services.protocol.claims import Claims
 from services.sessions import SessionRegistry
 from tests.services.harness import run
 

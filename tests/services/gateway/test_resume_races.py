@@ -20,6 +20,10 @@ from tests.services.gateway.local_app import LocalGateway, settings_for
 from tests.services.gateway.test_grpc_calls import Context
 
 
+async def collect(events) -> list:
+    return [event async for event in events]
+
+
 async def interrupted_session(gateway: LocalGateway) -> api_pb2.SessionStarted:
     """A 5-chunk session whose client goes away after chunk 1."""
     request = api_pb2.StreamSessionRequest(prompt="a cat", size="128x64", num_frames=57)
@@ -119,6 +123,45 @@ def test_a_resume_whose_client_goes_away_while_it_still_opens_leaves_the_session
             await core.drain(timeout_s=5)
 
     playlist, again, held = asyncio.run(go())
+    assert "#EXT-X-ENDLIST" not in playlist
+    assert again[0].started.resumed and again[-1].ended.reason == "completed"
+    assert [e.chunk.index for e in again if e.WhichOneof("event") == "chunk"] == [2, 3, 4]
+    assert held == {"structure": 0, "refine": 0, "decode": 0}
+
+
+def test_a_drain_while_a_resume_still_opens_leaves_the_session_resumable(tmp_path):
+    """A replica shutting down (a scale-down, a rolling update) while a resume on it is still
+    taking the session up suspends the session as its snapshot stood: a resume on another
+    replica goes on from it."""
+    stages = real_stages(tmp_path)
+    storage, layout = LocalStorage(tmp_path), Layout()
+
+    async def go():
+        leaving, staying = (GatewayCore(settings_for(tmp_path), stages.handles) for _ in "ab")
+        leaving.start_background()
+        staying.start_background()
+        try:
+            started = await interrupted_session(LocalGateway(leaving))
+            resume = api_pb2.ResumeSessionRequest(
+                session_id=started.session_id, session_token=started.session_token, last_chunk=1
+            )
+            gate = stages.structure.gate("RestoreSession")
+            cut = asyncio.create_task(
+                collect(LocalGateway(leaving).ResumeSession(resume, Context()))
+            )
+            await stages.journal.reached("RestoreSession", stage="structure")
+            await leaving.drain(timeout_s=10)
+            gate.set()
+            cut = await cut
+            playlist = storage.get(layout.session_playlist_key(started.session_id)).decode()
+            again = LocalGateway(staying).ResumeSession(resume, Context())
+            again = await asyncio.wait_for(collect(again), 60)
+            return cut, playlist, again, stages.held()
+        finally:
+            await staying.drain(timeout_s=5)
+
+    cut, playlist, again, held = asyncio.run(go())
+    assert not [e for e in cut if e.WhichOneof("event") == "chunk"]  # it never took the session up
     assert "#EXT-X-ENDLIST" not in playlist
     assert again[0].started.resumed and again[-1].ended.reason == "completed"
     assert [e.chunk.index for e in again if e.WhichOneof("event") == "chunk"] == [2, 3, 4]
