@@ -349,6 +349,11 @@ class SessionDriver:
         await self.stages.release()
         await self._forget()
 
+    @property
+    def taking_up(self) -> bool:
+        """A resume still opening: the session stands where its snapshot does."""
+        return self.status == SessionStatus.OPENING and bool(self.resumed_from)
+
     async def suspend(self, reason: EndReason, resumable_s: float, keep_s: float = 0.0) -> None:
         """Stop here to go on later from the snapshot (a drain, a client gone away): the
         media stays open, the snapshot is kept, resumable for `resumable_s`; the stages keep
@@ -356,8 +361,7 @@ class SessionDriver:
         it. A new session still opening has nothing to go on from: closed instead. A resume
         still opening (its client gone again, or another resume taking over) stands where its
         snapshot does: suspended, that snapshot kept, never the session lost."""
-        resuming = self.status == SessionStatus.OPENING and bool(self.resumed_from)
-        if (self.status != SessionStatus.RUNNING and not resuming) or self.store is None:
+        if (self.status != SessionStatus.RUNNING and not self.taking_up) or self.store is None:
             await self.close(reason)
             return
         self.lifecycle.to(SessionStatus.SUSPENDED)

@@ -140,7 +140,10 @@ class LiveSession:
             await driver.finish(reason)
             yield SessionEnded(reason)
         except Exception:
-            await driver.close(EndReason.FAILED)
+            if driver.taking_up:  # a resume that failed to take the session up: try again
+                await driver.suspend(EndReason.FAILED, ttl_s, grace_s)
+            else:
+                await driver.close(EndReason.FAILED)
             raise
         finally:
             if self.stop_reason in (None, EndReason.DISCONNECTED):  # the client is gone

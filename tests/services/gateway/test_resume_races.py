@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import grpc
 import pytest
 
 from protos.histream.v1 import api_pb2
 from services.control import Mailbox
+from services.errors import Unavailable
 from services.gateway.core import GatewayCore
 from services.storage import Layout, LocalStorage
 from tests.services.fakes import LocalHandle, real_stages
@@ -163,6 +165,38 @@ def test_a_drain_while_a_resume_still_opens_leaves_the_session_resumable(tmp_pat
     cut, playlist, again, held = asyncio.run(go())
     assert not [e for e in cut if e.WhichOneof("event") == "chunk"]  # it never took the session up
     assert "#EXT-X-ENDLIST" not in playlist
+    assert again[0].started.resumed and again[-1].ended.reason == "completed"
+    assert [e.chunk.index for e in again if e.WhichOneof("event") == "chunk"] == [2, 3, 4]
+    assert held == {"structure": 0, "refine": 0, "decode": 0}
+
+
+def test_a_resume_that_fails_to_take_the_session_up_leaves_it_resumable(tmp_path):
+    """A stage failing a resume's restore (a replica restarting) fails that resume, with the
+    error, and only that: the session stays as its snapshot stood, and the client's next
+    resume goes on from it."""
+    stages = real_stages(tmp_path)
+
+    async def go():
+        core = GatewayCore(settings_for(tmp_path), stages.handles)
+        core.start_background()
+        gateway = LocalGateway(core)
+        try:
+            started = await interrupted_session(gateway)
+            resume = api_pb2.ResumeSessionRequest(
+                session_id=started.session_id, session_token=started.session_token, last_chunk=1
+            )
+            restarting = Unavailable("the structure stage's replica is restarting")
+            stages.structure.fail("RestoreSession", lambda: restarting, times=1)
+            context = Context()
+            with pytest.raises(Unavailable, match="restarting"):
+                await collect(gateway.ResumeSession(resume, context))
+            again = await asyncio.wait_for(collect(gateway.ResumeSession(resume, Context())), 60)
+            return context.code, again, stages.held()
+        finally:
+            await core.drain(timeout_s=5)
+
+    code, again, held = asyncio.run(go())
+    assert code == grpc.StatusCode.UNAVAILABLE
     assert again[0].started.resumed and again[-1].ended.reason == "completed"
     assert [e.chunk.index for e in again if e.WhichOneof("event") == "chunk"] == [2, 3, 4]
     assert held == {"structure": 0, "refine": 0, "decode": 0}
