@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -24,6 +25,24 @@ from tests.services.gateway.test_grpc_calls import Context
 
 async def collect(events) -> list:
     return [event async for event in events]
+
+
+def resume_of(started: api_pb2.SessionStarted) -> api_pb2.ResumeSessionRequest:
+    """The client's resume after chunk 1."""
+    return api_pb2.ResumeSessionRequest(
+        session_id=started.session_id, session_token=started.session_token, last_chunk=1
+    )
+
+
+@contextlib.asynccontextmanager
+async def one_gateway(tmp_path, stages) -> AsyncIterator[LocalGateway]:
+    """A gateway replica over `stages`, its background work running; drained on the way out."""
+    core = GatewayCore(settings_for(tmp_path), stages.handles)
+    core.start_background()
+    try:
+        yield LocalGateway(core)
+    finally:
+        await core.drain(timeout_s=5)
 
 
 async def interrupted_session(gateway: LocalGateway) -> api_pb2.SessionStarted:
@@ -52,9 +71,7 @@ def test_two_resumes_racing_take_the_session_up_one_after_the_other(tmp_path, re
         gateways = [LocalGateway(core) for core in cores]
         try:
             started = await interrupted_session(gateways[0])
-            resume = api_pb2.ResumeSessionRequest(
-                session_id=started.session_id, session_token=started.session_token, last_chunk=1
-            )
+            resume = resume_of(started)
 
             async def take_up(gateway: LocalGateway) -> list:
                 return [e async for e in gateway.ResumeSession(resume, Context())]
@@ -98,20 +115,11 @@ def test_a_resume_whose_client_goes_away_while_it_still_opens_leaves_the_session
     storage, layout = LocalStorage(tmp_path), Layout()
 
     async def go():
-        core = GatewayCore(settings_for(tmp_path), stages.handles)
-        core.start_background()
-        gateway = LocalGateway(core)
-        try:
+        async with one_gateway(tmp_path, stages) as gateway:
             started = await interrupted_session(gateway)
-            resume = api_pb2.ResumeSessionRequest(
-                session_id=started.session_id, session_token=started.session_token, last_chunk=1
-            )
+            resume = resume_of(started)
             gate = stages.structure.gate("RestoreSession")
-
-            async def take_up() -> list:
-                return [e async for e in gateway.ResumeSession(resume, Context())]
-
-            first = asyncio.create_task(take_up())
+            first = asyncio.create_task(collect(gateway.ResumeSession(resume, Context())))
             await stages.journal.reached("RestoreSession", stage="structure")
             first.cancel()  # the client is gone again while its resume still opens
             with contextlib.suppress(asyncio.CancelledError):
@@ -119,10 +127,8 @@ def test_a_resume_whose_client_goes_away_while_it_still_opens_leaves_the_session
             gate.set()
             await asyncio.sleep(0.1)  # what the first resume left behind is settled
             playlist = storage.get(layout.session_playlist_key(started.session_id)).decode()
-            again = await asyncio.wait_for(take_up(), 60)
+            again = await asyncio.wait_for(collect(gateway.ResumeSession(resume, Context())), 60)
             return playlist, again, stages.held()
-        finally:
-            await core.drain(timeout_s=5)
 
     playlist, again, held = asyncio.run(go())
     assert "#EXT-X-ENDLIST" not in playlist
@@ -144,9 +150,7 @@ def test_a_drain_while_a_resume_still_opens_leaves_the_session_resumable(tmp_pat
         staying.start_background()
         try:
             started = await interrupted_session(LocalGateway(leaving))
-            resume = api_pb2.ResumeSessionRequest(
-                session_id=started.session_id, session_token=started.session_token, last_chunk=1
-            )
+            resume = resume_of(started)
             gate = stages.structure.gate("RestoreSession")
             cut = asyncio.create_task(
                 collect(LocalGateway(leaving).ResumeSession(resume, Context()))
@@ -177,14 +181,9 @@ def test_a_resume_that_fails_to_take_the_session_up_leaves_it_resumable(tmp_path
     stages = real_stages(tmp_path)
 
     async def go():
-        core = GatewayCore(settings_for(tmp_path), stages.handles)
-        core.start_background()
-        gateway = LocalGateway(core)
-        try:
+        async with one_gateway(tmp_path, stages) as gateway:
             started = await interrupted_session(gateway)
-            resume = api_pb2.ResumeSessionRequest(
-                session_id=started.session_id, session_token=started.session_token, last_chunk=1
-            )
+            resume = resume_of(started)
             restarting = Unavailable("the structure stage's replica is restarting")
             stages.structure.fail("RestoreSession", lambda: restarting, times=1)
             context = Context()
@@ -192,8 +191,6 @@ def test_a_resume_that_fails_to_take_the_session_up_leaves_it_resumable(tmp_path
                 await collect(gateway.ResumeSession(resume, context))
             again = await asyncio.wait_for(collect(gateway.ResumeSession(resume, Context())), 60)
             return context.code, again, stages.held()
-        finally:
-            await core.drain(timeout_s=5)
 
     code, again, held = asyncio.run(go())
     assert code == grpc.StatusCode.UNAVAILABLE
