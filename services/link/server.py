@@ -84,7 +84,10 @@ class StageServer:
         """Serve on a thread of its own; returns the port (an address ending in :0 takes a
         free one)."""
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="stage-server")
+        # a daemon: a process told to stop exits even if a stuck call keeps the loop from ending
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="stage-server", daemon=True
+        )
         self._thread.start()
         return asyncio.run_coroutine_threadsafe(self.serve(), self._loop).result(timeout=60)
 
